@@ -1,0 +1,411 @@
+"""BYOL as a Determined PyTorchTrial, and the command that trains it (locally or on a cluster).
+
+    python model_def.py const-cifar10.yaml [--set hyperparameters.epochs=3] [--resume CKPT]
+
+One training step (BYOL paper, Section 3.1):
+    two augmented views of each image -> online network (backbone, projector, predictor) and
+    target network (EMA copy of backbone + projector) -> symmetrised regression loss ->
+    LARS step on the online network -> EMA step of the target.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from determined import core, pytorch
+
+import byol
+import data
+import optim
+import utils
+from backbone import build_backbone
+from reducers import LinearProbeReducer, TrainingMetricsReducer
+
+logger = logging.getLogger("byol")
+
+CHECKPOINT_MARKER = "byol_checkpoint.json"
+TRIAL_SPEC = "model_def:BYOLTrial"
+
+# Determined's checkpoint holds NumPy's RNG state; allow exactly those types when torch >= 2.6
+# loads it with weights_only=True, so no user needs TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
+torch.serialization.add_safe_globals(
+    [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+)
+
+
+def trial_seed(context: pytorch.PyTorchTrialContext) -> int:
+    try:
+        return context.get_trial_seed()
+    except Exception:  # local training has no cluster-assigned trial seed
+        return experiment_seed(context.get_experiment_config())
+
+
+def experiment_seed(config: Dict[str, Any]) -> int:
+    return int(config.get("reproducibility", {}).get("experiment_seed", 0))
+
+
+class BYOLTrial(pytorch.PyTorchTrial):
+    def __init__(self, context: pytorch.PyTorchTrialContext) -> None:
+        self.context = context
+        self.slots = context.distributed.get_size()
+        self.hp = utils.parse_hparams(context.get_hparams(), self.slots)
+        self.data_config = utils.parse_data_config(context.get_data_config())
+        self.seed = trial_seed(context)
+        self.device = context.device
+        on_cuda = self.device.type == "cuda"
+
+        self.splits = data.build_splits(self.hp.dataset_name, self.data_config, self.run_on_chief)
+        self.num_classes = len(self.splits.labeled_train.classes)
+        if self.hp.validate_with_classifier and self.num_classes < 2:
+            raise utils.ConfigError(
+                f"the labeled training images have {self.num_classes} class(es) "
+                f"({self.splits.labeled_train.classes}); the linear probe needs at least 2. "
+                f"Add class folders or set hyperparameters.validate_with_classifier=false"
+            )
+        self.batches_per_epoch = len(self.splits.byol_train) // self.hp.global_batch_size
+        self.train_sampler = data.EpochBatchSampler(
+            len(self.splits.byol_train), self.hp.global_batch_size, self.slots, self.seed
+        )
+        self.total_steps = self.hp.epochs * self.batches_per_epoch
+        self.warmup_steps = int(round(self.hp.warmup_epochs * self.batches_per_epoch))
+        self.corrupt_log = data.CorruptImageLog(self.data_config.strict_images)
+
+        self.augment = data.TwoViewAugmentation(self.hp.augmentation, *self.splits.normalization)
+        augment_on = self.hp.augment_on
+        if augment_on == "auto":
+            augment_on = "device" if on_cuda else "loader"
+        self.augment_in_loader = augment_on == "loader"
+
+        backbone, feature_dim = build_backbone(
+            self.hp.backbone_name, self.hp.cifar_stem, self.hp.pretrained_weights
+        )
+        network = byol.BYOLNetwork(
+            backbone, feature_dim, self.hp.projector_hidden_dim, self.hp.projection_dim
+        )
+        if self.hp.sync_batchnorm and self.slots > 1:
+            network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        self.channels_last = on_cuda
+        if self.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        if self.hp.compile:
+            network.compile()
+        self.network = network
+        self.model = context.wrap_model(network)
+        self.optimizer = context.wrap_optimizer(
+            optim.LARS(
+                optim.lars_param_groups(network, self.hp.weight_decay),
+                lr=0.0,
+                momentum=self.hp.lars_momentum,
+                trust_coefficient=self.hp.lars_trust_coefficient,
+            )
+        )
+        self.autocast_dtype = (
+            torch.bfloat16
+            if self.hp.precision == "bf16" or (self.hp.precision == "auto" and on_cuda)
+            else None
+        )
+
+        self.training_metrics = context.wrap_reducer(
+            TrainingMetricsReducer(self.hp.collapse_std_threshold, self.total_steps, self.hp.global_batch_size),
+            for_training=True,
+            for_validation=False,
+        )
+        self.previous_loss: Optional[torch.Tensor] = None
+        if self.hp.validate_with_classifier:
+            self.probe = context.wrap_reducer(
+                LinearProbeReducer(
+                    self.num_classes, self.hp.classifier_lrs, self.hp.classifier_train_epochs,
+                    self.hp.classifier_batch_size, self.hp.knn_k, self.hp.knn_temperature,
+                    self.seed, self.device,
+                ),
+                for_training=False,
+            )
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def run_on_chief(self, fn):
+        """Run fn on the chief only and hand its result to every slot."""
+        distributed = self.context.distributed
+        return distributed.broadcast(fn() if distributed.rank == 0 else None)
+
+    def build_training_data_loader(self) -> pytorch.DataLoader:
+        dataset = data.TrainImages(
+            self.splits.byol_train, self.hp.augmentation, self.seed, self.corrupt_log,
+            batch_transform=self.augment if self.augment_in_loader else None,
+        )
+        return pytorch.DataLoader(
+            dataset,
+            batch_sampler=self.train_sampler,
+            collate_fn=dataset.collate,
+            num_workers=self.data_config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.data_config.num_workers > 0,
+        )
+
+    def build_validation_data_loader(self) -> pytorch.DataLoader:
+        size = self.hp.augmentation.image_size
+        if self.hp.validate_with_classifier:
+            fit, held = data.holdout_split(
+                self.splits.labeled_train.labels, self.hp.classifier_holdout_fraction, self.seed
+            )
+            dataset = data.EvalImages(
+                [
+                    (data.Subset(self.splits.labeled_train, fit), data.SPLIT_FIT),
+                    (data.Subset(self.splits.labeled_train, held), data.SPLIT_HOLDOUT),
+                    (self.splits.test, data.SPLIT_TEST),
+                ],
+                size,
+                self.corrupt_log,
+            )
+            return pytorch.DataLoader(
+                dataset, batch_size=self.context.get_per_slot_batch_size(),
+                num_workers=self.data_config.num_workers,
+            )
+        # Without labels, validation scores the BYOL loss on held-out images with fixed views.
+        dataset = data.TrainImages(self.splits.test, self.hp.augmentation, self.seed, self.corrupt_log)
+        sampler = data.EpochBatchSampler(len(self.splits.test), self.context.get_per_slot_batch_size(), 1, self.seed)
+        sampler.epoch = -1
+        return pytorch.DataLoader(
+            dataset, batch_sampler=_FixedEpoch(sampler), collate_fn=dataset.collate,
+            num_workers=self.data_config.num_workers,
+        )
+
+    def get_batch_length(self, batch: Dict[str, torch.Tensor]) -> int:
+        return len(batch["key"] if "key" in batch else batch["label"])
+
+    # ---- training --------------------------------------------------------------------------
+
+    def two_views(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        views = batch["views"] if "views" in batch else self.augment(batch["image"], batch["key"])
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        return views
+
+    def forward_loss(self, views: torch.Tensor):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            prediction, target_projection, online_projection = self.model(views)
+        return byol.byol_loss(prediction, target_projection), online_projection
+
+    def train_batch(self, batch: Dict[str, torch.Tensor], epoch_idx: int, batch_idx: int) -> Dict[str, Any]:
+        step = batch_idx  # optimizer steps completed before this one
+        lr = optim.learning_rate_at(step, self.total_steps, self.warmup_steps, self.hp.peak_learning_rate)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        loss, online_projection = self.forward_loss(self.two_views(batch))
+        # The one host sync of the step: a non-finite loss must stop before the update.
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite BYOL loss ({loss.item()}) at step {step} (epoch {epoch_idx}); last "
+                f"finite loss: {None if self.previous_loss is None else self.previous_loss.item()}. Training stopped before this step's "
+                f"update; no checkpoint was written from this state. Lower "
+                f"hyperparameters.learning_rate or check the input data."
+            )
+        self.context.backward(loss)
+        self.context.step_optimizer(self.optimizer)
+        tau = optim.ema_tau_at(step, self.total_steps, self.hp.tau_base)
+        self.network.update_target(tau)
+
+        self.training_metrics.update(
+            loss=loss.detach(),
+            representation_std=byol.representation_std(online_projection),
+            corrupt_images=batch["corrupt"].sum(),
+            learning_rate=lr,
+            tau=tau,
+        )
+        self.previous_loss = loss.detach()
+        return {}
+
+    # ---- validation ------------------------------------------------------------------------
+
+    def evaluate_batch(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> Dict[str, Any]:
+        if not self.hp.validate_with_classifier:
+            loss, _ = self.forward_loss(self.two_views(batch))
+            return {"validation_loss": loss}
+        valid = batch["valid"].bool()
+        images = self.augment.normalize(batch["image"][valid])
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            features = self.network.online_backbone(images)
+        self.probe.update(features, batch["label"][valid], batch["split"][valid], batch["index"][valid])
+        return {}
+
+    def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
+        return {"checkpoint_marker": CheckpointMarker(self)}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _FixedEpoch(torch.utils.data.Sampler):
+    """Every pass yields the same batches (validation views must not change between runs)."""
+
+    def __init__(self, sampler: data.EpochBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        self.sampler.epoch = -1
+        return iter(self.sampler)
+
+
+class CheckpointMarker(pytorch.PyTorchCallback):
+    """Writes byol_checkpoint.json last, atomically: a checkpoint directory without it was cut
+    off mid-save and is refused by --resume and evaluate_result.py."""
+
+    def __init__(self, trial: BYOLTrial):
+        self.trial = trial
+
+    def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
+        hp = self.trial.hp
+        info = {
+            "trial": TRIAL_SPEC,
+            "backbone_name": hp.backbone_name,
+            "cifar_stem": hp.cifar_stem,
+            "image_size": hp.augmentation.image_size,
+            "dataset_name": hp.dataset_name,
+            "normalization": {"mean": list(self.trial.splits.normalization[0]), "std": list(self.trial.splits.normalization[1])},
+            "slots": self.trial.slots,
+        }
+        tmp = os.path.join(checkpoint_dir, CHECKPOINT_MARKER + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(checkpoint_dir, CHECKPOINT_MARKER))
+        if self.trial.context.distributed.rank == 0:
+            logger.info("checkpoint written: %s", checkpoint_dir)
+
+
+def check_checkpoint(path: str) -> str:
+    """Refuse anything but a complete checkpoint of this trial, before any work starts."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise utils.ConfigError(f"checkpoint {path!r} does not exist or is not a directory")
+    load_data = os.path.join(path, "load_data.json")
+    if not os.path.isfile(load_data) and not os.path.isfile(os.path.join(path, CHECKPOINT_MARKER)):
+        raise utils.ConfigError(
+            f"{path!r} is not a Determined checkpoint (no load_data.json or {CHECKPOINT_MARKER})"
+        )
+    if os.path.isfile(load_data):
+        with open(load_data) as f:
+            spec = json.load(f).get("trial_cls_spec")
+        if spec != TRIAL_SPEC:
+            raise utils.ConfigError(f"checkpoint {path!r} belongs to {spec!r}, not {TRIAL_SPEC}")
+    if not os.path.isfile(os.path.join(path, CHECKPOINT_MARKER)):
+        raise utils.ConfigError(
+            f"checkpoint {path!r} is incomplete (no {CHECKPOINT_MARKER}: the save was cut off); "
+            f"use an earlier checkpoint"
+        )
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Command line: local training through Determined's Trainer, or the cluster entrypoint
+# ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="experiment config yaml (not needed on a cluster)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="DOTTED.PATH=VALUE",
+                        help="override a config value, e.g. hyperparameters.global_batch_size=128")
+    parser.add_argument("--checkpoint-dir", default="checkpoints-byol",
+                        help="where local checkpoints go (keep it out of the source tree's .detignore-d paths)")
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    info = None
+    try:
+        import determined as det
+
+        info = det.get_cluster_info()
+    except Exception:
+        pass
+    if info is not None and info.task_type == "TRIAL":
+        run_on_cluster(info)
+        return
+    args = parse_args(argv)
+    if args.config is None:
+        sys.exit("error: give an experiment config yaml, e.g. python model_def.py const-cifar10.yaml")
+    try:
+        run_locally(args)
+    except utils.ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+def training_lengths(config: Dict[str, Any], batches_per_epoch: int) -> Dict[str, pytorch.Batch]:
+    epochs = int(config["hyperparameters"]["epochs"])
+    return {
+        "max_length": pytorch.Batch(epochs * batches_per_epoch),
+        "validation_period": pytorch.Batch(utils.length_in_batches(
+            config.get("min_validation_period", {"epochs": 1}), batches_per_epoch, "min_validation_period")),
+        "checkpoint_period": pytorch.Batch(utils.length_in_batches(
+            config.get("min_checkpoint_period", {"epochs": 1}), batches_per_epoch, "min_checkpoint_period")),
+        "reporting_period": pytorch.Batch(int(config.get("scheduling_unit", 100))),
+    }
+
+
+def run_on_cluster(info) -> None:
+    config, hparams = info.trial._config, info.trial.hparams
+    with pytorch.init(hparams=hparams, exp_conf=config) as context:
+        trial = BYOLTrial(context)
+        pytorch.Trainer(trial, context).fit(
+            **training_lengths(config, trial.batches_per_epoch),
+            checkpoint_policy=config.get("checkpoint_policy", "best"),
+            latest_checkpoint=info.latest_checkpoint,
+        )
+
+
+def run_locally(args: argparse.Namespace) -> None:
+    config = utils.load_config(args.config, args.overrides)
+    distributed = None
+    slots = 1
+    if "WORLD_SIZE" in os.environ:  # started by torchrun
+        os.environ.setdefault("USE_TORCH_DISTRIBUTED", "1")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        distributed = core.DistributedContext.from_torch_distributed()
+        slots = distributed.size
+    # Validate everything a user wrote before any data is downloaded or model built.
+    utils.parse_hparams(config.get("hyperparameters", {}), slots)
+    utils.parse_data_config(config.get("data"))
+    resume = check_checkpoint(args.resume) if args.resume else None
+    checkpoint_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir))
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
+    os.environ["XDG_DATA_HOME"] = checkpoint_dir
+    seed = experiment_seed(config)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+    with pytorch.init(hparams=config["hyperparameters"], exp_conf=config, distributed=distributed) as context:
+        trial = BYOLTrial(context)
+        lengths = training_lengths(config, trial.batches_per_epoch)
+        if context.distributed.rank == 0:
+            logger.info(
+                "training %d steps (%d epochs x %d batches of %d); checkpoints under %s",
+                lengths["max_length"].value, trial.hp.epochs, trial.batches_per_epoch,
+                trial.hp.global_batch_size, os.path.join(checkpoint_dir, "determined"),
+            )
+        pytorch.Trainer(trial, context).fit(
+            **lengths, checkpoint_policy="all", latest_checkpoint=resume
+        )
+    if distributed is not None:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

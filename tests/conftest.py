@@ -1,0 +1,100 @@
+"""Tiny datasets in the real on-disk formats, and a helper that runs the real training command."""
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torchvision
+import yaml
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CLASSES = ["airplane", "cat", "ship"]
+
+
+def synthetic_image(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
+    """A class-dependent colour blob on noise, so a probe can tell classes apart a little."""
+    image = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+    c = size // 2
+    r = size // 4
+    image[c - r : c + r, c - r : c + r, label % 3] = 230
+    return image
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """train/<class>/*.png (8 per class) and test/<class>/*.png (4 per class), 16 px."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for label, cls in enumerate(CLASSES):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(count):
+                Image.fromarray(synthetic_image(rng, label, 16)).save(tmp_path / split / cls / f"{i:03d}.png")
+    return tmp_path
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    """Our tiny CIFAR-10/STL-10 files cannot match the real archives' md5 sums."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(torchvision.datasets.stl10, "check_integrity", lambda *a, **k: True)
+
+
+def write_cifar10(root, train_count=40, test_count=20) -> None:
+    """cifar-10-batches-py/ with pickled batches, exactly as the real archive lays them out."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(1)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in files:
+        count = test_count if name == "test_batch" else train_count // 5
+        labels = [int(v) for v in rng.integers(0, 10, count)]
+        images = np.stack([synthetic_image(rng, l, 32) for l in labels])
+        # Rows are channel-major 3072-byte vectors (R plane, G plane, B plane).
+        rows = images.transpose(0, 3, 1, 2).reshape(count, 3072)
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": rows,
+                         b"filenames": [f"{i}.png".encode() for i in range(count)]}, f)
+
+
+def write_stl10(root, train_count=10, unlabeled_count=12, test_count=10) -> None:
+    """stl10_binary/*.bin: uint8 images stored column-major [N, 3, 96, 96], labels 1-based."""
+    folder = os.path.join(root, "stl10_binary")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(2)
+    names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    with open(os.path.join(folder, "class_names.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
+    for split, count, labeled in (("train", train_count, True), ("unlabeled", unlabeled_count, False), ("test", test_count, True)):
+        labels = rng.integers(0, 10, count)
+        images = np.stack([synthetic_image(rng, int(l), 96) for l in labels])
+        images.transpose(0, 3, 2, 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_X.bin"))
+        if labeled:
+            (labels + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
+
+
+def tiny_config(tmp_path, **hparams):
+    """const-cifar10.yaml shrunk to seconds on a CPU, written to tmp_path/config.yaml."""
+    with open(os.path.join(ROOT, "const-cifar10.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["hyperparameters"].update(
+        backbone_name="resnet18", global_batch_size=8, epochs=2, warmup_epochs=1,
+        projector_hidden_dim=32, projection_dim=16, classifier_train_epochs=3,
+        classifier_batch_size=8, knn_k=5,
+    )
+    config["hyperparameters"]["augmentation"]["image_size"] = 16
+    config["hyperparameters"].update(hparams)
+    config["data"].update(download_dir=str(tmp_path / "downloads"), num_workers=0)
+    config["min_validation_period"] = {"epochs": 1}
+    config["min_checkpoint_period"] = {"epochs": 1}
+    config["scheduling_unit"] = 1
+    path = tmp_path / "config.yaml"
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path

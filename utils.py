@@ -1,0 +1,391 @@
+"""Experiment config loading, `--set` overrides, and the typed hyperparameters.
+
+The raw experiment config (a dict) is read in exactly one place: `parse_hparams` and
+`parse_data_config` turn it into frozen dataclasses and validate every value there, so a bad
+config is refused with a message naming the value and what is allowed before any data is read or
+any model is built. Nothing else in the package reads the raw dict.
+"""
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value a user wrote is not allowed; the message names the value and the rule."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overriding the experiment config
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read an experiment config yaml and apply `DOTTED.PATH=VALUE` overrides in order."""
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid yaml: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping, not {type(config).__name__}")
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def apply_override(config: Dict[str, Any], override: str) -> None:
+    """Set one `DOTTED.PATH=VALUE` in place. The path must already exist in the config, so a
+    typo is refused instead of silently adding a key nobody reads. VALUE is parsed as yaml
+    (`3` is an int, `true` a bool, `[0.1, 1.0]` a list, `null` None)."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected DOTTED.PATH=VALUE")
+    dotted, raw_value = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node: Any = config
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            where = ".".join(keys[:depth]) or "the top level"
+            allowed = sorted(node) if isinstance(node, dict) else []
+            raise ConfigError(
+                f"--set {dotted}: {key!r} does not exist under {where}; "
+                f"existing keys there: {', '.join(map(str, allowed)) or '(none)'}"
+            )
+        if depth == len(keys) - 1:
+            try:
+                node[key] = yaml.safe_load(raw_value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--set {dotted}: value {raw_value!r} is not valid yaml: {e}")
+        else:
+            node = node[key]
+
+
+def slots_per_trial(config: Dict[str, Any]) -> int:
+    return int(config.get("resources", {}).get("slots_per_trial", 1))
+
+
+def length_in_batches(length: Dict[str, Any], batches_per_epoch: int, what: str) -> int:
+    """Turn a Determined length (`{epochs: N}` or `{batches: N}`) into a number of batches."""
+    if not isinstance(length, dict) or len(length) != 1:
+        raise ConfigError(f"{what} must be {{epochs: N}} or {{batches: N}}, got {length!r}")
+    unit, value = next(iter(length.items()))
+    if unit not in ("epochs", "batches") or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"{what} must be {{epochs: N}} or {{batches: N}} with N a positive integer, "
+            f"got {length!r}"
+        )
+    return value * batches_per_epoch if unit == "epochs" else value
+
+
+# --------------------------------------------------------------------------------------------
+# Typed hyperparameters
+# --------------------------------------------------------------------------------------------
+
+DATASETS = ("cifar10", "stl10", "image_folder")
+AUGMENT_PLACES = ("auto", "device", "loader")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewAugmentation:
+    """Probabilities that differ between BYOL's two views (paper, Table 6)."""
+
+    blur_prob: float
+    solarize_prob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    image_size: int
+    crop_scale: Tuple[float, float]
+    crop_ratio: Tuple[float, float]
+    flip_prob: float
+    jitter_prob: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    grayscale_prob: float
+    blur_sigma: Tuple[float, float]
+    view1: ViewAugmentation
+    view2: ViewAugmentation
+
+    @property
+    def blur_kernel_size(self) -> int:
+        """About 10% of the side, odd (23 px at 224, as in the paper)."""
+        return max(3, int(round(self.image_size * 0.1)) // 2 * 2 + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    dataset_name: str
+    backbone_name: str
+    cifar_stem: bool
+    pretrained_weights: Optional[str]
+    global_batch_size: int
+    epochs: int
+    warmup_epochs: float
+    learning_rate: float
+    weight_decay: float
+    lars_momentum: float
+    lars_trust_coefficient: float
+    tau_base: float
+    projector_hidden_dim: int
+    projection_dim: int
+    augmentation: Augmentation
+    augment_on: str
+    precision: str
+    compile: bool
+    sync_batchnorm: bool
+    validate_with_classifier: bool
+    classifier_lrs: Tuple[float, ...]
+    classifier_train_epochs: int
+    classifier_batch_size: int
+    classifier_holdout_fraction: float
+    knn_k: int
+    knn_temperature: float
+    collapse_std_threshold: float
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """The linear scaling rule of the BYOL paper: base LR x batch / 256."""
+        return self.learning_rate * self.global_batch_size / 256
+
+    def per_slot_batch_size(self, slots: int) -> int:
+        return self.global_batch_size // slots
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    download_dir: str
+    train_dir: Optional[str]
+    test_dir: Optional[str]
+    unlabeled_dir: Optional[str]
+    cache_dir: Optional[str]
+    train_blob_list: Optional[str]
+    test_blob_list: Optional[str]
+    num_workers: int
+    strict_images: bool
+    gcs_concurrency: int
+
+
+class _Reader:
+    """Takes typed values out of one mapping, remembering which keys were read, so unknown keys
+    (typos) can be reported with the list of known ones."""
+
+    def __init__(self, raw: Dict[str, Any], where: str):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a mapping, got {raw!r}")
+        self.raw, self.where, self.read = raw, where, set()
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}"
+
+    def get(self, key: str, default: Any = dataclasses.MISSING) -> Any:
+        self.read.add(key)
+        if key in self.raw:
+            return self.raw[key]
+        if default is dataclasses.MISSING:
+            raise ConfigError(f"{self._name(key)} is required but missing")
+        return default
+
+    def choice(self, key: str, allowed: Sequence[str], default: Any = dataclasses.MISSING) -> str:
+        value = self.get(key, default)
+        if value not in allowed:
+            raise ConfigError(f"{self._name(key)}={value!r} is not one of: {', '.join(allowed)}")
+        return value
+
+    def boolean(self, key: str, default: Any = dataclasses.MISSING) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._name(key)}={value!r} must be true or false")
+        return value
+
+    def integer(self, key: str, default: Any = dataclasses.MISSING, minimum: int = 1) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{self._name(key)}={value!r} must be an integer >= {minimum}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: Any = dataclasses.MISSING,
+        low: float = 0.0,
+        high: float = math.inf,
+        low_inclusive: bool = True,
+        high_inclusive: bool = True,
+    ) -> float:
+        value = self.get(key, default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
+        ok = ok and (value >= low if low_inclusive else value > low)
+        ok = ok and (value <= high if high_inclusive else value < high)
+        if not ok:
+            lo = "[" if low_inclusive else "("
+            hi = "]" if high_inclusive else ")"
+            raise ConfigError(f"{self._name(key)}={value!r} must be a number in {lo}{low}, {high}{hi}")
+        return float(value)
+
+    def probability(self, key: str, default: Any = dataclasses.MISSING) -> float:
+        return self.number(key, default, 0.0, 1.0)
+
+    def positive(self, key: str, default: Any = dataclasses.MISSING) -> float:
+        return self.number(key, default, 0.0, math.inf, low_inclusive=False)
+
+    def interval(
+        self, key: str, default: Any, low: float = 0.0, high: float = math.inf
+    ) -> Tuple[float, float]:
+        value = self.get(key, default)
+        ok = isinstance(value, (list, tuple)) and len(value) == 2
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ok = ok and low <= value[0] <= value[1] <= high and value[1] > 0
+        if not ok:
+            raise ConfigError(
+                f"{self._name(key)}={value!r} must be a pair [min, max] with "
+                f"{low} <= min <= max <= {high}"
+            )
+        return (float(value[0]), float(value[1]))
+
+    def optional_str(self, key: str) -> Optional[str]:
+        value = self.get(key, None)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{self._name(key)}={value!r} must be a non-empty string or null")
+        return value
+
+    def sub(self, key: str, default: Any = dataclasses.MISSING) -> "_Reader":
+        return _Reader(self.get(key, default), self._name(key))
+
+    def refuse_unknown(self) -> None:
+        unknown = sorted(set(self.raw) - self.read)
+        if unknown:
+            raise ConfigError(
+                f"{self.where} has unknown key(s) {', '.join(unknown)}; "
+                f"known keys: {', '.join(sorted(self.read))}"
+            )
+
+
+def _parse_view(reader: _Reader) -> ViewAugmentation:
+    view = ViewAugmentation(
+        blur_prob=reader.probability("blur_prob"),
+        solarize_prob=reader.probability("solarize_prob"),
+    )
+    reader.refuse_unknown()
+    return view
+
+
+def _parse_augmentation(reader: _Reader) -> Augmentation:
+    image_size = reader.integer("image_size", minimum=8)
+    # The paper's crop scale is 0.08-1 at 224 px; on 32 px images 0.08 leaves ~9 px crops,
+    # so small images default to the 0.2 lower bound that CIFAR BYOL/SimCLR runs use.
+    default_scale = [0.2, 1.0] if image_size <= 64 else [0.08, 1.0]
+    aug = Augmentation(
+        image_size=image_size,
+        crop_scale=reader.interval("crop_scale", default_scale, 0.0, 1.0),
+        crop_ratio=reader.interval("crop_ratio", [3 / 4, 4 / 3], 0.0),
+        flip_prob=reader.probability("flip_prob", 0.5),
+        jitter_prob=reader.probability("jitter_prob", 0.8),
+        brightness=reader.number("brightness", 0.4, 0.0, 1.0),
+        contrast=reader.number("contrast", 0.4, 0.0, 1.0),
+        saturation=reader.number("saturation", 0.2, 0.0, 1.0),
+        hue=reader.number("hue", 0.1, 0.0, 0.5),
+        grayscale_prob=reader.probability("grayscale_prob", 0.2),
+        blur_sigma=reader.interval("blur_sigma", [0.1, 2.0], 0.0),
+        view1=_parse_view(reader.sub("view1", {"blur_prob": 1.0, "solarize_prob": 0.0})),
+        view2=_parse_view(reader.sub("view2", {"blur_prob": 0.1, "solarize_prob": 0.2})),
+    )
+    reader.refuse_unknown()
+    return aug
+
+
+def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
+    """Validate the `hyperparameters` section and return it typed. `slots` is the number of
+    processes the global batch is split over."""
+    # Imported here so utils stays importable without torch (config checks in CI, tools).
+    from backbone import BACKBONES
+
+    r = _Reader(raw, "hyperparameters")
+    global_batch_size = r.integer("global_batch_size", minimum=2)
+    if global_batch_size % slots != 0 or global_batch_size // slots < 2:
+        raise ConfigError(
+            f"hyperparameters.global_batch_size={global_batch_size} cannot be split over "
+            f"{slots} slots: it must be a multiple of the slot count with at least 2 images "
+            f"per slot (BatchNorm needs 2), e.g. {max(2 * slots, global_batch_size // slots * slots)}"
+        )
+    classifier_lrs = r.get("classifier_lrs", [0.01, 0.03, 0.1, 0.3, 1.0])
+    if (
+        not isinstance(classifier_lrs, list)
+        or not classifier_lrs
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for v in classifier_lrs
+        )
+    ):
+        raise ConfigError(
+            f"hyperparameters.classifier_lrs={classifier_lrs!r} must be a non-empty list of "
+            f"positive numbers"
+        )
+    hp = HParams(
+        dataset_name=r.choice("dataset_name", DATASETS),
+        backbone_name=r.choice("backbone_name", sorted(BACKBONES)),
+        cifar_stem=r.boolean("cifar_stem", False),
+        pretrained_weights=r.optional_str("pretrained_weights"),
+        global_batch_size=global_batch_size,
+        epochs=r.integer("epochs"),
+        warmup_epochs=r.number("warmup_epochs", 10),
+        learning_rate=r.positive("learning_rate"),
+        weight_decay=r.number("weight_decay", 1.5e-6),
+        lars_momentum=r.number("lars_momentum", 0.9, 0.0, 1.0, high_inclusive=False),
+        lars_trust_coefficient=r.positive("lars_trust_coefficient", 1e-3),
+        tau_base=r.number("tau_base", 0.996, 0.0, 1.0),
+        projector_hidden_dim=r.integer("projector_hidden_dim", 4096),
+        projection_dim=r.integer("projection_dim", 256),
+        augmentation=_parse_augmentation(r.sub("augmentation")),
+        augment_on=r.choice("augment_on", AUGMENT_PLACES, "auto"),
+        precision=r.choice("precision", PRECISIONS, "auto"),
+        compile=r.boolean("compile", False),
+        sync_batchnorm=r.boolean("sync_batchnorm", False),
+        validate_with_classifier=r.boolean("validate_with_classifier", True),
+        classifier_lrs=tuple(float(v) for v in classifier_lrs),
+        classifier_train_epochs=r.integer("classifier_train_epochs", 50),
+        classifier_batch_size=r.integer("classifier_batch_size", 256),
+        classifier_holdout_fraction=r.number(
+            "classifier_holdout_fraction", 0.1, 0.0, 1.0, False, False
+        ),
+        knn_k=r.integer("knn_k", 200),
+        knn_temperature=r.positive("knn_temperature", 0.1),
+        collapse_std_threshold=r.number("collapse_std_threshold", 0.01, 0.0, 1.0),
+    )
+    r.refuse_unknown()
+    return hp
+
+
+def parse_data_config(raw: Optional[Dict[str, Any]]) -> DataConfig:
+    r = _Reader(raw or {}, "data")
+    download_dir = r.get("download_dir", "~/.cache/byol-data")
+    if not isinstance(download_dir, str) or not download_dir:
+        raise ConfigError(f"data.download_dir={download_dir!r} must be a non-empty string")
+    config = DataConfig(
+        download_dir=download_dir,
+        train_dir=r.optional_str("train_dir"),
+        test_dir=r.optional_str("test_dir"),
+        unlabeled_dir=r.optional_str("unlabeled_dir"),
+        cache_dir=r.optional_str("cache_dir"),
+        train_blob_list=r.optional_str("train_blob_list"),
+        test_blob_list=r.optional_str("test_blob_list"),
+        num_workers=r.integer("num_workers", 4, minimum=0),
+        strict_images=r.boolean("strict_images", False),
+        gcs_concurrency=r.integer("gcs_concurrency", 16),
+    )
+    r.refuse_unknown()
+    return config
+
+
+def format_table(rows: List[List[str]], header: List[str]) -> str:
+    """A plain left-aligned text table for terminal reports."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
