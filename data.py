@@ -188,7 +188,7 @@ def sample_view_params(u: torch.Tensor, aug: Augmentation, view: int) -> ViewPar
 # Pixel operations on float batches in [0, 1], [B, 3, H, W]; per-sample parameters
 # ----------------------------------------------------------------------------------------------
 
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
+_LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights as torchvision rounds them
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -329,7 +329,9 @@ class TwoViewAugmentation:
 
 
 class CorruptImageError(ValueError):
-    pass
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: not a decodable image ({reason})")
+        self.name = name
 
 
 class ArraySource:
@@ -373,7 +375,8 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(f"{name}: not a decodable image ({e})") from None
+        reason = str(e).split(" <")[0]  # drop PIL's "<_io.BytesIO object at 0x...>"
+        raise CorruptImageError(name, reason) from None
 
 
 class FileSource:
@@ -589,8 +592,8 @@ class CorruptImageLog:
         if self.strict:
             raise error
         with self.lock:
-            if str(error) not in self.seen:
-                self.seen.add(str(error))
+            if error.name not in self.seen:
+                self.seen.add(error.name)
                 logger.warning("skipping corrupt image %s", error)
 
 

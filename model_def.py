@@ -302,7 +302,7 @@ def check_checkpoint(path: str) -> str:
             spec = json.load(f).get("trial_cls_spec")
         if spec != TRIAL_SPEC:
             raise utils.ConfigError(f"checkpoint {path!r} belongs to {spec!r}, not {TRIAL_SPEC}")
-    if not os.path.isfile(os.path.join(path, CHECKPOINT_MARKER)):
+    if not all(os.path.isfile(os.path.join(path, f)) for f in (CHECKPOINT_MARKER, "metadata.json")):
         raise utils.ConfigError(
             f"checkpoint {path!r} is incomplete (no {CHECKPOINT_MARKER}: the save was cut off); "
             f"use an earlier checkpoint"
@@ -370,6 +370,35 @@ def run_on_cluster(info) -> None:
         )
 
 
+def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, pytorch.Batch], resume: Optional[str]) -> None:
+    """What `Trainer(trial, context).fit(...)` does off-cluster, except that a resumed run
+    continues at the checkpoint's step. Determined 0.38.1's local Trainer restores the weights
+    but restarts its batch count at 0 (it forces steps_completed=0 off-cluster), which would
+    replay the data order and the LR/EMA schedules from the start."""
+    steps_completed = 0
+    if resume is not None:
+        with open(os.path.join(resume, "metadata.json")) as f:
+            steps_completed = int(json.load(f)["steps_completed"])
+    pytorch._PyTorchTrialController(
+        trial_inst=trial,
+        context=context,
+        checkpoint_period=lengths["checkpoint_period"],
+        validation_period=lengths["validation_period"],
+        reporting_period=lengths["reporting_period"],
+        max_length=lengths["max_length"],
+        smaller_is_better=True,
+        steps_completed=steps_completed,
+        latest_checkpoint=resume,
+        local_training=True,
+        test_mode=False,
+        searcher_metric_name=None,
+        checkpoint_policy="all",
+        step_zero_validation=False,
+        global_batch_size=None,
+        profiling_enabled=False,
+    ).run()
+
+
 def run_locally(args: argparse.Namespace) -> None:
     config = utils.load_config(args.config, args.overrides)
     distributed = None
@@ -384,8 +413,8 @@ def run_locally(args: argparse.Namespace) -> None:
     utils.parse_data_config(config.get("data"))
     resume = check_checkpoint(args.resume) if args.resume else None
     checkpoint_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir))
-    os.makedirs(checkpoint_dir, exist_ok=True)
     # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
+    os.makedirs(os.path.join(checkpoint_dir, "determined"), exist_ok=True)
     os.environ["XDG_DATA_HOME"] = checkpoint_dir
     seed = experiment_seed(config)
     torch.manual_seed(seed)
@@ -400,9 +429,7 @@ def run_locally(args: argparse.Namespace) -> None:
                 lengths["max_length"].value, trial.hp.epochs, trial.batches_per_epoch,
                 trial.hp.global_batch_size, os.path.join(checkpoint_dir, "determined"),
             )
-        pytorch.Trainer(trial, context).fit(
-            **lengths, checkpoint_policy="all", latest_checkpoint=resume
-        )
+        fit_locally(trial, context, lengths, resume)
     if distributed is not None:
         dist.destroy_process_group()
 

@@ -50,7 +50,7 @@ def write_cifar10(root, train_count=40, test_count=20) -> None:
     rng = np.random.default_rng(1)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
+        pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f, protocol=2)
     files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in files:
         count = test_count if name == "test_batch" else train_count // 5
@@ -59,8 +59,9 @@ def write_cifar10(root, train_count=40, test_count=20) -> None:
         # Rows are channel-major 3072-byte vectors (R plane, G plane, B plane).
         rows = images.transpose(0, 3, 1, 2).reshape(count, 3072)
         with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": rows,
-                         b"filenames": [f"{i}.png".encode() for i in range(count)]}, f)
+            # The real files are Python 2 pickles whose str keys load as str with latin1.
+            pickle.dump({"batch_label": name, "labels": labels, "data": rows,
+                         "filenames": [f"{i}.png" for i in range(count)]}, f, protocol=2)
 
 
 def write_stl10(root, train_count=10, unlabeled_count=12, test_count=10) -> None:

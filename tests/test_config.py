@@ -1,0 +1,119 @@
+"""Every bad input a user can write is refused before training, with a message naming the value
+and what is allowed. The README's table of bad inputs lists the same cases."""
+import os
+
+import pytest
+import yaml
+
+import model_def
+import utils
+from conftest import tiny_config
+
+
+def run(args):
+    """Run the real command line; return its error message (it must fail)."""
+    with pytest.raises(SystemExit) as exit_info:
+        model_def.main([str(a) for a in args])
+    return str(exit_info.value.code)
+
+
+def folder_args(folder):
+    return ["--set", "hyperparameters.dataset_name=image_folder",
+            "--set", f"data.train_dir={folder / 'train'}", "--set", f"data.test_dir={folder / 'test'}"]
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("hyperparameters.backbone_name=resnet9", "backbone_name='resnet9' is not one of: resnet101, resnet18, resnet34, resnet50"),
+        ("hyperparameters.dataset_name=mnist", "dataset_name='mnist' is not one of: cifar10, stl10, image_folder"),
+        ("hyperparameters.learning_rate=0", "learning_rate=0 must be a number in (0.0, inf]"),
+        ("hyperparameters.learning_rate=-0.1", "learning_rate=-0.1 must be a number in (0.0, inf]"),
+        ("hyperparameters.epochs=0", "epochs=0 must be an integer >= 1"),
+        ("hyperparameters.global_batch_size=1", "global_batch_size=1 must be an integer >= 2"),
+        ("hyperparameters.augmentation.flip_prob=1.5", "flip_prob=1.5 must be a number in [0.0, 1.0]"),
+        ("hyperparameters.augment_on=gpu", "augment_on='gpu' is not one of: auto, device, loader"),
+        ("hyperparameters.classifier_lrs=[]", "classifier_lrs=[] must be a non-empty list of positive numbers"),
+        ("hyperparameters.augmentation.crop_scale=[0.9, 0.1]", "crop_scale=[0.9, 0.1] must be a pair [min, max]"),
+        ("hyperparameters.nonsense.deep=1", "'nonsense' does not exist under hyperparameters"),
+        ("searcher.max_length.epochs=3", "'max_length' does not exist under searcher"),
+        ("no_equals_sign", "expected DOTTED.PATH=VALUE"),
+    ],
+)
+def test_bad_values_are_refused_with_the_value_and_the_rule(tmp_path, override, expected):
+    message = run([tiny_config(tmp_path), "--set", override])
+    assert message.startswith("error: ") and expected in message
+
+
+def test_unknown_hyperparameter_key_is_refused(tmp_path):
+    path = tiny_config(tmp_path, lerning_rate=0.1)
+    assert "unknown key(s) lerning_rate" in run([path])
+
+
+def test_batch_that_cannot_be_split_over_slots_is_refused():
+    raw = yaml.safe_load(open(os.path.join(model_def.__file__.rsplit("/", 1)[0], "const-cifar10.yaml")))["hyperparameters"]
+    raw["global_batch_size"] = 10
+    with pytest.raises(utils.ConfigError, match="global_batch_size=10 cannot be split over 4 slots"):
+        utils.parse_hparams(raw, slots=4)
+    raw["global_batch_size"] = 6
+    with pytest.raises(utils.ConfigError, match="at least 2 images per slot"):
+        utils.parse_hparams(raw, slots=6)
+    assert utils.parse_hparams(raw, slots=3).per_slot_batch_size(3) == 2
+
+
+def test_malformed_yaml_and_missing_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hyperparameters: {global_batch_size: 8\n")
+    assert "is not valid yaml" in run([bad])
+    assert "does not exist" in run([tmp_path / "missing.yaml"])
+
+
+def test_missing_and_empty_data_dirs(tmp_path, image_folder):
+    config = tiny_config(tmp_path)
+    message = run([config, "--set", "hyperparameters.dataset_name=image_folder",
+                   "--set", f"data.train_dir={tmp_path / 'nowhere'}", "--set", f"data.test_dir={image_folder / 'test'}"])
+    assert f"image folder '{tmp_path / 'nowhere'}' does not exist" in message
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    message = run([config, "--set", "hyperparameters.dataset_name=image_folder",
+                   "--set", f"data.train_dir={tmp_path / 'empty'}", "--set", f"data.test_dir={image_folder / 'test'}"])
+    assert "holds no images" in message and str(tmp_path / "empty") in message
+    assert "needs data.train_dir" in run([config, "--set", "hyperparameters.dataset_name=image_folder"])
+
+
+def test_one_class_folder_is_refused_when_evaluation_needs_two(tmp_path, image_folder):
+    for split in ("train", "test"):
+        for cls in ("cat", "ship"):
+            for f in (image_folder / split / cls).iterdir():
+                f.unlink()
+            (image_folder / split / cls).rmdir()
+    message = run([tiny_config(tmp_path)] + folder_args(image_folder))
+    assert "1 class(es) (['airplane'])" in message and "validate_with_classifier=false" in message
+
+
+def test_test_classes_must_match_train_classes(tmp_path, image_folder):
+    (image_folder / "test" / "ship").rename(image_folder / "test" / "boat")
+    message = run([tiny_config(tmp_path)] + folder_args(image_folder))
+    assert "has classes ['airplane', 'boat', 'cat']" in message and "must be the same" in message
+
+
+def test_resume_from_something_that_is_not_a_checkpoint(tmp_path):
+    config = tiny_config(tmp_path)
+    assert "does not exist" in run([config, "--resume", tmp_path / "nope"])
+    (tmp_path / "notckpt").mkdir()
+    assert "is not a Determined checkpoint" in run([config, "--resume", tmp_path / "notckpt"])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "load_data.json").write_text('{"trial_cls_spec": "model_def:MNistTrial"}')
+    assert "belongs to 'model_def:MNistTrial', not model_def:BYOLTrial" in run([config, "--resume", other])
+    (other / "load_data.json").write_text('{"trial_cls_spec": "model_def:BYOLTrial"}')
+    assert "is incomplete" in run([config, "--resume", other])
+
+
+def test_shipped_configs_parse():
+    root = os.path.dirname(model_def.__file__)
+    for name, slots in (("const-cifar10.yaml", 1), ("distributed-stl10.yaml", 8), ("distributed-imagenet.yaml", 64)):
+        config = utils.load_config(os.path.join(root, name))
+        hp = utils.parse_hparams(config["hyperparameters"], slots=slots)
+        assert utils.slots_per_trial(config) == slots
+        utils.parse_data_config(config["data"])
+        assert hp.augmentation.view1.blur_prob == 1.0 and hp.augmentation.view2.solarize_prob == 0.2

@@ -1,0 +1,108 @@
+"""Datasets read from their real on-disk formats; splits; the sampler; corrupt images."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import utils
+from conftest import CLASSES, write_cifar10, write_stl10
+
+
+def data_config(**kw):
+    return utils.parse_data_config(kw)
+
+
+def test_cifar10_python_batches(tmp_path, no_md5):
+    write_cifar10(tmp_path, train_count=40, test_count=20)
+    splits = data.build_splits("cifar10", data_config(download_dir=str(tmp_path)))
+    assert len(splits.byol_train) == 40 and len(splits.test) == 20
+    assert splits.labeled_train is splits.byol_train
+    images = splits.byol_train.tensor([0, 1])
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert splits.byol_train.classes[0] == "airplane"
+
+
+def test_stl10_trains_byol_on_train_plus_unlabeled_and_the_probe_on_train(tmp_path, no_md5):
+    write_stl10(tmp_path, train_count=10, unlabeled_count=12, test_count=6)
+    splits = data.build_splits("stl10", data_config(download_dir=str(tmp_path)))
+    assert len(splits.byol_train) == 22 and len(splits.labeled_train) == 10 and len(splits.test) == 6
+    assert (splits.byol_train.labels[10:] == data.UNLABELED).all()
+    assert (splits.labeled_train.labels >= 0).all()
+    # The binary is column-major; the loaded image must be upright: our synthetic blob is a
+    # centred square, so check a non-symmetric pixel pattern instead.
+    raw = np.fromfile(tmp_path / "stl10_binary" / "train_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
+    assert np.array_equal(splits.labeled_train.tensor([0])[0].numpy(), raw[0].transpose(0, 2, 1))
+
+
+def test_image_folder_with_unlabeled_images(image_folder, tmp_path):
+    unlabeled = tmp_path / "unlabeled" / "any" / "nested"
+    unlabeled.mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (20, 24), (i * 40, 0, 0)).save(unlabeled / f"{i}.jpg")
+    splits = data.build_splits("image_folder", data_config(
+        train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test"),
+        unlabeled_dir=str(tmp_path / "unlabeled")))
+    assert splits.labeled_train.classes == sorted(CLASSES)
+    assert len(splits.labeled_train) == 24 and len(splits.byol_train) == 29
+    assert list(splits.byol_train.labels[-5:]) == [data.UNLABELED] * 5
+
+
+def test_holdout_split_is_stratified_and_deterministic():
+    labels = np.repeat(np.arange(4), 10)
+    fit, held = data.holdout_split(labels, 0.2, seed=3)
+    assert len(held) == 8 and len(fit) == 32 and not set(fit) & set(held)
+    assert all((labels[held] == c).sum() == 2 for c in range(4))
+    fit2, held2 = data.holdout_split(labels, 0.2, seed=3)
+    assert np.array_equal(held, held2)
+
+
+def test_every_global_batch_holds_the_same_images_for_any_slot_count():
+    def global_batches(slots):
+        sampler = data.EpochBatchSampler(50, 8, slots, seed=1)
+        out = []
+        for _ in range(2):  # two epochs
+            per_slot = list(sampler)
+            assert len(per_slot) == len(sampler) == 6 * slots
+            out += [sum(per_slot[k * slots:(k + 1) * slots], []) for k in range(6)]
+        return out
+
+    one, two = global_batches(1), global_batches(2)
+    assert one == two
+    first_epoch = {i for batch in one[:6] for i, _ in batch}
+    assert len(first_epoch) == 48  # a permutation, 2 images dropped
+    assert [i for i, _ in one[0]] != [i for i, _ in one[6]]  # reshuffled per epoch
+    assert {e for _, e in one[6]} == {1}
+    with pytest.raises(utils.ConfigError, match="fewer than one global batch"):
+        data.EpochBatchSampler(5, 8, 1, seed=0)
+
+
+def test_corrupt_image_is_skipped_logged_once_and_counted(image_folder, caplog):
+    bad = image_folder / "train" / "cat" / "004.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    splits = data.build_splits("image_folder", data_config(
+        train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test")))
+    source = splits.byol_train
+    index = source.names.index("cat/004.png")
+    aug = utils._parse_augmentation(utils._Reader({"image_size": 16}, "augmentation"))
+    # Not fixed-size arrays: crops happen in the loader.
+    dataset = data.TrainImages(source, aug, 0, data.CorruptImageLog(strict=False))
+    with caplog.at_level("WARNING"):
+        items = dataset.__getitems__([(index, 0), (0, 0)])
+        dataset.__getitems__([(index, 1)])
+    assert [int(i["corrupt"]) for i in items] == [1, 0]
+    assert items[0]["image"].shape == (2, 3, 16, 16)
+    warnings = [r for r in caplog.records if "cat/004.png" in r.getMessage()]
+    assert len(warnings) == 1
+    strict = data.TrainImages(source, aug, 0, data.CorruptImageLog(strict=True))
+    with pytest.raises(data.CorruptImageError, match="cat/004.png: not a decodable image"):
+        strict.__getitems__([(index, 0)])
+
+
+def test_evaluation_images_are_centre_cropped_to_the_training_size(image_folder):
+    splits = data.build_splits("image_folder", data_config(
+        train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test")))
+    ev = data.EvalImages([(splits.labeled_train, data.SPLIT_FIT), (splits.test, data.SPLIT_TEST)], 12, data.CorruptImageLog(False))
+    item = ev[len(splits.labeled_train)]
+    assert item["image"].shape == (3, 12, 12) and int(item["split"]) == data.SPLIT_TEST
+    assert int(item["index"]) == len(splits.labeled_train)

@@ -1,0 +1,110 @@
+"""End to end through the real command line and Determined's local Trainer: training validates,
+checkpoints, resumes exactly, and stops cleanly on a non-finite loss."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import byol
+import model_def
+from conftest import ROOT, tiny_config
+
+
+def folder_overrides(folder):
+    return ["--set", "hyperparameters.dataset_name=image_folder",
+            "--set", f"data.train_dir={folder / 'train'}", "--set", f"data.test_dir={folder / 'test'}"]
+
+
+def train(config, checkpoint_dir, *extra):
+    os.chdir(ROOT)  # as a user runs it: Determined copies the working dir into checkpoints
+    model_def.main([str(config), "--checkpoint-dir", str(checkpoint_dir), *map(str, extra)])
+
+
+def checkpoints_by_step(checkpoint_dir):
+    out = {}
+    base = checkpoint_dir / "determined"
+    for uuid in os.listdir(base) if base.exists() else []:
+        meta = base / uuid / "metadata.json"
+        if meta.exists():
+            out.setdefault(json.loads(meta.read_text())["steps_completed"], []).append(base / uuid)
+    return out
+
+
+def load_state(path):
+    return torch.load(path / "state_dict.pth", map_location="cpu", weights_only=True)
+
+
+def validation_metrics(caplog):
+    found = []
+    for record in caplog.records:
+        m = re.search(r"report_validation_metrics\(steps_completed=(\d+), metrics=(\{.*\})\)", record.getMessage())
+        if m:
+            found.append((int(m.group(1)), eval(m.group(2))))
+    return found
+
+
+def test_training_validates_checkpoints_and_resumes(tmp_path, image_folder, caplog):
+    # 24 images, batch 8: 3 steps per epoch, 2 epochs; validate and checkpoint every epoch.
+    config = tiny_config(tmp_path)
+    with caplog.at_level("INFO"):
+        train(config, tmp_path / "ckpt", *folder_overrides(image_folder))
+    metrics = validation_metrics(caplog)
+    assert [step for step, _ in metrics] == [3, 6]
+    for _, m in metrics:
+        assert 0.0 <= m["test_accuracy"] <= 1.0 and 0.0 <= m["knn_accuracy"] <= 1.0
+        assert m["classifier_best_lr"] in (0.01, 0.03, 0.1, 0.3, 1.0)
+        assert "classifier_lr_0.1_test_accuracy" in m
+    saved = checkpoints_by_step(tmp_path / "ckpt")
+    assert sorted(saved) == [3, 6]
+    last = saved[6][0]
+    assert json.loads((last / model_def.CHECKPOINT_MARKER).read_text())["backbone_name"] == "resnet18"
+    assert (last / "code" / "model_def.py").exists() and not (last / "code" / ".venv").exists()
+    # Resume from the epoch-1 checkpoint with one more epoch of budget: continues at step 3.
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train(config, tmp_path / "ckpt2", *folder_overrides(image_folder), "--resume", saved[3][0])
+    assert [step for step, _ in validation_metrics(caplog)] == [6]
+
+
+def test_resume_mid_epoch_is_exact(tmp_path, image_folder):
+    """N steps, checkpoint, resume, M more steps == N + M uninterrupted steps, bit for bit."""
+    config = tiny_config(tmp_path, epochs=2)
+    every_step = ["--set", "min_checkpoint_period={batches: 1}", "--set", "min_validation_period={batches: 100}"]
+    train(config, tmp_path / "full", *folder_overrides(image_folder), *every_step)
+    full = checkpoints_by_step(tmp_path / "full")
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    # Step 4 is mid-epoch 2 (3 steps per epoch).
+    train(config, tmp_path / "resumed", *folder_overrides(image_folder), *every_step, "--resume", full[4][0])
+    resumed = checkpoints_by_step(tmp_path / "resumed")
+    assert sorted(resumed) == [5, 6]
+    for step in (5, 6):
+        a, b = load_state(full[step][0]), load_state(resumed[step][0])
+        for name, tensor in a["models_state_dict"][0].items():
+            assert torch.equal(tensor, b["models_state_dict"][0][name]), name
+        for x, y in zip(a["optimizers_state_dict"][0]["state"].values(), b["optimizers_state_dict"][0]["state"].values()):
+            assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+        assert a["optimizers_state_dict"][0]["param_groups"][0]["lr"] == b["optimizers_state_dict"][0]["param_groups"][0]["lr"]
+    # The target moved by EMA and differs from the online network.
+    weights = load_state(full[6][0])["models_state_dict"][0]
+    assert not torch.equal(weights["online_backbone.conv1.weight"], weights["target_backbone.conv1.weight"])
+
+
+def test_non_finite_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_path, image_folder, monkeypatch):
+    real_loss = byol.byol_loss
+    calls = {"n": 0}
+
+    def loss_that_explodes_at_the_fifth_step(prediction, target):
+        calls["n"] += 1
+        loss = real_loss(prediction, target)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(byol, "byol_loss", loss_that_explodes_at_the_fifth_step)
+    config = tiny_config(tmp_path)
+    with pytest.raises(model_def.NonFiniteLossError) as error:
+        train(config, tmp_path / "ckpt", *folder_overrides(image_folder),
+              "--set", "min_checkpoint_period={batches: 1}", "--set", "min_validation_period={batches: 100}")
+    message = str(error.value)
+    assert "at step 4 (epoch 1)" in message and re.search(r"last finite loss: \d+\.\d+", message)
+    assert sorted(checkpoints_by_step(tmp_path / "ckpt")) == [1, 2, 3, 4]
