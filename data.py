@@ -11,9 +11,18 @@ so a sample's two views do not depend on the batch it lands in, the number of sl
 augmentation runs, or whether the run was resumed.
 """
 import bisect
+import contextlib
+import functools
+import hashlib
+import io
 import logging
 import os
+import random
+import re
+import tempfile
 import threading
+import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -369,8 +378,6 @@ class LocalFiles:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    import io
-
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
@@ -463,7 +470,14 @@ class ConcatSource:
         return self.parts[part], index - self.offsets[part]
 
     def load_many(self, indices: Sequence[int]) -> List[object]:
-        return [part.load_many([local])[0] for part, local in map(self._locate, indices)]
+        """One load_many per part, so a remote part fetches its share of a batch together."""
+        located = [self._locate(i) for i in indices]
+        out: List[object] = [None] * len(indices)
+        for part in {id(p): p for p, _ in located}.values():
+            positions = [j for j, (p, _) in enumerate(located) if p is part]
+            for j, image in zip(positions, part.load_many([located[j][1] for j in positions])):
+                out[j] = image
+        return out
 
     def tensor(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([part.tensor([local])[0] for part, local in map(self._locate, indices)])
@@ -672,23 +686,33 @@ class EvalImages(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
-        out = []
-        for index in indices:
-            part = bisect.bisect_right(self.offsets, index) - 1
+        out: List[Dict[str, torch.Tensor]] = [{} for _ in indices]
+        by_part: Dict[int, List[int]] = {}
+        for j, index in enumerate(indices):
+            by_part.setdefault(bisect.bisect_right(self.offsets, index) - 1, []).append(j)
+        for part, positions in by_part.items():
             source, split = self.parts[part]
-            local = index - self.offsets[part]
-            item = {"label": torch.tensor(int(source.labels[local])), "split": torch.tensor(split), "index": torch.tensor(index), "valid": torch.tensor(1)}
+            local = [indices[j] - self.offsets[part] for j in positions]
             if source.fixed_size == self.size:
-                item["image"] = source.tensor([local])[0]
-            else:
-                image = source.load_many([local])[0]
-                if isinstance(image, CorruptImageError):
-                    self.corrupt_log.report(image)
-                    item["valid"] = torch.tensor(0)
-                    image = Image.new("RGB", (self.size, self.size))
-                item["image"] = center_crop(image, self.size)
-            out.append(item)
+                images = list(source.tensor(local))
+            else:  # one load_many per part: a remote store fetches them together
+                images = [self._center_crop(image) for image in source.load_many(local)]
+            for j, l, image in zip(positions, local, images):
+                valid = image is not None
+                out[j] = {
+                    "image": image if valid else torch.zeros(3, self.size, self.size, dtype=torch.uint8),
+                    "label": torch.tensor(int(source.labels[l])),
+                    "split": torch.tensor(split),
+                    "index": torch.tensor(indices[j]),
+                    "valid": torch.tensor(int(valid)),
+                }
         return out
+
+    def _center_crop(self, image) -> Optional[torch.Tensor]:
+        if isinstance(image, CorruptImageError):
+            self.corrupt_log.report(image)
+            return None
+        return center_crop(image, self.size)
 
 
 def center_crop(image: Image.Image, size: int) -> torch.Tensor:
@@ -740,17 +764,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 # batch is fetched with a bounded thread pool, transient failures are retried with backoff, and
 # every object can be kept on local disk after its first read.
 
-# These imports live here rather than at the top so that this section stays in one piece. The
-# google-cloud packages themselves are imported where they are used: CIFAR-10 and STL-10 runs
-# never load them.
-import contextlib
-import functools
-import hashlib
-import random
-import re
-import tempfile
-import time
-import urllib.parse
+# The google-cloud packages are imported where they are used: CIFAR-10 and STL-10 runs never
+# load them.
 
 # Transient failures (429, 5xx, dropped or reset connections, timeouts) are retried up to
 # GCS_RETRY_ATTEMPTS times per request. Before try k+1 the reader sleeps a random time in
@@ -764,8 +779,9 @@ GCS_RETRY_CAP_S = 5.0
 # instead of a loader worker that hangs forever.
 GCS_TIMEOUT_S = (20.0, 60.0)
 
-# Statuses worth another try: request timeout, rate limiting and server-side errors.
-_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# Statuses worth another try besides every 5xx (server-side errors): request timeout and rate
+# limiting.
+_RETRYABLE_STATUSES = frozenset({408, 429})
 
 # Temp files in the cache start with "%t": percent-encoded names never contain "%" followed by
 # anything but two upper-case hex digits, so a temp file can never be taken for a cached object.

@@ -89,6 +89,11 @@ class BYOLTrial(pytorch.PyTorchTrial):
             backbone, feature_dim, self.hp.projector_hidden_dim, self.hp.projection_dim
         )
         if self.hp.sync_batchnorm and self.slots > 1:
+            if not on_cuda:
+                raise utils.ConfigError(
+                    "hyperparameters.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does "
+                    "not run on CPU processes; set it to false for CPU multi-process training"
+                )
             network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
         self.channels_last = on_cuda
         if self.channels_last:
@@ -216,11 +221,10 @@ class BYOLTrial(pytorch.PyTorchTrial):
             loss=loss.detach(),
             representation_std=byol.representation_std(online_projection),
             corrupt_images=batch["corrupt"].sum(),
-            learning_rate=lr,
-            tau=tau,
         )
         self.previous_loss = loss.detach()
-        return {}
+        # Python floats: Determined averages them per report without touching the device.
+        return {"learning_rate": lr, "tau": tau}
 
     # ---- validation ------------------------------------------------------------------------
 
@@ -293,9 +297,10 @@ def check_checkpoint(path: str) -> str:
     if not os.path.isdir(path):
         raise utils.ConfigError(f"checkpoint {path!r} does not exist or is not a directory")
     load_data = os.path.join(path, "load_data.json")
-    if not os.path.isfile(load_data) and not os.path.isfile(os.path.join(path, CHECKPOINT_MARKER)):
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("load_data.json", "state_dict.pth", CHECKPOINT_MARKER)):
         raise utils.ConfigError(
-            f"{path!r} is not a Determined checkpoint (no load_data.json or {CHECKPOINT_MARKER})"
+            f"{path!r} is not a Determined checkpoint (no state_dict.pth, load_data.json or "
+            f"{CHECKPOINT_MARKER})"
         )
     if os.path.isfile(load_data):
         with open(load_data) as f:
@@ -435,4 +440,8 @@ def run_locally(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the importable module, so checkpoints name the trial `model_def:BYOLTrial`
+    # (not `__main__:BYOLTrial`) and load anywhere.
+    import model_def
+
+    model_def.main()

@@ -201,23 +201,21 @@ class TrainingMetricsReducer(pytorch.MetricReducer):
 
     def reset(self) -> None:
         self.sums: Dict[str, torch.Tensor] = {}
-        self.last: Dict[str, float] = {}
         self.count = 0
 
-    def update(self, learning_rate: float, tau: float, corrupt_images: torch.Tensor, **means: torch.Tensor) -> None:
+    def update(self, corrupt_images: torch.Tensor, **means: torch.Tensor) -> None:
         if self.window_start is None:
             self.window_start = time.time()
         for name, value in means.items():
             value = value.detach().float()
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
         self.sums["corrupt_images"] = self.sums.get("corrupt_images", 0) + corrupt_images
-        self.last = {"learning_rate": learning_rate, "tau": tau}
         self.count += 1
 
     def per_slot_reduce(self) -> Dict[str, float]:
         out = {name: float(value) for name, value in self.sums.items()}
         out["count"] = self.count
-        return {**out, **self.last}
+        return out
 
     def cross_slot_reduce(self, per_slot: Sequence[Dict[str, float]]) -> Dict[str, float]:
         count = sum(p["count"] for p in per_slot)
@@ -226,10 +224,9 @@ class TrainingMetricsReducer(pytorch.MetricReducer):
         metrics = {
             name: sum(p[name] for p in per_slot) / count
             for name in per_slot[0]
-            if name not in ("count", "corrupt_images", "learning_rate", "tau")
+            if name not in ("count", "corrupt_images")
         }
         metrics["corrupt_images"] = sum(p["corrupt_images"] for p in per_slot)
-        metrics["learning_rate"], metrics["tau"] = per_slot[0]["learning_rate"], per_slot[0]["tau"]
         self.report_progress(per_slot[0]["count"], metrics, time.time())
         return metrics
 

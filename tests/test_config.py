@@ -100,7 +100,7 @@ def test_resume_from_something_that_is_not_a_checkpoint(tmp_path):
     config = tiny_config(tmp_path)
     assert "does not exist" in run([config, "--resume", tmp_path / "nope"])
     (tmp_path / "notckpt").mkdir()
-    assert "is not a Determined checkpoint" in run([config, "--resume", tmp_path / "notckpt"])
+    assert "is not a Determined checkpoint (no state_dict.pth" in run([config, "--resume", tmp_path / "notckpt"])
     other = tmp_path / "other"
     other.mkdir()
     (other / "load_data.json").write_text('{"trial_cls_spec": "model_def:MNistTrial"}')

@@ -1,0 +1,145 @@
+"""Several processes (torchrun, gloo on CPU) train like one, and a crash during a checkpoint
+save leaves the previous checkpoint usable. These start real subprocesses."""
+import ast
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_config
+
+pytestmark = pytest.mark.multiprocess
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_training(config, checkpoint_dir, folder, processes=1, extra=()):
+    args = [str(config), "--checkpoint-dir", str(checkpoint_dir),
+            "--set", "hyperparameters.dataset_name=image_folder",
+            "--set", f"data.train_dir={folder / 'train'}", "--set", f"data.test_dir={folder / 'test'}", *extra]
+    if processes == 1:
+        command = [sys.executable, "model_def.py", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", "model_def.py", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH_DISTRIBUTED="1")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def reported(log, kind):
+    """{step: metrics} from Determined's report_*_metrics log lines."""
+    out = {}
+    for m in re.finditer(rf"report_{kind}_metrics\(steps_completed=(\d+), metrics=(\{{.*?\}})\)", log):
+        out[int(m.group(1))] = ast.literal_eval(m.group(2))
+    return out
+
+
+def first_step_loss(config_path, folder, slots):
+    """The BYOL loss of global step 1 computed here in one process, each slot's share of the
+    batch through its own forward pass (its own BatchNorm statistics), as `slots` processes do."""
+    import byol, data, utils
+    from backbone import build_backbone
+
+    config = utils.load_config(str(config_path))
+    hp = utils.parse_hparams(config["hyperparameters"], slots)
+    splits = data.build_splits("image_folder", utils.parse_data_config(
+        {"train_dir": str(folder / "train"), "test_dir": str(folder / "test")}))
+    torch.manual_seed(0)  # what model_def.run_locally does before building the trial
+    backbone, dim = build_backbone(hp.backbone_name, hp.cifar_stem)
+    network = byol.BYOLNetwork(backbone, dim, hp.projector_hidden_dim, hp.projection_dim).train()
+    augment = data.TwoViewAugmentation(hp.augmentation, *splits.normalization)
+    dataset = data.TrainImages(splits.byol_train, hp.augmentation, 0, data.CorruptImageLog(False), augment)
+    sampler = data.EpochBatchSampler(len(splits.byol_train), hp.global_batch_size, slots, seed=0)
+    losses = []
+    for slot_batch in list(sampler)[:slots]:
+        views = dataset.collate(dataset.__getitems__(slot_batch))["views"]
+        with torch.no_grad():
+            prediction, target_projection, _ = network(views)
+        losses.append(float(byol.byol_loss(prediction, target_projection)))
+    return sum(losses) / slots
+
+
+def test_two_processes_match_one(tmp_path, image_folder):
+    """Each global step sees the same images, views, weights and schedule with 1 or 2 processes;
+    only BatchNorm's batch statistics differ (each slot normalises its own share). So step 1
+    must match, to float precision, a one-process computation that splits the batch the same
+    way; after that the curves drift apart by BatchNorm noise alone (large with 4 images per
+    slot, as here)."""
+    config = tiny_config(tmp_path, epochs=2)
+    one = run_training(config, tmp_path / "one", image_folder, processes=1)
+    two = run_training(config, tmp_path / "two", image_folder, processes=2)
+    loss_one = {s: m["loss"] for s, m in reported(one, "training").items()}
+    loss_two = {s: m["loss"] for s, m in reported(two, "training").items()}
+    assert sorted(loss_one) == sorted(loss_two) == [1, 2, 3, 4, 5, 6]
+    assert loss_one[1] == pytest.approx(first_step_loss(config, image_folder, 1), rel=1e-5)
+    assert loss_two[1] == pytest.approx(first_step_loss(config, image_folder, 2), rel=1e-5)
+    worst = max(abs(loss_one[s] - loss_two[s]) / loss_one[s] for s in loss_one)
+    print(f"1 vs 2 processes, max relative loss difference {worst:.3f}: {loss_one} {loss_two}")
+    assert worst < 0.25
+    val_one, val_two = reported(one, "validation"), reported(two, "validation")
+    assert sorted(val_one) == sorted(val_two) == [3, 6]
+    for step in (3, 6):
+        for name in ("test_accuracy", "knn_accuracy"):
+            assert 0 <= val_two[step][name] <= 1
+    # A 2-process checkpoint resumes in one process.
+    checkpoints = {}
+    for meta in (tmp_path / "two" / "determined").glob("*/metadata.json"):
+        checkpoints[json.loads(meta.read_text())["steps_completed"]] = meta.parent
+    run_training(config, tmp_path / "resumed", image_folder, extra=["--resume", str(checkpoints[3])])
+
+
+def test_sync_batchnorm_on_cpu_processes_is_refused(tmp_path, image_folder):
+    config = tiny_config(tmp_path, sync_batchnorm=True)
+    with pytest.raises(AssertionError, match="sync_batchnorm=true needs GPUs"):
+        run_training(config, tmp_path / "ckpt", image_folder, processes=2)
+
+
+CRASH_ON_SECOND_SAVE = """
+import os, signal, sys, torch
+sys.argv = sys.argv[1:]
+real_save, saves = torch.save, []
+def save_then_die_midway(obj, path, *a, **k):
+    saves.append(path)
+    if len(saves) == 2:
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+            f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *a, **k)
+torch.save = save_then_die_midway
+import runpy
+runpy.run_path("model_def.py", run_name="__main__")
+"""
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, image_folder):
+    config = tiny_config(tmp_path)
+    args = [str(config), "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--set", "hyperparameters.dataset_name=image_folder",
+            "--set", f"data.train_dir={image_folder / 'train'}", "--set", f"data.test_dir={image_folder / 'test'}",
+            "--set", "min_checkpoint_period={batches: 1}", "--set", "min_validation_period={batches: 100}"]
+    result = subprocess.run([sys.executable, "-c", CRASH_ON_SECOND_SAVE, "model_def.py", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL
+    dirs = list((tmp_path / "ckpt" / "determined").iterdir())
+    complete = [d for d in dirs if (d / "byol_checkpoint.json").exists()]
+    partial = [d for d in dirs if not (d / "byol_checkpoint.json").exists()]
+    assert len(complete) == 1 and len(partial) == 1
+    # The cut-off one is refused with a clear message; the previous one resumes to the end.
+    refused = subprocess.run([sys.executable, "model_def.py", *args, "--resume", str(partial[0])],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "is incomplete" in refused.stderr
+    log = run_training(config, tmp_path / "ckpt2", image_folder, extra=["--resume", str(complete[0])])
+    assert 6 in reported(log, "training")
