@@ -530,17 +530,14 @@ def build_splits(dataset_name: str, data: DataConfig, share: Callable = run_here
     root = os.path.expanduser(data.download_dir)
     if dataset_name == "cifar10":
         os.makedirs(root, exist_ok=True)
-        train = torchvision.datasets.CIFAR10(root, train=True, download=True)
-        test = torchvision.datasets.CIFAR10(root, train=False, download=True)
+        train = download(torchvision.datasets.CIFAR10, root, train=True)
+        test = download(torchvision.datasets.CIFAR10, root, train=False)
         train_src = ArraySource(*_torchvision_arrays(train), train.classes)
         test_src = ArraySource(*_torchvision_arrays(test), test.classes)
         return DatasetSplits(train_src, train_src, test_src, NORMALIZATION["cifar10"])
     if dataset_name == "stl10":
         os.makedirs(root, exist_ok=True)
-        splits = {
-            s: torchvision.datasets.STL10(root, split=s, download=True)
-            for s in ("train", "unlabeled", "test")
-        }
+        splits = {s: download(torchvision.datasets.STL10, root, split=s) for s in ("train", "unlabeled", "test")}
         train_src, unlabeled_src, test_src = (
             ArraySource(*_torchvision_arrays(splits[s]), splits["train"].classes)
             for s in ("train", "unlabeled", "test")
@@ -566,6 +563,17 @@ def build_splits(dataset_name: str, data: DataConfig, share: Callable = run_here
             byol_train = ConcatSource([train_src, unlabeled])
         return DatasetSplits(byol_train, train_src, test_src, NORMALIZATION["image_folder"])
     raise ConfigError(f"unknown dataset {dataset_name!r}")
+
+
+def download(dataset_class, root: str, **kwargs):
+    """A torchvision dataset, downloaded into `root` on first use."""
+    try:
+        return dataset_class(root, download=True, **kwargs)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad archive a RuntimeError
+        raise ConfigError(
+            f"could not download {dataset_class.__name__} into data.download_dir={root!r}: {e}. "
+            f"Check the network, or put the dataset's archive there yourself"
+        ) from None
 
 
 def open_folder(path: str, blob_list: Optional[str], data: DataConfig, share: Callable) -> FileSource:

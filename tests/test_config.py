@@ -117,3 +117,16 @@ def test_shipped_configs_parse():
         assert utils.slots_per_trial(config) == slots
         utils.parse_data_config(config["data"])
         assert hp.augmentation.view1.blur_prob == 1.0 and hp.augmentation.view2.solarize_prob == 0.2
+
+
+def test_failed_dataset_download_names_the_directory(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "_urlretrieve", no_network)
+    message = run([tiny_config(tmp_path)])
+    assert "could not download CIFAR10 into data.download_dir=" in message and str(tmp_path) in message

@@ -1,0 +1,151 @@
+"""Does BYOL learn? Pretrain on an image folder for a wall-clock budget through the real
+training command (model_def.py, Determined's local Trainer), then compare kNN and linear-probe
+test accuracy of the BYOL backbone with the same backbone at random initialisation.
+
+    python benchmarks/quality.py ../shared/data/cifar10-subset --minutes 20
+
+DIR holds train/<class>/<image> and test/<class>/<image>. The number of epochs is chosen to fit
+the budget from a short timing of the training step; the LR and EMA schedules then span exactly
+those epochs. Settings differ from the yaml defaults where a CPU budget of minutes needs it
+(printed below); the yaml defaults stay the paper's.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import byol  # noqa: E402
+import data  # noqa: E402
+import model_def  # noqa: E402
+import utils  # noqa: E402
+from backbone import build_backbone  # noqa: E402
+from reducers import knn_accuracy, linear_probe_metrics  # noqa: E402
+
+SETTINGS = {
+    "backbone_name": "resnet18",
+    "cifar_stem": False,  # ImageNet stem: 16x fewer FLOPs on 32-px images than the CIFAR stem
+    "global_batch_size": 128,
+    "learning_rate": 2.0,  # base LR (x batch/256) for LARS; short runs want a large LR
+    "warmup_epochs": 2,
+    "tau_base": 0.99,  # a faster-moving target suits a run of a few hundred steps
+    "projector_hidden_dim": 1024,
+    "weight_decay": 1.5e-6,
+}
+
+
+def overrides(folder: str, settings: dict, epochs: int) -> list:
+    out = ["--set", "hyperparameters.dataset_name=image_folder",
+           "--set", f"data.train_dir={os.path.join(folder, 'train')}",
+           "--set", f"data.test_dir={os.path.join(folder, 'test')}",
+           "--set", f"hyperparameters.epochs={epochs}",
+           "--set", "data.num_workers=1",
+           "--set", f"min_validation_period={{epochs: {epochs}}}",
+           "--set", f"min_checkpoint_period={{epochs: {epochs}}}",
+           "--set", "scheduling_unit=20"]
+    for key, value in settings.items():
+        out += ["--set", f"hyperparameters.{key}={json.dumps(value)}"]
+    return out
+
+
+def seconds_per_step(hp: utils.HParams, image_size: int) -> float:
+    """Time a few real training steps (both views, online + target, LARS, EMA) on random data."""
+    backbone, dim = build_backbone(hp.backbone_name, hp.cifar_stem)
+    net = byol.BYOLNetwork(backbone, dim, hp.projector_hidden_dim, hp.projection_dim)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    views = torch.randn(2 * hp.global_batch_size, 3, image_size, image_size)
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        prediction, target, _ = net(views)
+        opt.zero_grad()
+        byol.byol_loss(prediction, target).backward()
+        opt.step()
+        net.update_target(0.99)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+@torch.no_grad()
+def features(backbone, dataset, normalize, batch_size=256):
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=1)
+    out = {k: [] for k in ("feature", "label", "split")}
+    for batch in loader:
+        out["feature"].append(backbone(normalize(batch["image"])))
+        out["label"].append(batch["label"])
+        out["split"].append(batch["split"])
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def probe(backbone, eval_set, normalize, hp, num_classes):
+    f = features(backbone, eval_set, normalize)
+    metrics = linear_probe_metrics(f["feature"], f["label"], f["split"], num_classes, hp.classifier_lrs,
+                                   100, 256, seed=0)
+    labeled = f["split"] != data.SPLIT_TEST
+    knn = knn_accuracy(f["feature"][labeled], f["label"][labeled], f["feature"][~labeled], f["label"][~labeled],
+                       num_classes, hp.knn_k, hp.knn_temperature)
+    return knn, metrics["test_accuracy"], metrics["classifier_best_lr"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder")
+    parser.add_argument("--minutes", type=float, default=20)
+    parser.add_argument("--checkpoint-dir", default=None)
+    args = parser.parse_args()
+    wall_start = time.time()
+    folder = os.path.abspath(args.folder)
+    config_path = os.path.join(ROOT, "const-cifar10.yaml")
+
+    config = utils.load_config(config_path, overrides(folder, SETTINGS, 1)[1::2])
+    hp = utils.parse_hparams(config["hyperparameters"])
+    splits = data.build_splits("image_folder", utils.parse_data_config(config["data"]))
+    steps_per_epoch = len(splits.byol_train) // hp.global_batch_size
+    step_s = seconds_per_step(hp, hp.augmentation.image_size)
+    # Leave room for start-up, the end-of-run validation and the two probes below (~10%).
+    train_budget = args.minutes * 60 * 0.88 - (time.time() - wall_start)
+    epochs = max(1, int(train_budget / (step_s * 1.1 * steps_per_epoch)))
+    print(f"images: {len(splits.byol_train)} train, {len(splits.test)} test; {steps_per_epoch} steps/epoch; "
+          f"{step_s:.2f} s/step measured -> {epochs} epochs for a {args.minutes:g}-minute budget")
+    print("settings:", json.dumps({**SETTINGS, "image_size": hp.augmentation.image_size,
+                                   "crop_scale": hp.augmentation.crop_scale, "epochs": epochs,
+                                   "optimizer": "LARS", "classifier_lrs": hp.classifier_lrs}))
+
+    checkpoint_dir = args.checkpoint_dir or tempfile.mkdtemp(prefix="byol-quality-")
+    train_start = time.time()
+    os.chdir(ROOT)
+    model_def.main([config_path, "--checkpoint-dir", checkpoint_dir, *overrides(folder, SETTINGS, epochs)])
+    train_s = time.time() - train_start
+
+    final = max((os.path.join(checkpoint_dir, "determined", d) for d in os.listdir(os.path.join(checkpoint_dir, "determined"))),
+                key=lambda d: json.load(open(os.path.join(d, "metadata.json")))["steps_completed"])
+    state = torch.load(os.path.join(final, "state_dict.pth"), map_location="cpu", weights_only=True)["models_state_dict"][0]
+    trained, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
+    trained.load_state_dict({k[len("online_backbone."):]: v for k, v in state.items() if k.startswith("online_backbone.")})
+    torch.manual_seed(0)  # the same initialisation the run started from
+    random_init, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
+
+    augment = data.TwoViewAugmentation(hp.augmentation, *splits.normalization)
+    fit, held = data.holdout_split(splits.labeled_train.labels, hp.classifier_holdout_fraction, 0)
+    eval_set = data.EvalImages([(data.Subset(splits.labeled_train, fit), data.SPLIT_FIT),
+                                (data.Subset(splits.labeled_train, held), data.SPLIT_HOLDOUT),
+                                (splits.test, data.SPLIT_TEST)], hp.augmentation.image_size, data.CorruptImageLog(False))
+    num_classes = len(splits.labeled_train.classes)
+    rows = []
+    for name, backbone in (("random init", random_init), (f"BYOL, {epochs} epochs", trained)):
+        knn, linear, lr = probe(backbone, eval_set, augment.normalize, hp, num_classes)
+        rows.append([name, f"{100 * knn:.1f}%", f"{100 * linear:.1f}%", f"{lr:g}"])
+    print(f"\ntraining took {train_s / 60:.1f} min wall; whole benchmark {(time.time() - wall_start) / 60:.1f} min; "
+          f"checkpoint {final}")
+    print(utils.format_table(rows, ["backbone", "kNN (k=200, T=0.1)", "linear probe (100 epochs)", "chosen LR"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Where does a BYOL step's time go? Ratios measured in one run, on this machine.
+
+    python benchmarks/speed.py [--byol-pytorch DIR] [--repeats 7]
+
+1. Our training step (BYOLTrial.train_batch: both views in one forward, LARS, fused EMA) vs the
+   bare compute: the same networks stepped by a plain loop (online forward/backward of each view,
+   target forward, the same LARS step, a per-parameter EMA loop).
+2. Ours vs byol-pytorch 0.9.1 on the same backbone and batch (its own BYOL module, augmentation
+   replaced by the identity so only the network step is timed). byol-pytorch is not a dependency:
+   `pip install --no-deps --target DIR byol-pytorch==0.9.1 einops beartype` and pass --byol-pytorch DIR.
+3. Two-view augmentation throughput on one CPU thread, 32-px images: ours (batched, per-sample
+   parameters) vs torchvision's per-image PIL pipeline with the same recipe (and kornia's batched
+   ops with the same recipe, if kornia is installed).
+4. Validation cost: backbone forward passes per labeled image and wall time of a validation in
+   units of one forward pass over the labeled images.
+Timings interleave the contenders (A B A B ...) and report medians, so drift of a shared machine
+hits both alike.
+"""
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import byol  # noqa: E402
+import data  # noqa: E402
+import optim  # noqa: E402
+import utils  # noqa: E402
+from backbone import build_backbone  # noqa: E402
+
+BATCH = 64
+IMAGE = 32
+
+
+def interleaved(contenders, repeats, warmup=2):
+    """{name: median seconds} of each zero-argument callable, run in turn `repeats` times."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def make_trial(folder, checkpoint_dir):
+    """A real BYOLTrial built by Determined's local context from const-cifar10.yaml."""
+    from determined import pytorch
+
+    import model_def
+
+    config = utils.load_config(os.path.join(ROOT, "const-cifar10.yaml"), [
+        "hyperparameters.dataset_name=image_folder", f"data.train_dir={folder}/train",
+        f"data.test_dir={folder}/test", f"hyperparameters.global_batch_size={BATCH}",
+        "hyperparameters.cifar_stem=false", "data.num_workers=0",
+        "hyperparameters.classifier_train_epochs=10",
+    ])
+    os.environ["XDG_DATA_HOME"] = checkpoint_dir
+    context_manager = pytorch.init(hparams=config["hyperparameters"], exp_conf=config)
+    context = context_manager.__enter__()
+    torch.manual_seed(0)
+    return model_def.BYOLTrial(context), config
+
+
+def write_folder(root, per_class=64, classes=4, test_per_class=16):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        for c in range(classes):
+            os.makedirs(f"{root}/{split}/c{c}", exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)).save(f"{root}/{split}/c{c}/{i}.png")
+
+
+def bare_step_fn(trial):
+    """The same networks and LARS, stepped the plain way."""
+    net = trial.network
+    opt = optim.LARS(optim.lars_param_groups(net, 1.5e-6), lr=0.1, momentum=0.9)
+    online = net.online_parameters()
+    target = net.target_parameters()
+
+    def step(view1, view2):
+        p1 = net.predictor(net.online_projector(net.online_backbone(view1)))
+        p2 = net.predictor(net.online_projector(net.online_backbone(view2)))
+        with torch.no_grad():
+            z1 = net.target_projector(net.target_backbone(view1))
+            z2 = net.target_projector(net.target_backbone(view2))
+        loss = (byol.regression_loss(p1, z2) + byol.regression_loss(p2, z1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for t, o in zip(target, online):
+                t.mul_(0.99).add_(o, alpha=0.01)
+
+    return step
+
+
+def load_byol_pytorch(path):
+    """byol_pytorch/byol_pytorch.py from DIR, without its package __init__ (which needs
+    `accelerate` for a trainer we do not use)."""
+    sys.path.insert(0, path)
+    spec = importlib.util.spec_from_file_location("byol_pytorch_module", os.path.join(path, "byol_pytorch", "byol_pytorch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pil_pipeline(aug):
+    from torchvision import transforms as T
+
+    def view(spec):
+        return T.Compose([
+            T.RandomResizedCrop(aug.image_size, scale=aug.crop_scale),
+            T.RandomHorizontalFlip(aug.flip_prob),
+            T.RandomApply([T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)], p=aug.jitter_prob),
+            T.RandomGrayscale(aug.grayscale_prob),
+            T.RandomApply([T.GaussianBlur(aug.blur_kernel_size, aug.blur_sigma)], p=spec.blur_prob),
+            T.RandomSolarize(128, p=spec.solarize_prob),
+            T.ToTensor(),
+            T.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
+        ])
+
+    v1, v2 = view(aug.view1), view(aug.view2)
+    return lambda images: [torch.stack([v1(im) for im in images]), torch.stack([v2(im) for im in images])]
+
+
+def kornia_pipeline(aug):
+    import kornia.augmentation as K
+
+    def view(spec):
+        return torch.nn.Sequential(
+            K.RandomResizedCrop((aug.image_size, aug.image_size), scale=aug.crop_scale),
+            K.RandomHorizontalFlip(p=aug.flip_prob),
+            K.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue, p=aug.jitter_prob),
+            K.RandomGrayscale(p=aug.grayscale_prob),
+            K.RandomGaussianBlur((aug.blur_kernel_size, aug.blur_kernel_size), aug.blur_sigma, p=spec.blur_prob),
+            K.RandomSolarize(0.0, 0.0, p=spec.solarize_prob),
+            K.Normalize(torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26])),
+        )
+
+    v1, v2 = view(aug.view1), view(aug.view2)
+    return lambda x: [v1(x), v2(x)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--byol-pytorch", help="directory holding byol_pytorch/ 0.9.1 (and einops, beartype)")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; no GPU in this run")
+    rows = []
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_folder(tmp)
+        trial, config = make_trial(tmp, os.path.join(tmp, "ckpt"))
+        hp = trial.hp
+        torch.manual_seed(0)
+        views = torch.randn(2 * BATCH, 3, IMAGE, IMAGE)
+        batch = {"views": views, "corrupt": torch.zeros(BATCH, dtype=torch.long), "key": torch.zeros(BATCH)}
+        step = [0]
+
+        def ours():
+            trial.train_batch(batch, 0, step[0])
+            step[0] += 1
+
+        bare = bare_step_fn(trial)
+        contenders = {"ours": ours, "bare": lambda: bare(views[:BATCH], views[BATCH:])}
+
+        if args.byol_pytorch:
+            bp = load_byol_pytorch(args.byol_pytorch)
+            net, _ = build_backbone("resnet18", cifar_stem=False)
+            net.fc = torch.nn.Linear(512, 10)  # byol-pytorch hooks the layer before fc
+            learner = bp.BYOL(net, image_size=IMAGE, hidden_layer="avgpool", projection_size=256,
+                              projection_hidden_size=4096, augment_fn=torch.nn.Identity(),
+                              moving_average_decay=0.99, use_simplicial_embeddings=False)
+            bp_opt = optim.LARS(optim.lars_param_groups(learner, 1.5e-6), lr=0.1, momentum=0.9)
+            images = views[:BATCH]
+
+            def byol_pytorch_step():
+                loss = learner(images)
+                bp_opt.zero_grad()
+                loss.backward()
+                bp_opt.step()
+                learner.update_moving_average()
+
+            contenders["byol-pytorch 0.9.1"] = byol_pytorch_step
+
+        medians = interleaved(contenders, args.repeats)
+        print(f"\n1-2. training step, ResNet-18 (ImageNet stem), batch {BATCH} x 2 views of {IMAGE} px, CPU "
+              f"(median of {args.repeats}, interleaved)")
+        for name, seconds in medians.items():
+            print(f"   {name:20s} {seconds * 1000:8.1f} ms/step  {BATCH / seconds:7.1f} images/s")
+        print(f"   ours / bare time            = {medians['ours'] / medians['bare']:.3f}x  (goal <= 1.00x)")
+        rows.append(["ours / bare step time", f"{medians['ours'] / medians['bare']:.3f}x"])
+        if "byol-pytorch 0.9.1" in medians:
+            speedup = medians["byol-pytorch 0.9.1"] / medians["ours"]
+            print(f"   ours speed vs byol-pytorch  = {speedup:.3f}x  (goal >= 1.0x)")
+            rows.append(["ours speed / byol-pytorch 0.9.1", f"{speedup:.3f}x"])
+
+        # 3. augmentation throughput, one thread
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        aug = hp.augmentation
+        rng = np.random.default_rng(1)
+        n = 256
+        arrays = rng.integers(0, 255, (n, IMAGE, IMAGE, 3), dtype=np.uint8)
+        pil_images = [Image.fromarray(a) for a in arrays]
+        uint8 = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+        keys = data.sample_keys(0, 0, torch.arange(n))
+        ours_aug = data.TwoViewAugmentation(aug, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+        pil = pil_pipeline(aug)
+        aug_contenders = {"ours (batched)": lambda: ours_aug(uint8, keys), "PIL per image": lambda: pil(pil_images)}
+        try:
+            kornia_views = kornia_pipeline(aug)
+            aug_contenders["kornia (batched)"] = lambda: kornia_views(uint8.float() / 255)
+        except ImportError:
+            pass
+        aug_medians = interleaved(aug_contenders, max(3, args.repeats // 2), warmup=1)
+        torch.set_num_threads(threads)
+        print(f"\n3. two-view augmentation, 1 thread, {n} images of {IMAGE} px")
+        for name, seconds in aug_medians.items():
+            print(f"   {name:20s} {n / seconds:8.0f} images/s")
+        ratio = aug_medians["PIL per image"] / aug_medians["ours (batched)"]
+        print(f"   ours / PIL throughput       = {ratio:.2f}x  (goal >= 4x)")
+        rows.append(["augmentation ours / PIL (1 thread, 32 px)", f"{ratio:.2f}x"])
+        if "kornia (batched)" in aug_medians:
+            k = aug_medians["kornia (batched)"] / aug_medians["ours (batched)"]
+            print(f"   ours / kornia throughput    = {k:.2f}x")
+            rows.append(["augmentation ours / kornia", f"{k:.2f}x"])
+
+        # 4. validation cost
+        loader = trial.build_validation_data_loader()
+        backbone = trial.network.online_backbone
+        seen = [0]
+        hook = backbone.register_forward_hook(lambda m, inp, out: seen.__setitem__(0, seen[0] + inp[0].shape[0]))
+        trial.network.eval()
+        labeled = len(loader.dataset)
+        start = time.perf_counter()
+        with torch.no_grad():
+            trial.probe.reset()
+            for i, b in enumerate(loader):
+                trial.evaluate_batch(b, i)
+            extract_s = time.perf_counter() - start
+            trial.probe.cross_slot_reduce([trial.probe.per_slot_reduce()])
+        total_s = time.perf_counter() - start
+        hook.remove()
+        with torch.no_grad():
+            start = time.perf_counter()
+            for b in loader:
+                backbone(trial.augment.normalize(b["image"]))
+            one_pass_s = time.perf_counter() - start
+        print(f"\n4. validation ({labeled} labeled + test images, {hp.classifier_train_epochs} classifier epochs "
+              f"on cached features, {len(hp.classifier_lrs)} heads)")
+        print(f"   backbone forward passes per image: {seen[0] / labeled:.2f}")
+        print(f"   validation wall time = {total_s / one_pass_s:.2f} forward passes over the images "
+              f"(feature extraction {extract_s:.2f} s, heads + kNN {total_s - extract_s:.2f} s)")
+        rows.append(["validation, backbone passes per image", f"{seen[0] / labeled:.2f}"])
+        rows.append(["validation time in forward-pass units", f"{total_s / one_pass_s:.2f}"])
+
+    print("\nsummary")
+    print(utils.format_table(rows, ["measure", "value"]))
+
+
+if __name__ == "__main__":
+    main()
