@@ -16,6 +16,7 @@ import functools
 import hashlib
 import io
 import logging
+import math
 import os
 import random
 import re
@@ -201,13 +202,14 @@ _LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights as torchvision rounds them
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W] luma."""
     r, g, b = x.unbind(dim=1)
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    factor = factor.view(-1, 1, 1, 1)
-    return (factor * x + (1 - factor) * other).clamp_(0, 1)
+    """factor * x + (1 - factor) * other, clamped to [0, 1]."""
+    return torch.lerp(other.expand_as(x), x, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -232,24 +234,27 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(x: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation and hue in a per-sample random order. Samples whose
-    jitter is off carry identity factors, so the batch needs no data-dependent branching."""
+    jitter is off carry identity factors, so the blends need no data-dependent branching.
+
+    Brightness, contrast and saturation are one blend x <- f x + (1 - f) t with t = 0, the mean
+    grey level or the grey image, so each position costs one blend for the whole batch."""
     for position in range(4):
         op = order[:, position]
         gray = grayscale(x)
-        blend_target = torch.where(
-            (op == 0).view(-1, 1, 1, 1),
-            torch.zeros_like(x),
-            torch.where(
-                (op == 1).view(-1, 1, 1, 1),
-                gray.mean(dim=(1, 2, 3), keepdim=True).expand_as(x),
-                gray.expand_as(x),
-            ),
-        )
+        is_contrast = (op == 1).to(x.dtype).view(-1, 1, 1, 1)
+        is_saturation = (op == 2).to(x.dtype).view(-1, 1, 1, 1)
+        blend_target = is_contrast * gray.mean(dim=(1, 2, 3), keepdim=True) + is_saturation * gray
         factor = jitter.gather(1, op.clamp(max=2)[:, None])[:, 0]
         factor = torch.where(op == 3, torch.ones_like(factor), factor)
         x = _blend(x, blend_target, factor)
-        hue_shift = torch.where(op == 3, jitter[:, 3], torch.zeros_like(factor))
-        x = torch.where((hue_shift != 0).view(-1, 1, 1, 1), adjust_hue(x, hue_shift), x)
+        hue_here = (op == 3) & (jitter[:, 3] != 0)
+        if x.device.type == "cpu":
+            # Hue is the costly op: on a CPU shift only the images that take it here.
+            chosen = hue_here.nonzero().squeeze(1)
+            x = x.index_copy(0, chosen, adjust_hue(x[chosen], jitter[chosen, 3]))
+        else:
+            # On a GPU, nonzero() would wait for the device; computing it for all is cheaper.
+            x = torch.where(hue_here.view(-1, 1, 1, 1), adjust_hue(x, jitter[:, 3]), x)
     return x
 
 
@@ -272,9 +277,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 
 
 def crop_resize_batch(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear crop-and-resize of a uint8/float batch [B, 3, H, W] to [B, 3, size, size]."""
+    """Bilinear crop-and-resize of a uint8/float batch [B, 3, H, W] to [B, 3, size, size].
+    Crops larger than the output average several samples per pixel, so shrinking does not alias."""
     rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)
-    return roi_align(images.float(), rois, output_size=size, aligned=True, sampling_ratio=2)
+    samples = max(1, math.ceil(max(images.shape[-2:]) / size))
+    return roi_align(images.float(), rois, output_size=size, aligned=True, sampling_ratio=samples)
 
 
 def crop_resize_pil(image: Image.Image, box: Sequence[float], size: int) -> torch.Tensor:

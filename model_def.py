@@ -68,10 +68,10 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 f"({self.splits.labeled_train.classes}); the linear probe needs at least 2. "
                 f"Add class folders or set hyperparameters.validate_with_classifier=false"
             )
-        self.batches_per_epoch = len(self.splits.byol_train) // self.hp.global_batch_size
         self.train_sampler = data.EpochBatchSampler(
             len(self.splits.byol_train), self.hp.global_batch_size, self.slots, self.seed
         )
+        self.batches_per_epoch = self.train_sampler.batches_per_epoch
         self.total_steps = self.hp.epochs * self.batches_per_epoch
         self.warmup_steps = int(round(self.hp.warmup_epochs * self.batches_per_epoch))
         self.corrupt_log = data.CorruptImageLog(self.data_config.strict_images)
@@ -192,8 +192,15 @@ class BYOLTrial(pytorch.PyTorchTrial):
             views = views.contiguous(memory_format=torch.channels_last)
         return views
 
+    def autocast(self):
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
     def forward_loss(self, views: torch.Tensor):
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+        with self.autocast():
             prediction, target_projection, online_projection = self.model(views)
         return byol.byol_loss(prediction, target_projection), online_projection
 
@@ -236,7 +243,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         images = self.augment.normalize(batch["image"][valid])
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+        with self.autocast():
             features = self.network.online_backbone(images)
         self.probe.update(features, batch["label"][valid], batch["split"][valid], batch["index"][valid])
         return {}

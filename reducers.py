@@ -196,16 +196,15 @@ class TrainingMetricsReducer(pytorch.MetricReducer):
         self.collapse_threshold, self.total_steps, self.global_batch_size = collapse_threshold, total_steps, global_batch_size
         self.steps_done = 0
         self.collapse_warned = False
-        self.window_start = None
         self.reset()
 
     def reset(self) -> None:
+        """Determined calls this at the start of every stretch of training between reports."""
+        self.window_start = time.time()
         self.sums: Dict[str, torch.Tensor] = {}
         self.count = 0
 
     def update(self, corrupt_images: torch.Tensor, **means: torch.Tensor) -> None:
-        if self.window_start is None:
-            self.window_start = time.time()
         for name, value in means.items():
             value = value.detach().float()
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
@@ -232,8 +231,7 @@ class TrainingMetricsReducer(pytorch.MetricReducer):
 
     def report_progress(self, steps: int, metrics: Dict[str, float], now: float) -> None:
         self.steps_done += steps
-        elapsed = max(1e-9, now - (self.window_start or now))
-        self.window_start = now
+        elapsed = max(1e-9, now - self.window_start)
         images_per_s = steps * self.global_batch_size / elapsed
         eta = (self.total_steps - self.steps_done) * elapsed / max(1, steps)
         logger.info(

@@ -172,6 +172,7 @@ def main():
         step = [0]
 
         def ours():
+            trial.context._current_batch_idx = step[0]  # what Determined's training loop sets
             trial.train_batch(batch, 0, step[0])
             step[0] += 1
 

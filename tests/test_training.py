@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,7 +42,7 @@ def validation_metrics(caplog):
     for record in caplog.records:
         m = re.search(r"report_validation_metrics\(steps_completed=(\d+), metrics=(\{.*\})\)", record.getMessage())
         if m:
-            found.append((int(m.group(1)), eval(m.group(2))))
+            found.append((int(m.group(1)), eval(m.group(2), {"np": np})))
     return found
 
 
@@ -108,3 +109,34 @@ def test_non_finite_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_pa
     message = str(error.value)
     assert "at step 4 (epoch 1)" in message and re.search(r"last finite loss: \d+\.\d+", message)
     assert sorted(checkpoints_by_step(tmp_path / "ckpt")) == [1, 2, 3, 4]
+
+
+def training_losses(caplog):
+    out = {}
+    for record in caplog.records:
+        m = re.search(r"report_training_metrics\(steps_completed=(\d+), metrics=(\{.*\})\)", record.getMessage())
+        if m:
+            out[int(m.group(1))] = eval(m.group(2), {"np": np})["loss"]
+    return out
+
+
+def test_augmenting_on_the_device_or_in_the_loader_trains_identically(tmp_path, image_folder, caplog):
+    config = tiny_config(tmp_path, epochs=1)
+    losses = {}
+    for place in ("device", "loader"):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            train(config, tmp_path / place, *folder_overrides(image_folder),
+                  "--set", f"hyperparameters.augment_on={place}", "--set", "data.num_workers=1")
+        losses[place] = training_losses(caplog)
+    assert sorted(losses["device"]) == [1, 2, 3]
+    for step, loss in losses["device"].items():
+        assert loss == pytest.approx(losses["loader"][step], rel=1e-5)
+
+
+def test_without_labels_validation_reports_the_byol_loss(tmp_path, image_folder, caplog):
+    config = tiny_config(tmp_path, epochs=1, validate_with_classifier=False)
+    with caplog.at_level("INFO"):
+        train(config, tmp_path / "ckpt", *folder_overrides(image_folder))
+    (step, metrics), = validation_metrics(caplog)
+    assert step == 3 and 0 < metrics["validation_loss"] < 8 and "test_accuracy" not in metrics
