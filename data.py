@@ -11,7 +11,6 @@ so a sample's two views do not depend on the batch it lands in, the number of sl
 augmentation runs, or whether the run was resumed.
 """
 import bisect
-import contextlib
 import functools
 import hashlib
 import io
@@ -20,7 +19,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -34,7 +32,7 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from torchvision.ops import roi_align
 
-from utils import Augmentation, ConfigError, DataConfig
+from utils import Augmentation, ConfigError, DataConfig, atomic_write
 
 logger = logging.getLogger("byol.data")
 
@@ -1029,25 +1027,6 @@ def gcs_cache_path(cache_dir: str, bucket: str, object_name: str) -> str:
     return path
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Write a temp file in the same directory, then rename it over `path`: other workers, other
-    slots on this host and later runs see no file or the whole object, never part of one, even
-    if this process dies mid-write (fsync first, so a crash cannot leave an empty renamed file)."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_CACHE_TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 # Guards creating a GCSFiles' per-process client and pool. A forked child gets a fresh lock: a
 # copy could have been taken while another thread of the parent held it.
 _GCS_INIT_LOCK = threading.Lock()
@@ -1126,7 +1105,8 @@ class GCSFiles:
         data = download_object(self.client(), self.bucket, object_name)
         if path is not None:
             try:
-                _write_atomically(path, data)
+                with atomic_write(path, "wb", temp_prefix=_CACHE_TMP_PREFIX) as f:
+                    f.write(data)
             except OSError as e:
                 # A full or read-only disk slows training down (no cache) but must not stop it.
                 state = self._process_state()

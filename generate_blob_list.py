@@ -11,15 +11,13 @@ Credentials: Application Default Credentials (or the emulator at STORAGE_EMULATO
 Exit status: 0 done, 1 the bucket could not be listed or holds no images there, 2 bad arguments.
 """
 import argparse
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from typing import List, Optional, Sequence
 
 import data
-from utils import ConfigError, format_table
+from utils import ConfigError, atomic_write, format_table
 
 
 class Failure(Exception):
@@ -62,20 +60,9 @@ def listing_error(error: data.GCSError, url: str, bucket: str) -> Failure:
 
 
 def write_atomically(path: str, lines: Sequence[str]) -> None:
-    """Temp file in the same directory, then rename: a reader never sees half a list."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".blob-list-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a list is no secret
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """A reader never sees half a list."""
+    with atomic_write(path, temp_prefix=".blob-list-") as f:
+        f.writelines(line + "\n" for line in lines)
 
 
 def run(args: argparse.Namespace) -> None:

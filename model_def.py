@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -59,6 +58,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
         self.seed = trial_seed(context)
         self.device = context.device
         on_cuda = self.device.type == "cuda"
+        # Batches are copied by to_device() below, asynchronously from pinned memory;
+        # Determined's automatic copy would block.
+        context.experimental.disable_auto_to_device()
 
         self.splits = data.build_splits(self.hp.dataset_name, self.data_config, self.run_on_chief)
         self.num_classes = len(self.splits.labeled_train.classes)
@@ -186,6 +188,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
 
     # ---- training --------------------------------------------------------------------------
 
+    def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+
     def two_views(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         views = batch["views"] if "views" in batch else self.augment(batch["image"], batch["key"])
         if self.channels_last:
@@ -210,6 +215,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+        batch = self.to_device(batch)
         loss, online_projection = self.forward_loss(self.two_views(batch))
         # The one host sync of the step: a non-finite loss must stop before the update.
         if not torch.isfinite(loss):
@@ -236,6 +242,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
     # ---- validation ------------------------------------------------------------------------
 
     def evaluate_batch(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> Dict[str, Any]:
+        batch = self.to_device(batch)
         if not self.hp.validate_with_classifier:
             loss, _ = self.forward_loss(self.two_views(batch))
             return {"validation_loss": loss}
@@ -288,12 +295,8 @@ class CheckpointMarker(pytorch.PyTorchCallback):
             "normalization": {"mean": list(self.trial.splits.normalization[0]), "std": list(self.trial.splits.normalization[1])},
             "slots": self.trial.slots,
         }
-        tmp = os.path.join(checkpoint_dir, CHECKPOINT_MARKER + ".tmp")
-        with open(tmp, "w") as f:
+        with utils.atomic_write(os.path.join(checkpoint_dir, CHECKPOINT_MARKER)) as f:
             json.dump(info, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(checkpoint_dir, CHECKPOINT_MARKER))
         if self.trial.context.distributed.rank == 0:
             logger.info("checkpoint written: %s", checkpoint_dir)
 

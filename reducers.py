@@ -10,7 +10,7 @@ slots there were), and computes:
 import logging
 import math
 import time
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -91,10 +91,15 @@ def _train_heads(fit_features, fit_labels, num_classes, lrs, epochs, batch_size,
     return heads
 
 
+def standardization(train: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the fit split's features."""
+    return train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+
+
 def standardize(train: torch.Tensor, *others: torch.Tensor) -> List[torch.Tensor]:
     """Scale features by the train split's mean/std: an invertible affine map, so the probe is
     still linear in the backbone features, but SGD is far less sensitive to the LR."""
-    mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+    mean, std = standardization(train)
     return [(t - mean) / std for t in (train, *others)]
 
 

@@ -5,9 +5,12 @@ The raw experiment config (a dict) is read in exactly one place: `parse_hparams`
 config is refused with a message naming the value and what is allowed before any data is read or
 any model is built. Nothing else in the package reads the raw dict.
 """
+import contextlib
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import os
+import tempfile
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -172,6 +175,16 @@ class DataConfig:
     gcs_concurrency: int
 
 
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-5` (no dot) as a string; take it as the number a user meant."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 class _Reader:
     """Takes typed values out of one mapping, remembering which keys were read, so unknown keys
     (typos) can be reported with the list of known ones."""
@@ -219,7 +232,7 @@ class _Reader:
         low_inclusive: bool = True,
         high_inclusive: bool = True,
     ) -> float:
-        value = self.get(key, default)
+        value = _yaml_number(self.get(key, default))
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = ok and math.isfinite(value)
         ok = ok and (value >= low if low_inclusive else value > low)
@@ -389,3 +402,24 @@ def format_table(rows: List[List[str]], header: List[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", temp_prefix: str = ".tmp-") -> Iterator[Any]:
+    """Write to a temp file beside `path`, then rename it over `path`: readers (other workers,
+    a resumed run) see no file or the whole file, never part of one, even if this process dies
+    mid-write (fsync first, so a crash cannot leave an empty renamed file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; nothing written here is secret
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

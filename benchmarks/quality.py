@@ -32,11 +32,11 @@ SETTINGS = {
     "backbone_name": "resnet18",
     "cifar_stem": False,  # ImageNet stem: 16x fewer FLOPs on 32-px images than the CIFAR stem
     "global_batch_size": 128,
-    "learning_rate": 2.0,  # base LR (x batch/256) for LARS; short runs want a large LR
+    "learning_rate": 1.0,  # base LR: peak 0.5 at batch 128 (a 4.0 base did worse in 20 minutes)
     "warmup_epochs": 2,
     "tau_base": 0.99,  # a faster-moving target suits a run of a few hundred steps
     "projector_hidden_dim": 1024,
-    "weight_decay": 1.5e-6,
+    "weight_decay": 1e-5,
 }
 
 

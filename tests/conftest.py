@@ -24,16 +24,20 @@ def synthetic_image(rng: np.random.Generator, label: int, size: int) -> np.ndarr
     return image
 
 
-@pytest.fixture
-def image_folder(tmp_path):
+def write_image_folder(root):
     """train/<class>/*.png (8 per class) and test/<class>/*.png (4 per class), 16 px."""
     rng = np.random.default_rng(0)
     for split, count in (("train", 8), ("test", 4)):
         for label, cls in enumerate(CLASSES):
-            os.makedirs(tmp_path / split / cls)
+            os.makedirs(root / split / cls)
             for i in range(count):
-                Image.fromarray(synthetic_image(rng, label, 16)).save(tmp_path / split / cls / f"{i:03d}.png")
-    return tmp_path
+                Image.fromarray(synthetic_image(rng, label, 16)).save(root / split / cls / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(tmp_path)
 
 
 @pytest.fixture

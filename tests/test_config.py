@@ -130,3 +130,15 @@ def test_failed_dataset_download_names_the_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.utils, "_urlretrieve", no_network)
     message = run([tiny_config(tmp_path)])
     assert "could not download CIFAR10 into data.download_dir=" in message and str(tmp_path) in message
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """PyYAML reads `1e-5` as a string (YAML 1.1); users mean the number."""
+    config = {"hyperparameters": {"weight_decay": 1.0}}
+    utils.apply_override(config, "hyperparameters.weight_decay=1e-5")
+    raw = yaml.safe_load(open(os.path.join(os.path.dirname(model_def.__file__), "const-cifar10.yaml")))["hyperparameters"]
+    raw["weight_decay"] = config["hyperparameters"]["weight_decay"]
+    assert utils.parse_hparams(raw).weight_decay == 1e-5
+    raw["weight_decay"] = "lots"
+    with pytest.raises(utils.ConfigError, match="weight_decay='lots' must be a number"):
+        utils.parse_hparams(raw)
