@@ -1105,6 +1105,7 @@ class GCSFiles:
         data = download_object(self.client(), self.bucket, object_name)
         if path is not None:
             try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 with atomic_write(path, "wb", temp_prefix=_CACHE_TMP_PREFIX) as f:
                     f.write(data)
             except OSError as e:

@@ -410,7 +410,6 @@ def atomic_write(path: str, mode: str = "w", temp_prefix: str = ".tmp-") -> Iter
     a resumed run) see no file or the whole file, never part of one, even if this process dies
     mid-write (fsync first, so a crash cannot leave an empty renamed file)."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix)
     try:
         with os.fdopen(fd, mode) as f:
