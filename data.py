@@ -358,11 +358,8 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.images)
 
-    def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index])
-
     def load_many(self, indices: Sequence[int]) -> List[Image.Image]:
-        return [self.load(i) for i in indices]
+        return [Image.fromarray(self.images[i]) for i in indices]
 
     def tensor(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.from_numpy(self.images[np.asarray(indices)]).permute(0, 3, 1, 2)
@@ -402,9 +399,6 @@ class FileSource:
 
     def __len__(self) -> int:
         return len(self.names)
-
-    def load(self, index: int) -> Image.Image:
-        return decode_image(self.store.read(self.names[index]), self._full(index))
 
     def load_many(self, indices: Sequence[int]) -> List[object]:
         """Fetches the batch's bytes together (a remote store reads them concurrently); a

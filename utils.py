@@ -66,10 +66,6 @@ def apply_override(config: Dict[str, Any], override: str) -> None:
             node = node[key]
 
 
-def slots_per_trial(config: Dict[str, Any]) -> int:
-    return int(config.get("resources", {}).get("slots_per_trial", 1))
-
-
 def length_in_batches(length: Dict[str, Any], batches_per_epoch: int, what: str) -> int:
     """Turn a Determined length (`{epochs: N}` or `{batches: N}`) into a number of batches."""
     if not isinstance(length, dict) or len(length) != 1:
@@ -156,9 +152,6 @@ class HParams:
     def peak_learning_rate(self) -> float:
         """The linear scaling rule of the BYOL paper: base LR x batch / 256."""
         return self.learning_rate * self.global_batch_size / 256
-
-    def per_slot_batch_size(self, slots: int) -> int:
-        return self.global_batch_size // slots
 
 
 @dataclasses.dataclass(frozen=True)

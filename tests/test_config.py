@@ -58,7 +58,7 @@ def test_batch_that_cannot_be_split_over_slots_is_refused():
     raw["global_batch_size"] = 6
     with pytest.raises(utils.ConfigError, match="at least 2 images per slot"):
         utils.parse_hparams(raw, slots=6)
-    assert utils.parse_hparams(raw, slots=3).per_slot_batch_size(3) == 2
+    assert utils.parse_hparams(raw, slots=3).global_batch_size == 6
 
 
 def test_malformed_yaml_and_missing_config(tmp_path):
@@ -114,7 +114,7 @@ def test_shipped_configs_parse():
     for name, slots in (("const-cifar10.yaml", 1), ("distributed-stl10.yaml", 8), ("distributed-imagenet.yaml", 64)):
         config = utils.load_config(os.path.join(root, name))
         hp = utils.parse_hparams(config["hyperparameters"], slots=slots)
-        assert utils.slots_per_trial(config) == slots
+        assert config["resources"]["slots_per_trial"] == slots
         utils.parse_data_config(config["data"])
         assert hp.augmentation.view1.blur_prob == 1.0 and hp.augmentation.view2.solarize_prob == 0.2
 
