@@ -177,7 +177,6 @@ class BYOLTrial(pytorch.PyTorchTrial):
         # Without labels, validation scores the BYOL loss on held-out images with fixed views.
         dataset = data.TrainImages(self.splits.test, self.hp.augmentation, self.seed, self.corrupt_log)
         sampler = data.EpochBatchSampler(len(self.splits.test), self.context.get_per_slot_batch_size(), 1, self.seed)
-        sampler.epoch = -1
         return pytorch.DataLoader(
             dataset, batch_sampler=_FixedEpoch(sampler), collate_fn=dataset.collate,
             num_workers=self.data_config.num_workers,

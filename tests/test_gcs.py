@@ -194,7 +194,7 @@ def test_build_splits_reads_gcs_folders(gcs):
     splits = data.build_splits("image_folder", data_config(train_blob_list="lists/train.txt"), CountingShare())
     assert splits.byol_train.classes == splits.test.classes == CLASSES
     assert len(splits.test) == len(splits.byol_train) == len(EXPECTED_NAMES)
-    image = splits.test.load(splits.test.names.index("dog/d1.jpeg"))
+    image = splits.test.load_many([splits.test.names.index("dog/d1.jpeg")])[0]
     assert image.size == (20, 14) and image.mode == "RGB"
 
 
