@@ -84,6 +84,17 @@ def sample_keys(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
     return splitmix64(base ^ indices.to(torch.int64))
 
 
+def item_keys(seed: int, items: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """Keys of (index, epoch) items; a batch from the sampler has one epoch, hashed at once."""
+    indices = torch.tensor([int(i) for i, _ in items], dtype=torch.int64)
+    epochs = [int(e) for _, e in items]
+    keys = torch.empty_like(indices)
+    for epoch in set(epochs):
+        chosen = torch.tensor([e == epoch for e in epochs])
+        keys[chosen] = sample_keys(seed, epoch, indices[chosen])
+    return keys
+
+
 def uniforms(keys: torch.Tensor, count: int, stream: int) -> torch.Tensor:
     """[B, count] float32 uniforms in [0, 1) for each key; `stream` separates independent uses
     (view 1, view 2, ...)."""
@@ -640,7 +651,7 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __getitems__(self, items: Sequence[Tuple[int, int]]) -> List[Dict[str, torch.Tensor]]:
         indices = [int(i) for i, _ in items]
-        keys = torch.cat([sample_keys(self.seed, int(e), torch.tensor([i])) for i, e in items])
+        keys = item_keys(self.seed, items)
         if not self.crop_in_loader:
             images = self.source.tensor(indices)
             return [{"image": images[j], "key": keys[j], "corrupt": torch.tensor(0)} for j in range(len(items))]

@@ -289,7 +289,7 @@ class AugmentedImages(torch.utils.data.Dataset):
 
     def __getitems__(self, items: Sequence[Tuple[int, int]]) -> Dict[str, torch.Tensor]:
         indices = [int(i) for i, _ in items]
-        keys = torch.cat([data.sample_keys(self.seed, int(e), torch.tensor([i])) for i, e in items])
+        keys = data.item_keys(self.seed, items)
         u = data.uniforms(keys, 4 * data.CROP_ATTEMPTS + 1, stream=AUGMENT_STREAM)
         crop_u, flip = u[:, : 4 * data.CROP_ATTEMPTS], u[:, 4 * data.CROP_ATTEMPTS] < 0.5
         valid = torch.ones(len(indices), dtype=torch.bool)
