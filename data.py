@@ -655,20 +655,24 @@ class TrainImages(torch.utils.data.Dataset):
         if not self.crop_in_loader:
             images = self.source.tensor(indices)
             return [{"image": images[j], "key": keys[j], "corrupt": torch.tensor(0)} for j in range(len(items))]
-        loaded = self.source.load_many(indices)
-        out = []
-        for j, image in enumerate(loaded):
-            corrupt = isinstance(image, CorruptImageError)
-            if corrupt:
+        images, corrupt = [], []
+        for index, image in zip(indices, self.source.load_many(indices)):
+            corrupt.append(isinstance(image, CorruptImageError))
+            if corrupt[-1]:
                 self.corrupt_log.report(image)
-                image = self._replacement(indices[j])
-            size = torch.tensor([image.height]), torch.tensor([image.width])
-            crops = [
-                crop_resize_pil(image, self.planner.crop_boxes(keys[j : j + 1], view, *size)[0], self.aug.image_size)
-                for view in (0, 1)
-            ]
-            out.append({"image": torch.stack(crops), "key": keys[j], "corrupt": torch.tensor(int(corrupt))})
-        return out
+                image = self._replacement(index)
+            images.append(image)
+        heights = torch.tensor([image.height for image in images])
+        widths = torch.tensor([image.width for image in images])
+        boxes = [self.planner.crop_boxes(keys, view, heights, widths) for view in (0, 1)]
+        return [
+            {
+                "image": torch.stack([crop_resize_pil(image, boxes[view][j], self.aug.image_size) for view in (0, 1)]),
+                "key": keys[j],
+                "corrupt": torch.tensor(int(corrupt[j])),
+            }
+            for j, image in enumerate(images)
+        ]
 
     def _replacement(self, index: int) -> Image.Image:
         """A corrupt image is replaced by the next decodable one, so batch shapes stay fixed."""
@@ -748,9 +752,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """Shuffled per-slot batches of (index, epoch) pairs, a fresh permutation per epoch seeded
     by (seed, epoch). Each epoch yields `global batches x slots` per-slot batches, so Determined's
     round-robin sharding hands slot r the r-th piece of every global batch: global batch k holds
-    the same images whatever the slot count. Every pass over the sampler is the next epoch."""
+    the same images whatever the slot count. Every pass over the sampler is the next epoch,
+    unless `fixed_epoch` is given: then every pass repeats that epoch (validation views)."""
 
-    def __init__(self, num_samples: int, global_batch: int, slots: int, seed: int):
+    def __init__(self, num_samples: int, global_batch: int, slots: int, seed: int, fixed_epoch: Optional[int] = None):
         if num_samples < global_batch:
             raise ConfigError(
                 f"the training set has {num_samples} images, fewer than one global batch "
@@ -758,13 +763,17 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             )
         self.num_samples, self.global_batch, self.slots, self.seed = num_samples, global_batch, slots, seed
         self.batches_per_epoch = num_samples // global_batch
+        self.fixed_epoch = fixed_epoch
         self.epoch = 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch * self.slots
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.fixed_epoch is not None:
+            epoch = self.fixed_epoch
+        else:
+            epoch, self.epoch = self.epoch, self.epoch + 1
         generator = torch.Generator().manual_seed(int(sample_keys(self.seed, epoch, torch.tensor([-1]))[0]) & 0x7FFFFFFFFFFFFFFF)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         per_slot = self.global_batch // self.slots

@@ -176,9 +176,11 @@ class BYOLTrial(pytorch.PyTorchTrial):
             )
         # Without labels, validation scores the BYOL loss on held-out images with fixed views.
         dataset = data.TrainImages(self.splits.test, self.hp.augmentation, self.seed, self.corrupt_log)
-        sampler = data.EpochBatchSampler(len(self.splits.test), self.context.get_per_slot_batch_size(), 1, self.seed)
+        sampler = data.EpochBatchSampler(
+            len(self.splits.test), self.context.get_per_slot_batch_size(), 1, self.seed, fixed_epoch=-1
+        )
         return pytorch.DataLoader(
-            dataset, batch_sampler=_FixedEpoch(sampler), collate_fn=dataset.collate,
+            dataset, batch_sampler=sampler, collate_fn=dataset.collate,
             num_workers=self.data_config.num_workers,
         )
 
@@ -260,20 +262,6 @@ class BYOLTrial(pytorch.PyTorchTrial):
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class _FixedEpoch(torch.utils.data.Sampler):
-    """Every pass yields the same batches (validation views must not change between runs)."""
-
-    def __init__(self, sampler: data.EpochBatchSampler):
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        self.sampler.epoch = -1
-        return iter(self.sampler)
 
 
 class CheckpointMarker(pytorch.PyTorchCallback):

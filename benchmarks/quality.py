@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 
 import byol  # noqa: E402
 import data  # noqa: E402
+import evaluate_result  # noqa: E402
 import model_def  # noqa: E402
 import utils  # noqa: E402
 from backbone import build_backbone  # noqa: E402
@@ -72,24 +73,16 @@ def seconds_per_step(hp: utils.HParams, image_size: int) -> float:
     return min(times[1:])
 
 
-@torch.no_grad()
-def features(backbone, dataset, normalize, batch_size=256):
-    backbone.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=1)
-    out = {k: [] for k in ("feature", "label", "split")}
-    for batch in loader:
-        out["feature"].append(backbone(normalize(batch["image"])))
-        out["label"].append(batch["label"])
-        out["split"].append(batch["split"])
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def probe(backbone, eval_set, normalize, hp, num_classes):
-    f = features(backbone, eval_set, normalize)
-    metrics = linear_probe_metrics(f["feature"], f["label"], f["split"], num_classes, hp.classifier_lrs,
-                                   100, 256, seed=0)
-    labeled = f["split"] != data.SPLIT_TEST
-    knn = knn_accuracy(f["feature"][labeled], f["label"][labeled], f["feature"][~labeled], f["label"][~labeled],
+def probe(backbone, parts, hp, normalization, num_classes):
+    """kNN and linear-probe test accuracy of a backbone's centre-crop features."""
+    features_of = evaluate_result.FrozenBackbone(backbone.eval(), *normalization, torch.device("cpu"), None)
+    by_split = evaluate_result.extract_features(features_of, parts, hp.augmentation.image_size, 256, 1,
+                                                data.CorruptImageLog(False))
+    features, labels, splits = (torch.cat(column) for column in zip(*(
+        (f, l, torch.full_like(l, split)) for split, (f, l) in by_split.items())))
+    metrics = linear_probe_metrics(features, labels, splits, num_classes, hp.classifier_lrs, 100, 256, seed=0)
+    labeled = splits != data.SPLIT_TEST
+    knn = knn_accuracy(features[labeled], labels[labeled], features[~labeled], labels[~labeled],
                        num_classes, hp.knn_k, hp.knn_temperature)
     return knn, metrics["test_accuracy"], metrics["classifier_best_lr"]
 
@@ -128,19 +121,18 @@ def main():
                 key=lambda d: json.load(open(os.path.join(d, "metadata.json")))["steps_completed"])
     state = torch.load(os.path.join(final, "state_dict.pth"), map_location="cpu", weights_only=True)["models_state_dict"][0]
     trained, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
-    trained.load_state_dict({k[len("online_backbone."):]: v for k, v in state.items() if k.startswith("online_backbone.")})
+    trained.load_state_dict(evaluate_result.online_backbone_state(state, final))
     torch.manual_seed(0)  # the same initialisation the run started from
     random_init, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
 
-    augment = data.TwoViewAugmentation(hp.augmentation, *splits.normalization)
     fit, held = data.holdout_split(splits.labeled_train.labels, hp.classifier_holdout_fraction, 0)
-    eval_set = data.EvalImages([(data.Subset(splits.labeled_train, fit), data.SPLIT_FIT),
-                                (data.Subset(splits.labeled_train, held), data.SPLIT_HOLDOUT),
-                                (splits.test, data.SPLIT_TEST)], hp.augmentation.image_size, data.CorruptImageLog(False))
+    parts = [(data.Subset(splits.labeled_train, fit), data.SPLIT_FIT),
+             (data.Subset(splits.labeled_train, held), data.SPLIT_HOLDOUT),
+             (splits.test, data.SPLIT_TEST)]
     num_classes = len(splits.labeled_train.classes)
     rows = []
     for name, backbone in (("random init", random_init), (f"BYOL, {epochs} epochs", trained)):
-        knn, linear, lr = probe(backbone, eval_set, augment.normalize, hp, num_classes)
+        knn, linear, lr = probe(backbone, parts, hp, splits.normalization, num_classes)
         rows.append([name, f"{100 * knn:.1f}%", f"{100 * linear:.1f}%", f"{lr:g}"])
     print(f"\ntraining took {train_s / 60:.1f} min wall; whole benchmark {(time.time() - wall_start) / 60:.1f} min; "
           f"checkpoint {final}")
