@@ -490,7 +490,7 @@ def evaluate(
             f"classifier epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and the LRs "
             f"({lrs}) positive"
         )
-    seed = model_def.experiment_seed(ckpt.config)
+    seed = utils.parse_run_config(ckpt.config).seed
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
     autocast_dtype = torch.bfloat16 if hp.precision == "bf16" or (hp.precision == "auto" and on_cuda) else None
@@ -570,7 +570,7 @@ def evaluation_experiment_config(
 ) -> Dict[str, Any]:
     """The experiment config of a cluster evaluation of `checkpoint_uuid`: the training
     experiment's config (same environment, data, checkpoint storage, workspace) with one slot,
-    a single-trial searcher on test_accuracy, the trial's own hyperparameter values instead
+    a single-trial searcher on holdout_accuracy (nothing is chosen by test accuracy), the trial's own hyperparameter values instead
     of any search space, and evaluate_result.py as the entrypoint. Pure: no master involved."""
     config = copy.deepcopy(original_config)
     config["name"] = f"{config.get('name') or 'byol'}{EVAL_NAME_SUFFIX}"
@@ -587,7 +587,7 @@ def evaluation_experiment_config(
         entrypoint += ["--set", override]
     config["entrypoint"] = entrypoint  # a list: no shell, so values need no quoting
     config["resources"] = dict(config.get("resources") or {}, slots_per_trial=1)
-    config["searcher"] = {"name": "single", "metric": "test_accuracy", "smaller_is_better": False}
+    config["searcher"] = {"name": "single", "metric": "holdout_accuracy", "smaller_is_better": False}
     if hparams is not None:
         config["hyperparameters"] = copy.deepcopy(hparams)
     # The task writes no checkpoints and reports one validation; training periods are moot.
@@ -656,7 +656,7 @@ def launch_cluster_evaluation(
 
 def evaluate_in_cluster(args: argparse.Namespace, core_context, data_section: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """Inside the evaluation task: fetch the checkpoint from checkpoint storage, evaluate, and
-    report the result as validation metrics (test_accuracy is the searcher metric)."""
+    report the result as validation metrics."""
     epochs_done = {"n": 0}
 
     def on_epoch(done: int, total: int) -> None:

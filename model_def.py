@@ -8,6 +8,7 @@ One training step (BYOL paper, Section 3.1):
     LARS step on the online network -> EMA step of the target.
 """
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -38,30 +39,23 @@ torch.serialization.add_safe_globals(
 )
 
 
-def trial_seed(context: pytorch.PyTorchTrialContext) -> int:
-    try:
-        return context.get_trial_seed()
-    except Exception:  # local training has no cluster-assigned trial seed
-        return experiment_seed(context.get_experiment_config())
-
-
-def experiment_seed(config: Dict[str, Any]) -> int:
-    return int(config.get("reproducibility", {}).get("experiment_seed", 0))
-
-
 class BYOLTrial(pytorch.PyTorchTrial):
-    def __init__(self, context: pytorch.PyTorchTrialContext) -> None:
+    def __init__(self, context: pytorch.PyTorchTrialContext, config: utils.ExperimentConfig) -> None:
         self.context = context
+        self.hp, self.data_config, self.run = config.hparams, config.data, config.run
         self.slots = context.distributed.get_size()
-        self.hp = utils.parse_hparams(context.get_hparams(), self.slots)
-        self.data_config = utils.parse_data_config(context.get_data_config())
-        self.seed = trial_seed(context)
         self.device = context.device
-        on_cuda = self.device.type == "cuda"
+        self.on_cuda = self.device.type == "cuda"
         # Batches are copied by to_device() below, asynchronously from pinned memory;
         # Determined's automatic copy would block.
         context.experimental.disable_auto_to_device()
+        self._build_data()
+        self._build_network()
+        self._build_optimizer()
+        self._build_metrics()
 
+    def _build_data(self) -> None:
+        """Splits, the epoch sampler, the schedules' lengths, and where views are made."""
         self.splits = data.build_splits(self.hp.dataset_name, self.data_config, self.run_on_chief)
         self.num_classes = len(self.splits.labeled_train.classes)
         if self.hp.validate_with_classifier and self.num_classes < 2:
@@ -71,19 +65,21 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 f"Add class folders or set hyperparameters.validate_with_classifier=false"
             )
         self.train_sampler = data.EpochBatchSampler(
-            len(self.splits.byol_train), self.hp.global_batch_size, self.slots, self.seed
+            len(self.splits.byol_train), self.hp.global_batch_size, self.slots, self.run.seed
         )
         self.batches_per_epoch = self.train_sampler.batches_per_epoch
         self.total_steps = self.hp.epochs * self.batches_per_epoch
         self.warmup_steps = int(round(self.hp.warmup_epochs * self.batches_per_epoch))
         self.corrupt_log = data.CorruptImageLog(self.data_config.strict_images)
-
         self.augment = data.TwoViewAugmentation(self.hp.augmentation, *self.splits.normalization)
         augment_on = self.hp.augment_on
         if augment_on == "auto":
-            augment_on = "device" if on_cuda else "loader"
+            augment_on = "device" if self.on_cuda else "loader"
         self.augment_in_loader = augment_on == "loader"
 
+    def _build_network(self) -> None:
+        """Online and target networks in one module; `self.network` is the plain module,
+        `self.model` the same module as Determined wrapped it (DDP over several slots)."""
         backbone, feature_dim = build_backbone(
             self.hp.backbone_name, self.hp.cifar_stem, self.hp.pretrained_weights
         )
@@ -91,45 +87,51 @@ class BYOLTrial(pytorch.PyTorchTrial):
             backbone, feature_dim, self.hp.projector_hidden_dim, self.hp.projection_dim
         )
         if self.hp.sync_batchnorm and self.slots > 1:
-            if not on_cuda:
+            if not self.on_cuda:
                 raise utils.ConfigError(
                     "hyperparameters.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does "
                     "not run on CPU processes; set it to false for CPU multi-process training"
                 )
             network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
-        self.channels_last = on_cuda
+        self.channels_last = self.on_cuda
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
         if self.hp.compile:
             network.compile()
         self.network = network
-        self.model = context.wrap_model(network)
-        self.optimizer = context.wrap_optimizer(
+        self.model = self.context.wrap_model(network)
+
+    def _build_optimizer(self) -> None:
+        """LARS on the online network (the target network is not trained, only averaged)."""
+        self.optimizer = self.context.wrap_optimizer(
             optim.LARS(
-                optim.lars_param_groups(network, self.hp.weight_decay),
+                optim.lars_param_groups(self.network, self.hp.weight_decay),
                 lr=0.0,
                 momentum=self.hp.lars_momentum,
                 trust_coefficient=self.hp.lars_trust_coefficient,
             )
         )
+        precision = self.hp.precision
         self.autocast_dtype = (
-            torch.bfloat16
-            if self.hp.precision == "bf16" or (self.hp.precision == "auto" and on_cuda)
-            else None
+            torch.bfloat16 if precision == "bf16" or (precision == "auto" and self.on_cuda) else None
         )
 
-        self.training_metrics = context.wrap_reducer(
-            TrainingMetricsReducer(self.hp.collapse_std_threshold, self.total_steps, self.hp.global_batch_size),
+    def _build_metrics(self) -> None:
+        """Training metrics, and the linear probe + kNN that validation reports."""
+        self.training_metrics = self.context.wrap_reducer(
+            TrainingMetricsReducer(
+                self.hp.collapse_std_threshold, self.total_steps, self.hp.global_batch_size
+            ),
             for_training=True,
             for_validation=False,
         )
         self.previous_loss: Optional[torch.Tensor] = None
         if self.hp.validate_with_classifier:
-            self.probe = context.wrap_reducer(
+            self.probe = self.context.wrap_reducer(
                 LinearProbeReducer(
                     self.num_classes, self.hp.classifier_lrs, self.hp.classifier_train_epochs,
                     self.hp.classifier_batch_size, self.hp.knn_k, self.hp.knn_temperature,
-                    self.seed, self.device,
+                    self.run.seed, self.device,
                 ),
                 for_training=False,
             )
@@ -143,7 +145,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
         dataset = data.TrainImages(
-            self.splits.byol_train, self.hp.augmentation, self.seed, self.corrupt_log,
+            self.splits.byol_train, self.hp.augmentation, self.run.seed, self.corrupt_log,
             batch_transform=self.augment if self.augment_in_loader else None,
         )
         return pytorch.DataLoader(
@@ -159,7 +161,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         size = self.hp.augmentation.image_size
         if self.hp.validate_with_classifier:
             fit, held = data.holdout_split(
-                self.splits.labeled_train.labels, self.hp.classifier_holdout_fraction, self.seed
+                self.splits.labeled_train.labels, self.hp.classifier_holdout_fraction, self.run.seed
             )
             dataset = data.EvalImages(
                 [
@@ -175,9 +177,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 num_workers=self.data_config.num_workers,
             )
         # Without labels, validation scores the BYOL loss on held-out images with fixed views.
-        dataset = data.TrainImages(self.splits.test, self.hp.augmentation, self.seed, self.corrupt_log)
+        dataset = data.TrainImages(self.splits.test, self.hp.augmentation, self.run.seed, self.corrupt_log)
         sampler = data.EpochBatchSampler(
-            len(self.splits.test), self.context.get_per_slot_batch_size(), 1, self.seed, fixed_epoch=-1
+            len(self.splits.test), self.context.get_per_slot_batch_size(), 1, self.run.seed, fixed_epoch=-1
         )
         return pytorch.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=dataset.collate,
@@ -349,30 +351,41 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(f"error: {e}")
 
 
-def training_lengths(config: Dict[str, Any], batches_per_epoch: int) -> Dict[str, pytorch.Batch]:
-    epochs = int(config["hyperparameters"]["epochs"])
+def training_lengths(trial: BYOLTrial) -> Dict[str, Any]:
+    """The Trainer's lengths from the typed config. The run is `epochs` long, in Determined's
+    epochs (what searcher.time_metric: epochs counts); a period of 0 means never."""
+
+    def period(length: utils.Length) -> Optional[pytorch.Batch]:
+        batches = length.batches(trial.batches_per_epoch)
+        return pytorch.Batch(batches) if batches > 0 else None
+
     return {
-        "max_length": pytorch.Batch(epochs * batches_per_epoch),
-        "validation_period": pytorch.Batch(utils.length_in_batches(
-            config.get("min_validation_period", {"epochs": 1}), batches_per_epoch, "min_validation_period")),
-        "checkpoint_period": pytorch.Batch(utils.length_in_batches(
-            config.get("min_checkpoint_period", {"epochs": 1}), batches_per_epoch, "min_checkpoint_period")),
-        "reporting_period": pytorch.Batch(int(config.get("scheduling_unit", 100))),
+        "max_length": pytorch.Epoch(trial.hp.epochs),
+        "validation_period": period(trial.run.validation_period),
+        "checkpoint_period": period(trial.run.checkpoint_period),
+        "reporting_period": pytorch.Batch(trial.run.reporting_period),
     }
 
 
 def run_on_cluster(info) -> None:
-    config, hparams = info.trial._config, info.trial.hparams
-    with pytorch.init(hparams=hparams, exp_conf=config) as context:
-        trial = BYOLTrial(context)
+    """The trial as the master started it: resolved hyperparameters from `info.trial.hparams`
+    (the expanded config holds them in the master's {type: const, val: ...} form), the rest
+    of the experiment config as the user wrote it, and the trial's own seed."""
+    raw = dict(info.trial._config, hyperparameters=info.trial.hparams)
+    with pytorch.init(hparams=info.trial.hparams, exp_conf=info.trial._config) as context:
+        config = utils.parse_experiment_config(raw, context.distributed.get_size())
+        config = dataclasses.replace(
+            config, run=dataclasses.replace(config.run, seed=info.trial.trial_seed)
+        )
+        trial = BYOLTrial(context, config)
         pytorch.Trainer(trial, context).fit(
-            **training_lengths(config, trial.batches_per_epoch),
-            checkpoint_policy=config.get("checkpoint_policy", "best"),
+            **training_lengths(trial),
+            checkpoint_policy=config.run.checkpoint_policy,
             latest_checkpoint=info.latest_checkpoint,
         )
 
 
-def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, pytorch.Batch], resume: Optional[str]) -> None:
+def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, Any], resume: Optional[str]) -> None:
     """What `Trainer(trial, context).fit(...)` does off-cluster, except that a resumed run
     continues at the checkpoint's step. Determined 0.38.1's local Trainer restores the weights
     but restarts its batch count at 0 (it forces steps_completed=0 off-cluster), which would
@@ -384,8 +397,8 @@ def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, pytorch.Batch], re
     pytorch._PyTorchTrialController(
         trial_inst=trial,
         context=context,
-        checkpoint_period=lengths["checkpoint_period"],
-        validation_period=lengths["validation_period"],
+        checkpoint_period=lengths["checkpoint_period"] or pytorch.Batch(sys.maxsize),
+        validation_period=lengths["validation_period"] or pytorch.Batch(sys.maxsize),
         reporting_period=lengths["reporting_period"],
         max_length=lengths["max_length"],
         smaller_is_better=True,
@@ -411,24 +424,22 @@ def run_locally(args: argparse.Namespace) -> None:
         distributed = core.DistributedContext.from_torch_distributed()
         slots = distributed.size
     # Validate everything a user wrote before any data is downloaded or model built.
-    utils.parse_hparams(config.get("hyperparameters", {}), slots)
-    utils.parse_data_config(config.get("data"))
+    experiment = utils.parse_experiment_config(config, slots)
     resume = check_checkpoint(args.resume) if args.resume else None
     checkpoint_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir))
     # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
     os.makedirs(os.path.join(checkpoint_dir, "determined"), exist_ok=True)
     os.environ["XDG_DATA_HOME"] = checkpoint_dir
-    seed = experiment_seed(config)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    torch.manual_seed(experiment.run.seed)
+    np.random.seed(experiment.run.seed)
 
     with pytorch.init(hparams=config["hyperparameters"], exp_conf=config, distributed=distributed) as context:
-        trial = BYOLTrial(context)
-        lengths = training_lengths(config, trial.batches_per_epoch)
+        trial = BYOLTrial(context, experiment)
+        lengths = training_lengths(trial)
         if context.distributed.rank == 0:
             logger.info(
                 "training %d steps (%d epochs x %d batches of %d); checkpoints under %s",
-                lengths["max_length"].value, trial.hp.epochs, trial.batches_per_epoch,
+                trial.total_steps, trial.hp.epochs, trial.batches_per_epoch,
                 trial.hp.global_batch_size, os.path.join(checkpoint_dir, "determined"),
             )
         fit_locally(trial, context, lengths, resume)

@@ -3,8 +3,10 @@
 Each slot extracts features of its share of the labeled images; the reducer gathers every slot's
 features on the chief, orders them by image index (so the result does not depend on how many
 slots there were), and computes:
-  - test_accuracy: linear heads, one per learning rate, trained on cached features of the fit
-    split; the head with the best held-out accuracy is scored on the test split;
+  - holdout_accuracy and test_accuracy: linear heads, one per learning rate, trained on cached
+    features of the fit split; the head with the best accuracy on held-out training images
+    (holdout_accuracy, what searchers and checkpoint_policy choose by) is scored on the test
+    split (test_accuracy, reported only);
   - knn_accuracy: weighted kNN (k, temperature, cosine) of test against labeled train features.
 """
 import logging
@@ -144,7 +146,11 @@ def linear_probe_metrics(
     held_acc = heads.correct(held_x, labels[held]).float() / max(1, int(held.sum()))
     test_acc = heads.correct(test_x, labels[test]).float() / max(1, int(test.sum()))
     best = int(torch.argmax(held_acc))  # ties go to the smallest LR
-    metrics = {"test_accuracy": float(test_acc[best]), "classifier_best_lr": float(lrs[best])}
+    metrics = {
+        "holdout_accuracy": float(held_acc[best]),
+        "test_accuracy": float(test_acc[best]),
+        "classifier_best_lr": float(lrs[best]),
+    }
     for lr, h, t in zip(lrs, held_acc.tolist(), test_acc.tolist()):
         metrics[f"classifier_lr_{lr:g}_holdout_accuracy"] = h
         metrics[f"classifier_lr_{lr:g}_test_accuracy"] = t

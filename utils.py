@@ -1,7 +1,7 @@
-"""Experiment config loading, `--set` overrides, and the typed hyperparameters.
+"""Experiment config loading, `--set` overrides, and the typed experiment config.
 
-The raw experiment config (a dict) is read in exactly one place: `parse_hparams` and
-`parse_data_config` turn it into frozen dataclasses and validate every value there, so a bad
+The raw experiment config (a dict) is read in exactly one place: `parse_experiment_config` turns
+it into frozen dataclasses (hyperparameters, data, run) and validate every value there, so a bad
 config is refused with a message naming the value and what is allowed before any data is read or
 any model is built. Nothing else in the package reads the raw dict.
 """
@@ -64,19 +64,6 @@ def apply_override(config: Dict[str, Any], override: str) -> None:
                 raise ConfigError(f"--set {dotted}: value {raw_value!r} is not valid yaml: {e}")
         else:
             node = node[key]
-
-
-def length_in_batches(length: Dict[str, Any], batches_per_epoch: int, what: str) -> int:
-    """Turn a Determined length (`{epochs: N}` or `{batches: N}`) into a number of batches."""
-    if not isinstance(length, dict) or len(length) != 1:
-        raise ConfigError(f"{what} must be {{epochs: N}} or {{batches: N}}, got {length!r}")
-    unit, value = next(iter(length.items()))
-    if unit not in ("epochs", "batches") or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            f"{what} must be {{epochs: N}} or {{batches: N}} with N a positive integer, "
-            f"got {length!r}"
-        )
-    return value * batches_per_epoch if unit == "epochs" else value
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,6 +354,151 @@ def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
     )
     r.refuse_unknown()
     return hp
+
+
+@dataclasses.dataclass(frozen=True)
+class Length:
+    """A Determined training length: `{epochs: N}` or `{batches: N}`; N = 0 means never."""
+
+    unit: str
+    value: int
+
+    def batches(self, batches_per_epoch: int) -> int:
+        return self.value * batches_per_epoch if self.unit == "epochs" else self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class Searcher:
+    name: str
+    metric: Optional[str]
+    smaller_is_better: bool
+    time_metric: Optional[str]
+    max_time: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How a run is driven: periods, seed, checkpoint policy and the searcher's metric."""
+
+    validation_period: Length
+    checkpoint_period: Length
+    reporting_period: int  # scheduling_unit, in batches
+    seed: int
+    checkpoint_policy: str
+    searcher: Searcher
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole experiment config, typed; `raw` is kept only to be stored with checkpoints."""
+
+    hparams: HParams
+    data: DataConfig
+    run: RunConfig
+    raw: Dict[str, Any]
+
+
+# What a searcher or `checkpoint_policy: best` may choose by, per validation mode (with its
+# smaller_is_better): the linear probe's accuracy on held-out training images, or without labels
+# the BYOL loss (no labels involved). Test-split accuracies are reported, never used to choose.
+HELD_OUT_METRICS = {True: {"holdout_accuracy": False}, False: {"validation_loss": True}}
+CHECKPOINT_POLICIES = ("best", "all", "none")
+TIME_METRICS = ("batches", "epochs")
+
+
+def _length(raw: Any, what: str, default: Dict[str, int]) -> Length:
+    raw = default if raw is None else raw
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise ConfigError(f"{what}={raw!r} must be {{epochs: N}} or {{batches: N}}")
+    unit, value = next(iter(raw.items()))
+    if unit not in ("epochs", "batches") or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"{what}={raw!r} must be {{epochs: N}} or {{batches: N}} with N an integer >= 0 "
+            f"(0: never)"
+        )
+    return Length(unit, value)
+
+
+def _parse_searcher(raw: Any) -> Searcher:
+    """What the trial needs of the searcher; its other keys (max_trials, mode, ...) are the
+    master's business, and the master's own schema checks them."""
+    raw = raw if raw is not None else {"name": "single"}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"searcher must be a mapping, got {raw!r}")
+    return Searcher(
+        name=raw.get("name", "single"),
+        metric=raw.get("metric"),
+        smaller_is_better=raw.get("smaller_is_better", True),
+        time_metric=raw.get("time_metric"),
+        max_time=raw.get("max_time"),
+    )
+
+
+def check_searcher(searcher: Searcher, hp: HParams) -> None:
+    """A run chooses (searcher, checkpoint_policy: best) only by what its validation reports on
+    held-out training images, and an ASHA search counts the length a trial really trains."""
+    if searcher.metric is not None:
+        check_metric(searcher, hp)
+    if searcher.time_metric is not None:
+        if searcher.time_metric not in TIME_METRICS:
+            raise ConfigError(
+                f"searcher.time_metric={searcher.time_metric!r} is not one of: "
+                f"{', '.join(TIME_METRICS)} (the training lengths that validation reports)"
+            )
+        if searcher.time_metric == "epochs" and searcher.max_time != hp.epochs:
+            raise ConfigError(
+                f"searcher.max_time={searcher.max_time!r} must equal hyperparameters.epochs="
+                f"{hp.epochs} (time_metric: epochs): a trial trains that long"
+            )
+
+
+def check_metric(searcher: Searcher, hp: HParams) -> None:
+    """searcher.metric must be the held-out metric of the run's validation mode."""
+    reported = HELD_OUT_METRICS[hp.validate_with_classifier]
+    mode = f"hyperparameters.validate_with_classifier={str(hp.validate_with_classifier).lower()}"
+    if searcher.metric not in reported:
+        raise ConfigError(
+            f"searcher.metric={searcher.metric!r}: with {mode} the searcher and "
+            f"checkpoint_policy choose by {', '.join(reported)}, which its validation reports for "
+            f"that; test-split accuracies are reported, never used to choose"
+        )
+    if searcher.smaller_is_better != reported[searcher.metric]:
+        raise ConfigError(
+            f"searcher.smaller_is_better={str(searcher.smaller_is_better).lower()} is wrong "
+            f"for searcher.metric={searcher.metric}: it must be "
+            f"{str(reported[searcher.metric]).lower()}"
+        )
+
+
+def parse_run_config(raw: Dict[str, Any]) -> RunConfig:
+    """The top-level keys of the experiment config that drive the run. Unset keys take the
+    master's defaults, except the periods, which default to every epoch."""
+    policy = raw.get("checkpoint_policy", "best")
+    if policy not in CHECKPOINT_POLICIES:
+        raise ConfigError(f"checkpoint_policy={policy!r} is not one of: {', '.join(CHECKPOINT_POLICIES)}")
+    reporting = raw.get("scheduling_unit", 100)
+    if isinstance(reporting, bool) or not isinstance(reporting, int) or reporting < 1:
+        raise ConfigError(f"scheduling_unit={reporting!r} must be an integer >= 1")
+    seed = (raw.get("reproducibility") or {}).get("experiment_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"reproducibility.experiment_seed={seed!r} must be an integer >= 0")
+    return RunConfig(
+        validation_period=_length(raw.get("min_validation_period"), "min_validation_period", {"epochs": 1}),
+        checkpoint_period=_length(raw.get("min_checkpoint_period"), "min_checkpoint_period", {"epochs": 1}),
+        reporting_period=reporting,
+        seed=seed,
+        checkpoint_policy=policy,
+        searcher=_parse_searcher(raw.get("searcher")),
+    )
+
+
+def parse_experiment_config(raw: Dict[str, Any], slots: int = 1) -> ExperimentConfig:
+    """Validate a whole experiment config (as a user wrote it, with resolved hyperparameter
+    values) and return it typed. `slots`: the processes the global batch is split over."""
+    hp = parse_hparams(raw.get("hyperparameters") or {}, slots)
+    run = parse_run_config(raw)
+    check_searcher(run.searcher, hp)
+    return ExperimentConfig(hp, parse_data_config(raw.get("data")), run, raw)
 
 
 def parse_data_config(raw: Optional[Dict[str, Any]]) -> DataConfig:

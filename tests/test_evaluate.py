@@ -270,7 +270,7 @@ def test_evaluation_experiment_config(name, tmp_path):
     assert (parsed.checkpoint_uuid, parsed.classifier_train_epochs, parsed.no_augment, parsed.batch_size,
             parsed.classifier_lrs, parsed.overrides) == ("0f1e2d3c-uuid", 80, True, 512, [0.1, 1.0], ["data.num_workers=2"])
     assert config["resources"]["slots_per_trial"] == 1
-    assert config["searcher"] == {"name": "single", "metric": "test_accuracy", "smaller_is_better": False}
+    assert config["searcher"] == {"name": "single", "metric": "holdout_accuracy", "smaller_is_better": False}
     assert config["hyperparameters"] == hparams
     for kept in ("data", "checkpoint_storage", "reproducibility", "max_restarts"):
         assert config[kept] == original[kept]

@@ -137,6 +137,7 @@ def test_augmenting_on_the_device_or_in_the_loader_trains_identically(tmp_path, 
 def test_without_labels_validation_reports_the_byol_loss(tmp_path, image_folder, caplog):
     config = tiny_config(tmp_path, epochs=1, validate_with_classifier=False)
     with caplog.at_level("INFO"):
-        train(config, tmp_path / "ckpt", *folder_overrides(image_folder))
+        train(config, tmp_path / "ckpt", *folder_overrides(image_folder),
+              "--set", "searcher.metric=validation_loss", "--set", "searcher.smaller_is_better=true")
     (step, metrics), = validation_metrics(caplog)
     assert step == 3 and 0 < metrics["validation_loss"] < 8 and "test_accuracy" not in metrics

@@ -1,0 +1,223 @@
+"""A stand-in for the Determined 0.38.1 master on loopback, built from the harness's own
+generated REST bindings (`determined/common/api/bindings.py`).
+
+The real master is a Go service that cannot run here. What the trial's harness and the SDK meet
+is its REST API, and the Python side of that API is generated into bindings.py: one function per
+endpoint (method, path template, request type, response type) and one class per message. This
+module reads that file, so
+  - a request is matched against the master's real routes; a request that matches none, or
+    matches a route this stand-in has no handler for, is refused (404/501) and recorded in
+    `refused`, and the test that owns the stand-in fails naming the method and path;
+  - a request body is decoded with the endpoint's request class (`from_json`), after the two
+    things grpc-gateway does before the master sees it: path parameters merged into the body,
+    and protojson's acceptance of snake_case field names (`is_raw` for `isRaw`); a body that the
+    class cannot decode is answered 400 and recorded, as a real master would refuse it;
+  - every answer is an instance of the endpoint's response class, serialised with `to_json`.
+Every call is recorded in `calls` (method, path, binding name, decoded body) for assertions.
+"""
+import ast
+import base64
+import dataclasses
+import json
+import re
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from determined.common.api import bindings
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    name: str  # the binding function, e.g. post_ReportTrialMetrics
+    method: str
+    template: str  # e.g. /api/v1/trials/{metrics_trialId}/metrics
+    pattern: "re.Pattern[str]"
+    request_class: Optional[str]
+    response_class: Optional[str]
+
+
+def _path_template(node: ast.expr) -> str:
+    if isinstance(node, ast.Constant):
+        return node.value
+    assert isinstance(node, ast.JoinedStr), ast.dump(node)
+    parts = []
+    for value in node.values:
+        if isinstance(value, ast.Constant):
+            parts.append(value.value)
+        else:
+            parts.append("{" + ast.unparse(value.value) + "}")
+    return "".join(parts)
+
+
+def _annotation(arg: ast.arg) -> Optional[str]:
+    """The request message class of a `body` argument (None for a free-form JSON body)."""
+    name = arg.annotation.value if isinstance(arg.annotation, ast.Constant) else ast.unparse(arg.annotation)
+    return name if hasattr(bindings, name) else None
+
+
+def load_routes() -> List[Route]:
+    """Every endpoint of bindings.py, most specific path first."""
+    with open(bindings.__file__) as f:
+        tree = ast.parse(f.read())
+    routes = []
+    for fn in tree.body:
+        if not isinstance(fn, ast.FunctionDef) or not re.match(r"(get|post|put|patch|delete)_", fn.name):
+            continue
+        request = next((c for c in ast.walk(fn) if isinstance(c, ast.Call)
+                        and getattr(c.func, "attr", None) == "_do_request"), None)
+        if request is None:
+            continue
+        kwargs = {k.arg: k.value for k in request.keywords}
+        template = _path_template(kwargs["path"])
+        body = next((a for a in fn.args.kwonlyargs if a.arg == "body"), None)
+        response = next((c.func.value.id for c in ast.walk(fn) if isinstance(c, ast.Call)
+                         and getattr(c.func, "attr", None) == "from_json"
+                         and isinstance(c.func.value, ast.Name)), None)
+        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+        routes.append(Route(
+            name=fn.name, method=kwargs["method"].value, template=template,
+            pattern=re.compile(regex + "$"),
+            request_class=_annotation(body) if body is not None else None,
+            response_class=response,
+        ))
+    # Literal segments beat parameters (/trials/{id}/metrics before /trials/{a}/{b}).
+    routes.sort(key=lambda r: (-r.template.count("/"), r.template.count("{")))
+    return routes
+
+
+ROUTES = load_routes()
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+def protojson_keys(value: Any) -> Any:
+    """snake_case keys as their lowerCamelCase JSON names, which is how protojson reads both."""
+    if isinstance(value, dict):
+        return {_camel(k): protojson_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [protojson_keys(v) for v in value]
+    return value
+
+
+def merge_path_params(body: Dict[str, Any], params: Dict[str, str]) -> Dict[str, Any]:
+    """grpc-gateway sets path parameters on the request message; `metrics_trialId` is the field
+    metrics.trialId. Numeric ids arrive as strings in the path."""
+    for name, raw in params.items():
+        value: Any = int(raw) if raw.isdigit() else urllib.parse.unquote(raw)
+        *parents, leaf = name.split("_")
+        node = body
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node.setdefault(leaf, value)
+    return body
+
+
+@dataclasses.dataclass
+class Call:
+    method: str
+    path: str
+    route: str
+    params: Dict[str, str]
+    query: Dict[str, str]
+    body: Any  # the decoded request object, or None
+
+
+class MasterStandIn:
+    """The HTTP side: routing, decoding, recording. `handlers` has one method per binding name
+    it answers (e.g. `post_ReportTrialMetrics(call) -> response object or None`)."""
+
+    def __init__(self, handlers: Any):
+        self.handlers = handlers
+        self.calls: List[Call] = []
+        self.refused: List[str] = []
+        self.lock = threading.Lock()
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep the test output readable
+                pass
+
+            def _serve(self):
+                status, payload = standin.dispatch(self.command, self.path, self._body())
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "MasterStandIn":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def refuse(self, status: int, message: str) -> Tuple[int, Dict[str, Any]]:
+        with self.lock:
+            self.refused.append(message)
+        return status, {"error": {"error": message}, "message": message, "code": status}
+
+    def dispatch(self, method: str, raw_path: str, raw_body: bytes) -> Tuple[int, Any]:
+        url = urllib.parse.urlsplit(raw_path)
+        path = "/" + url.path.lstrip("/")
+        query = dict(urllib.parse.parse_qsl(url.query))
+        for route in ROUTES:
+            match = route.pattern.match(path)
+            if route.method == method and match:
+                break
+        else:
+            return self.refuse(404, f"{method} {path}: no such route in Determined 0.38.1's API")
+        handler = getattr(self.handlers, route.name, None)
+        if handler is None:
+            return self.refuse(501, f"{method} {path} ({route.name}): the stand-in does not answer it")
+        params = match.groupdict()
+        body = None
+        if route.request_class is not None:
+            try:
+                raw = json.loads(raw_body or b"{}")
+                decoded = merge_path_params(protojson_keys(raw), params)
+                body = getattr(bindings, route.request_class).from_json(decoded)
+            except (ValueError, KeyError, TypeError) as e:
+                return self.refuse(400, f"{method} {path}: body does not decode as "
+                                        f"{route.request_class}: {e!r}")
+        call = Call(method, path, route.name, params, protojson_keys(query), body)
+        with self.lock:
+            self.calls.append(call)
+        response = handler(call)
+        if route.response_class is None:
+            return 200, {}
+        expected = getattr(bindings, route.response_class)
+        assert isinstance(response, expected), f"{route.name} must answer a {expected.__name__}"
+        return 200, response.to_json(True)
+
+    def called(self, name: str) -> List[Call]:
+        with self.lock:
+            return [c for c in self.calls if c.route == name]
+
+    def endpoints(self) -> List[str]:
+        """Each endpoint called, once, as 'METHOD template (binding)'."""
+        by_name = {r.name: r for r in ROUTES}
+        with self.lock:
+            names = dict.fromkeys(c.route for c in self.calls)
+        return [f"{by_name[n].method} {by_name[n].template} ({n})" for n in names]
