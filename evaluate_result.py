@@ -35,8 +35,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import torch
 
+import checkpoint
 import data
-import model_def
 import utils
 from backbone import BACKBONES, build_backbone
 from reducers import LinearHeads, format_duration, standardization, standardize, train_heads_on_features
@@ -88,14 +88,14 @@ def _checkpoints_below(path: str) -> List[str]:
     """Complete checkpoints one or two levels below `path` (a --checkpoint-dir or its
     determined/ folder), newest first: what a user most likely meant."""
     candidates = [d for child in _subdirs(path) for d in [child] + _subdirs(child)]
-    found = [d for d in candidates if os.path.isfile(os.path.join(d, model_def.CHECKPOINT_MARKER))]
+    found = [d for d in candidates if os.path.isfile(os.path.join(d, checkpoint.MARKER))]
     return sorted(found, key=os.path.getmtime, reverse=True)
 
 
 def validate_checkpoint_path(path: str) -> str:
-    """model_def.check_checkpoint, plus a hint when the path holds checkpoints further down."""
+    """checkpoint.check, plus a hint when the path holds checkpoints further down."""
     try:
-        return model_def.check_checkpoint(path)
+        return checkpoint.check(path)
     except utils.ConfigError as error:
         full = os.path.abspath(os.path.expanduser(path))
         below = _checkpoints_below(full) if os.path.isdir(full) else []
@@ -137,13 +137,13 @@ def open_checkpoint(
         config["data"] = copy.deepcopy(data_section)
     for override in overrides:
         utils.apply_override(config, override)
-    marker = _read_json(os.path.join(path, model_def.CHECKPOINT_MARKER))
+    marker = _read_json(os.path.join(path, checkpoint.MARKER))
     steps = _read_json(os.path.join(path, "metadata.json")).get("steps_completed")
 
     weights = os.path.join(path, "state_dict.pth")
     if not os.path.isfile(weights):
         raise utils.ConfigError(f"checkpoint {path!r} has no state_dict.pth (not a PyTorchTrial checkpoint)")
-    # model_def (imported above) allows the NumPy types of Determined's RNG state.
+    # checkpoint (imported above) allows the NumPy types of Determined's RNG state.
     state = torch.load(weights, map_location="cpu", weights_only=True)
     try:
         model_state = state["models_state_dict"][0]
@@ -629,8 +629,9 @@ def launch_cluster_evaluation(
     sdk, experiment_id: int, classifier_epochs: int, augment: bool, model_dir: str, master_url: str,
     overrides: Sequence[str] = (), batch_size: Optional[int] = None, lrs: Optional[Sequence[float]] = None,
 ):
-    """Find the experiment's best checkpoint and start its evaluation experiment. `sdk` is
-    determined.experimental.client (or anything with its get_experiment/create_experiment).
+    """Find the experiment's best checkpoint and start its evaluation experiment. `sdk` is a
+    determined.experimental.client.Determined (or anything with its get_experiment and
+    create_experiment).
     Returns (new experiment, checkpoint)."""
     with master_errors(master_url, experiment_id):
         experiment = sdk.get_experiment(experiment_id)
@@ -752,10 +753,9 @@ def run_launch(args: argparse.Namespace, sdk=None) -> None:
     if sdk is None:
         from determined.experimental import client
 
-        if args.master:
-            with master_errors(master_url):
-                client.login(master=args.master)
-        sdk = client
+        # An explicit client object, not the module's one-login-per-process singleton.
+        with master_errors(master_url):
+            sdk = client.Determined(master=master_url)
     model_dir = os.path.dirname(os.path.abspath(__file__))  # this package, as the training shipped it
     new, best = launch_cluster_evaluation(
         sdk, args.experiment_id, args.classifier_train_epochs, not args.no_augment, model_dir, master_url,

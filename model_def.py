@@ -21,6 +21,7 @@ import torch.distributed as dist
 from determined import core, pytorch
 
 import byol
+import checkpoint
 import data
 import optim
 import utils
@@ -28,16 +29,6 @@ from backbone import build_backbone
 from reducers import LinearProbeReducer, TrainingMetricsReducer
 
 logger = logging.getLogger("byol")
-
-CHECKPOINT_MARKER = "byol_checkpoint.json"
-TRIAL_SPEC = "model_def:BYOLTrial"
-
-# Determined's checkpoint holds NumPy's RNG state; allow exactly those types when torch >= 2.6
-# loads it with weights_only=True, so no user needs TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
-torch.serialization.add_safe_globals(
-    [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
-)
-
 
 class BYOLTrial(pytorch.PyTorchTrial):
     def __init__(self, context: pytorch.PyTorchTrialContext, config: utils.ExperimentConfig) -> None:
@@ -267,51 +258,24 @@ class NonFiniteLossError(RuntimeError):
 
 
 class CheckpointMarker(pytorch.PyTorchCallback):
-    """Writes byol_checkpoint.json last, atomically: a checkpoint directory without it was cut
-    off mid-save and is refused by --resume and evaluate_result.py."""
+    """Completes each checkpoint with checkpoint.MARKER, written last."""
 
     def __init__(self, trial: BYOLTrial):
         self.trial = trial
 
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
         hp = self.trial.hp
-        info = {
-            "trial": TRIAL_SPEC,
+        mean, std = self.trial.splits.normalization
+        checkpoint.write_marker(checkpoint_dir, {
             "backbone_name": hp.backbone_name,
             "cifar_stem": hp.cifar_stem,
             "image_size": hp.augmentation.image_size,
             "dataset_name": hp.dataset_name,
-            "normalization": {"mean": list(self.trial.splits.normalization[0]), "std": list(self.trial.splits.normalization[1])},
+            "normalization": {"mean": list(mean), "std": list(std)},
             "slots": self.trial.slots,
-        }
-        with utils.atomic_write(os.path.join(checkpoint_dir, CHECKPOINT_MARKER)) as f:
-            json.dump(info, f, indent=2)
+        })
         if self.trial.context.distributed.rank == 0:
             logger.info("checkpoint written: %s", checkpoint_dir)
-
-
-def check_checkpoint(path: str) -> str:
-    """Refuse anything but a complete checkpoint of this trial, before any work starts."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise utils.ConfigError(f"checkpoint {path!r} does not exist or is not a directory")
-    load_data = os.path.join(path, "load_data.json")
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("load_data.json", "state_dict.pth", CHECKPOINT_MARKER)):
-        raise utils.ConfigError(
-            f"{path!r} is not a Determined checkpoint (no state_dict.pth, load_data.json or "
-            f"{CHECKPOINT_MARKER})"
-        )
-    if os.path.isfile(load_data):
-        with open(load_data) as f:
-            spec = json.load(f).get("trial_cls_spec")
-        if spec != TRIAL_SPEC:
-            raise utils.ConfigError(f"checkpoint {path!r} belongs to {spec!r}, not {TRIAL_SPEC}")
-    if not all(os.path.isfile(os.path.join(path, f)) for f in (CHECKPOINT_MARKER, "metadata.json")):
-        raise utils.ConfigError(
-            f"checkpoint {path!r} is incomplete (no {CHECKPOINT_MARKER}: the save was cut off); "
-            f"use an earlier checkpoint"
-        )
-    return path
 
 
 # ------------------------------------------------------------------------------------------
@@ -425,7 +389,7 @@ def run_locally(args: argparse.Namespace) -> None:
         slots = distributed.size
     # Validate everything a user wrote before any data is downloaded or model built.
     experiment = utils.parse_experiment_config(config, slots)
-    resume = check_checkpoint(args.resume) if args.resume else None
+    resume = checkpoint.check(args.resume) if args.resume else None
     checkpoint_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir))
     # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
     os.makedirs(os.path.join(checkpoint_dir, "determined"), exist_ok=True)

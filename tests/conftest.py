@@ -35,6 +35,15 @@ def write_image_folder(root):
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def determined_config_dir(tmp_path_factory):
+    """Determined's SDK keeps login tokens in its config dir (~/.config/determined): point it
+    into a temp dir, so that no test writes into the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DET_DEBUG_CONFIG_PATH", str(tmp_path_factory.mktemp("determined-config")))
+        yield
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path)

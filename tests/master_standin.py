@@ -16,13 +16,12 @@ module reads that file, so
 Every call is recorded in `calls` (method, path, binding name, decoded body) for assertions.
 """
 import ast
-import base64
 import dataclasses
 import json
 import re
 import threading
-import time
 import urllib.parse
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -60,7 +59,9 @@ def _annotation(arg: ast.arg) -> Optional[str]:
 
 def load_routes() -> List[Route]:
     """Every endpoint of bindings.py, most specific path first."""
-    with open(bindings.__file__) as f:
+    with open(bindings.__file__) as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)  # docstrings with "\d" in the generated file
+        warnings.simplefilter("ignore", DeprecationWarning)
         tree = ast.parse(f.read())
     routes = []
     for fn in tree.body:
@@ -96,26 +97,54 @@ def _camel(name: str) -> str:
     return head + "".join(p[:1].upper() + p[1:] for p in rest)
 
 
-def protojson_keys(value: Any) -> Any:
-    """snake_case keys as their lowerCamelCase JSON names, which is how protojson reads both."""
-    if isinstance(value, dict):
-        return {_camel(k): protojson_keys(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [protojson_keys(v) for v in value]
-    return value
+def _fields(message: str) -> Dict[str, str]:
+    """A message class's fields and their annotations, from its generated __init__."""
+    init = getattr(bindings, message).__init__
+    return {k: str(v) for k, v in init.__annotations__.items() if k != "return"}
 
 
-def merge_path_params(body: Dict[str, Any], params: Dict[str, str]) -> Dict[str, Any]:
+def message_json(message: str, value: Any) -> Any:
+    """A JSON body as protojson reads it into `message`: field names in snake_case or
+    lowerCamelCase, free-form maps (Struct fields such as metric dicts) left as they are, and an
+    unknown field refused (ValueError), as the master's JSON decoder does."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{message} must be a JSON object, got {value!r}")
+    fields, out = _fields(message), {}
+    for key, item in value.items():
+        name = _camel(key)
+        if name not in fields:
+            raise ValueError(f"unknown field {key!r} in {message}")
+        nested = re.findall(r"\b(v1\w+|trialv1\w+|checkpointv1\w+|experimentv1\w+)\b", fields[name])
+        nested = [n for n in nested if hasattr(getattr(bindings, n, None), "__init__")
+                  and not isinstance(getattr(bindings, n), type(bindings.checkpointv1State))]
+        if nested and isinstance(item, dict):
+            item = message_json(nested[0], item)
+        elif nested and isinstance(item, list):
+            item = [message_json(nested[0], i) if isinstance(i, dict) else i for i in item]
+        out[name] = item
+    return out
+
+
+def merge_path_params(message: str, body: Dict[str, Any], params: Dict[str, str]) -> Dict[str, Any]:
     """grpc-gateway sets path parameters on the request message; `metrics_trialId` is the field
-    metrics.trialId. Numeric ids arrive as strings in the path."""
+    metrics.trialId. Where the HTTP body is one field of the request (`body: "metadata"`), the
+    path parameters are the request's other fields and stay out of the body. Numeric ids arrive
+    as strings in the path."""
+    fields = _fields(message)
     for name, raw in params.items():
         value: Any = int(raw) if raw.isdigit() else urllib.parse.unquote(raw)
         *parents, leaf = name.split("_")
+        if (parents[0] if parents else leaf) not in fields:
+            continue
         node = body
         for parent in parents:
             node = node.setdefault(parent, {})
         node.setdefault(leaf, value)
     return body
+
+
+class NotFound(Exception):
+    """A handler's 404, as the master answers for something that does not exist (yet)."""
 
 
 @dataclasses.dataclass
@@ -162,6 +191,8 @@ class MasterStandIn:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        # A killed trial drops its connections; errors in handlers are answered 500 above.
+        self.server.handle_error = lambda request, client_address: None
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -195,16 +226,22 @@ class MasterStandIn:
         body = None
         if route.request_class is not None:
             try:
-                raw = json.loads(raw_body or b"{}")
-                decoded = merge_path_params(protojson_keys(raw), params)
-                body = getattr(bindings, route.request_class).from_json(decoded)
+                raw = merge_path_params(route.request_class, json.loads(raw_body or b"{}"), params)
+                body = getattr(bindings, route.request_class).from_json(
+                    message_json(route.request_class, raw))
             except (ValueError, KeyError, TypeError) as e:
                 return self.refuse(400, f"{method} {path}: body does not decode as "
                                         f"{route.request_class}: {e!r}")
-        call = Call(method, path, route.name, params, protojson_keys(query), body)
+        query = {_camel(k): v for k, v in query.items()}
+        call = Call(method, path, route.name, params, query, body)
         with self.lock:
             self.calls.append(call)
-        response = handler(call)
+        try:
+            response = handler(call)
+        except NotFound as e:
+            return 404, {"error": {"error": str(e)}, "message": str(e), "code": 5}
+        except Exception as e:  # a stand-in bug must fail the test, not hang the harness
+            return self.refuse(500, f"{method} {path} ({route.name}): handler failed: {e!r}")
         if route.response_class is None:
             return 200, {}
         expected = getattr(bindings, route.response_class)

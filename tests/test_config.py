@@ -38,6 +38,12 @@ def folder_args(folder):
         ("hyperparameters.nonsense.deep=1", "'nonsense' does not exist under hyperparameters"),
         ("searcher.max_length.epochs=3", "'max_length' does not exist under searcher"),
         ("no_equals_sign", "expected DOTTED.PATH=VALUE"),
+        ("searcher.metric=test_accuracy", "searcher.metric='test_accuracy': with hyperparameters.validate_with_classifier=true the searcher and checkpoint_policy choose by holdout_accuracy"),
+        ("searcher.smaller_is_better=true", "searcher.smaller_is_better=true is wrong for searcher.metric=holdout_accuracy: it must be false"),
+        ("hyperparameters.validate_with_classifier=false", "with hyperparameters.validate_with_classifier=false the searcher and checkpoint_policy choose by validation_loss"),
+        ("checkpoint_policy=sometimes", "checkpoint_policy='sometimes' is not one of: best, all, none"),
+        ("min_validation_period={epochs: -1}", "min_validation_period={'epochs': -1} must be {epochs: N} or {batches: N} with N an integer >= 0"),
+        ("scheduling_unit=0", "scheduling_unit=0 must be an integer >= 1"),
     ],
 )
 def test_bad_values_are_refused_with_the_value_and_the_rule(tmp_path, override, expected):
@@ -113,10 +119,21 @@ def test_shipped_configs_parse():
     root = os.path.dirname(model_def.__file__)
     for name, slots in (("const-cifar10.yaml", 1), ("distributed-stl10.yaml", 8), ("distributed-imagenet.yaml", 64)):
         config = utils.load_config(os.path.join(root, name))
-        hp = utils.parse_hparams(config["hyperparameters"], slots=slots)
+        experiment = utils.parse_experiment_config(config, slots=slots)
         assert config["resources"]["slots_per_trial"] == slots
-        utils.parse_data_config(config["data"])
+        hp = experiment.hparams
         assert hp.augmentation.view1.blur_prob == 1.0 and hp.augmentation.view2.solarize_prob == 0.2
+        assert experiment.run.searcher.metric in ("holdout_accuracy", "validation_loss")
+
+
+def test_a_search_must_train_as_long_as_the_searcher_counts():
+    path = os.path.join(os.path.dirname(model_def.__file__), "search-cifar10.yaml")
+    config = utils.load_config(path, ["hyperparameters.epochs=7"])
+    config["hyperparameters"].update(learning_rate=1.0, weight_decay=1e-5, tau_base=0.99)  # sampled
+    with pytest.raises(utils.ConfigError, match=r"searcher.max_time=100 must equal hyperparameters.epochs=7"):
+        utils.parse_experiment_config(config)
+    config["hyperparameters"]["epochs"] = 100
+    assert utils.parse_experiment_config(config).run.searcher.time_metric == "epochs"
 
 
 def test_failed_dataset_download_names_the_directory(tmp_path, monkeypatch):

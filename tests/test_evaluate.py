@@ -20,6 +20,7 @@ from PIL import Image
 
 import backbone
 import byol
+import checkpoint
 import data
 import evaluate_result
 import model_def
@@ -168,7 +169,7 @@ def test_export_loads_into_torchvision_and_matches_the_online_backbone(trained, 
         torch.testing.assert_close(model.eval()(x), network.eval().online_backbone(x), rtol=0, atol=1e-6)
 
     info = json.loads((tmp_path / "backbone.json").read_text())
-    marker = json.loads((trained.checkpoint / model_def.CHECKPOINT_MARKER).read_text())
+    marker = json.loads((trained.checkpoint / checkpoint.MARKER).read_text())
     assert info["architecture"] == "resnet18" and info["cifar_stem"] is True and info["image_size"] == 16
     assert info["normalization"] == marker["normalization"]
     assert info["checkpoint_uuid"] == trained.uuid and info["steps_completed"] == 3

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import byol
+import checkpoint
 import model_def
 from conftest import ROOT, tiny_config
 
@@ -60,7 +61,7 @@ def test_training_validates_checkpoints_and_resumes(tmp_path, image_folder, capl
     saved = checkpoints_by_step(tmp_path / "ckpt")
     assert sorted(saved) == [3, 6]
     last = saved[6][0]
-    assert json.loads((last / model_def.CHECKPOINT_MARKER).read_text())["backbone_name"] == "resnet18"
+    assert json.loads((last / checkpoint.MARKER).read_text())["backbone_name"] == "resnet18"
     assert (last / "code" / "model_def.py").exists() and not (last / "code" / ".venv").exists()
     # Resume from the epoch-1 checkpoint with one more epoch of budget: continues at step 3.
     caplog.clear()

@@ -1,0 +1,55 @@
+"""What makes a directory a complete BYOL checkpoint, and what loading one needs.
+
+A checkpoint is Determined's (state_dict.pth, load_data.json, metadata.json, code/) plus
+byol_checkpoint.json, written last and atomically: a directory without it was cut off mid-save.
+Both the trial (which writes checkpoints and resumes from them) and evaluate_result.py (which
+reads them) use this module, so neither imports the other.
+"""
+import json
+import os
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+import utils
+
+MARKER = "byol_checkpoint.json"
+TRIAL_SPEC = "model_def:BYOLTrial"
+
+# Determined's checkpoint holds NumPy's RNG state; allow exactly those types when torch >= 2.6
+# loads it with weights_only=True, so no user needs TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD. Taken from
+# public NumPy API: the function arrays pickle with, and the class of a uint32 dtype.
+torch.serialization.add_safe_globals(
+    [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
+)
+
+
+def write_marker(checkpoint_dir: str, description: Dict[str, Any]) -> None:
+    """The last file of a checkpoint: what the network is, for loading it without the config."""
+    with utils.atomic_write(os.path.join(checkpoint_dir, MARKER)) as f:
+        json.dump(dict(description, trial=TRIAL_SPEC), f, indent=2)
+
+
+def check(path: str) -> str:
+    """Refuse anything but a complete checkpoint of this trial, before any work starts; returns
+    the absolute path."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise utils.ConfigError(f"checkpoint {path!r} does not exist or is not a directory")
+    load_data = os.path.join(path, "load_data.json")
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("load_data.json", "state_dict.pth", MARKER)):
+        raise utils.ConfigError(
+            f"{path!r} is not a Determined checkpoint (no state_dict.pth, load_data.json or {MARKER})"
+        )
+    if os.path.isfile(load_data):
+        with open(load_data) as f:
+            spec = json.load(f).get("trial_cls_spec")
+        if spec != TRIAL_SPEC:
+            raise utils.ConfigError(f"checkpoint {path!r} belongs to {spec!r}, not {TRIAL_SPEC}")
+    if not all(os.path.isfile(os.path.join(path, f)) for f in (MARKER, "metadata.json")):
+        raise utils.ConfigError(
+            f"checkpoint {path!r} is incomplete (no {MARKER}: the save was cut off); "
+            f"use an earlier checkpoint"
+        )
+    return path

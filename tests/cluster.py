@@ -1,0 +1,433 @@
+"""A Determined cluster of one agent, as far as a trial can tell: the master's side (expanding the
+experiment config, storing the model definition, answering the harness) on the loopback stand-in
+of `master_standin.py`, and the agent's side (the environment a trial container gets, and the
+commands it runs) as subprocesses.
+
+How each piece mirrors Determined 0.38.1:
+  - Experiment creation is the SDK's `create_experiment`, the same POST /api/v1/experiments with
+    the config and the `.detignore`-filtered model definition that `det experiment create` sends.
+  - The master expands the config: hyperparameters into {type: const, val} maps (nested ones as
+    maps of those), top-level and searcher defaults from the master's own expconf schemas
+    (../shared/tools/expconf/schemas), `checkpoint_storage` completed with the cluster's
+    shared_fs storage (a temp dir); the user's other values stay as written.
+  - A trial container gets the env vars the master's task spec sets (master/pkg/tasks:
+    DET_EXPERIMENT_CONFIG, DET_HPARAMS with resolved values, DET_TRIAL_SEED, DET_LATEST_CHECKPOINT,
+    DET_ALLOCATION_ID, ...) and runs master/static/srv/entrypoint.sh's steps: prep_container
+    (downloads the model definition from the master, writes the info files), the package's
+    startup-hook.sh sourced, rendezvous through the master, then `determined.exec.launch`, which
+    runs the config's own `entrypoint` unchanged.
+  - What a container mounts is redirected by a `sitecustomize` on the subprocess's PYTHONPATH:
+    the info files (/run/determined/info/*.json), the shared_fs mount (/determined_shared_fs) and
+    the model copy (/run/determined/train/model) point into the test's temp dir, so nothing on
+    this machine's /run is touched.
+"""
+import base64
+import contextlib
+import copy
+import io
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+import psutil
+from determined.common.api import bindings
+
+from master_standin import Call, MasterStandIn, NotFound
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCHEMAS = ROOT.parent / "shared" / "tools" / "expconf" / "schemas"
+
+SITECUSTOMIZE = '''\
+"""The trial container's mounts, as paths in the test's temp dir (see tests/cluster.py)."""
+import os
+
+if "STANDIN_CONTAINER" in os.environ:
+    from determined import _info, constants
+    from determined.common import constants as common_constants
+
+    _root = os.environ["STANDIN_CONTAINER"]
+    for _cls, _name in ((_info.ClusterInfo, "cluster"), (_info.TrialInfo, "trial"),
+                        (_info.RendezvousInfo, "rendezvous"), (_info.ResourcesInfo, "resources")):
+        _path = os.path.join(_root, "run", "info", _name + ".json")
+        _cls._from_file.__func__.__defaults__ = (_path,)
+        _cls._to_file.__defaults__ = (_path,)
+    common_constants.SHARED_FS_CONTAINER_PATH = os.environ["STANDIN_SHARED_FS"]
+    constants.MANAGED_TRAINING_MODEL_COPY = os.path.join(_root, "run", "model")
+'''
+
+# master/static/srv/entrypoint.sh, less task-setup.sh's log links and pip install of the wheel
+# (determined is already installed in the venv, as DET_SKIP_PIP_INSTALL would require).
+ENTRYPOINT_SH = """
+set -e
+python3 -m determined.exec.prep_container --download_context_directory --resources --proxy
+STARTUP_HOOK="startup-hook.sh"
+test -f "${STARTUP_HOOK}" && source "${STARTUP_HOOK}"
+python3 -m determined.exec.prep_container --rendezvous
+exec python3 -m determined.exec.launch
+"""
+
+
+def expand_hyperparameters(hparams: Dict[str, Any]) -> Dict[str, Any]:
+    """The master's form: a value becomes {type: const, val}, a map without `type` is a nested
+    group of hyperparameters, a map with `type` is a search space and stays as it is."""
+    out = {}
+    for name, value in hparams.items():
+        if isinstance(value, dict) and "type" in value:
+            out[name] = copy.deepcopy(value)
+        elif isinstance(value, dict):
+            out[name] = expand_hyperparameters(value)
+        else:
+            out[name] = {"type": "const", "val": copy.deepcopy(value)}
+    return out
+
+
+def _schema_defaults(name: str) -> Dict[str, Any]:
+    with open(SCHEMAS / name) as f:
+        schema = json.load(f)
+    return {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
+
+
+def master_form(config: Dict[str, Any], storage_dir: str) -> Dict[str, Any]:
+    """The experiment config as the master hands it to a trial (DET_EXPERIMENT_CONFIG)."""
+    expanded = copy.deepcopy(config)
+    for key, default in _schema_defaults("experiment.json").items():
+        expanded.setdefault(key, copy.deepcopy(default))
+    searcher = expanded["searcher"]
+    for key, default in _schema_defaults(f"searcher-{searcher['name'].replace('_', '-')}.json").items():
+        searcher.setdefault(key, copy.deepcopy(default))
+    expanded["hyperparameters"] = expand_hyperparameters(config.get("hyperparameters") or {})
+    storage = dict(expanded.get("checkpoint_storage") or {})
+    storage.update(type="shared_fs", host_path=storage_dir, storage_path=None, propagation="rprivate")
+    expanded["checkpoint_storage"] = storage
+    return expanded
+
+
+def resolve(hparams: Dict[str, Any], sampled: Dict[str, Any]) -> Dict[str, Any]:
+    """DET_HPARAMS: const values unwrapped, nested groups as dicts, search spaces taken from
+    `sampled` (what the searcher chose)."""
+    out = {}
+    for name, value in hparams.items():
+        if value.get("type") == "const":
+            out[name] = value["val"]
+        elif "type" in value:
+            out[name] = sampled[name]
+        else:
+            out[name] = resolve(value, sampled.get(name, {}))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def context_tgz(files: List[bindings.v1File]) -> str:
+    """The model definition as GET /api/v1/tasks/{id}/context_directory serves it."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for f in files:
+            info = tarfile.TarInfo(f.path)
+            info.mode = f.mode
+            info.type = bytes([f.type])
+            content = base64.b64decode(f.content) if info.isfile() else b""
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class Trial:
+    """The master's record of one trial."""
+
+    def __init__(self, trial_id: int, hparams: Dict[str, Any], seed: int):
+        self.id, self.hparams, self.seed = trial_id, hparams, seed
+        self.run_id = 0
+        self.metrics: List[Dict[str, Any]] = []  # {"group", "steps", "metrics"}
+        self.progress: List[float] = []
+        self.checkpoints: List[bindings.v1Checkpoint] = []
+        self.preempt = threading.Event()
+
+    def reported(self, group: str) -> Dict[int, Dict[str, Any]]:
+        return {m["steps"]: m["metrics"] for m in self.metrics if m["group"] == group}
+
+
+class Cluster:
+    """The master's handlers (one per binding name) and the agent's launcher."""
+
+    def __init__(self, tmp: pathlib.Path):
+        self.tmp = tmp
+        self.storage = tmp / "shared_fs"
+        self.storage.mkdir()
+        self.site = tmp / "site"
+        self.site.mkdir()
+        (self.site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        self.experiments: Dict[int, Dict[str, Any]] = {}
+        self.trials: Dict[int, Trial] = {}
+        self.allocations: Dict[str, Trial] = {}
+        self.slots: Dict[str, int] = {}
+        # Called with each recorded call; may set a trial's preemption flag (tests steer here).
+        self.on_call: Callable[["Cluster", Call], None] = lambda cluster, call: None
+        self.master = MasterStandIn(self)
+
+    def __enter__(self) -> "Cluster":
+        self.master.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.master.__exit__(*exc)
+
+    def _after(self, call: Call) -> None:
+        self.on_call(self, call)
+
+    # ---- the user's side: create an experiment as `det experiment create` does ---------------
+
+    def create_experiment(self, config: Dict[str, Any], model_dir: pathlib.Path = ROOT) -> int:
+        from determined.experimental import client
+
+        sdk = client.Determined(master=self.master.url, user="determined", password="")
+        return sdk.create_experiment(config, str(model_dir)).id
+
+    # ---- the agent's side: start a trial container ---------------------------------------------
+
+    def add_trial(self, experiment_id: int, sampled: Optional[Dict[str, Any]] = None) -> Trial:
+        experiment = self.experiments[experiment_id]
+        trial_id = len(self.trials) + 1
+        hparams = resolve(experiment["config"]["hyperparameters"], sampled or {})
+        # The master draws trial seeds from a generator seeded with the experiment seed: the
+        # n-th trial of two experiments with the same seed gets the same trial seed.
+        index = sum(t.experiment_id == experiment_id for t in self.trials.values())
+        seed = experiment["config"]["reproducibility"]["experiment_seed"] * 1000 + index
+        trial = Trial(trial_id, hparams, seed)
+        trial.experiment_id = experiment_id
+        self.trials[trial_id] = trial
+        return trial
+
+    def launch(self, trial: Trial, slots: int, latest_checkpoint: Optional[str] = None,
+               steps_completed: int = 0, timeout: float = 600) -> subprocess.CompletedProcess:
+        """One run of the trial in one container with `slots` slots; returns when it exits."""
+        trial.run_id += 1
+        trial.preempt.clear()
+        experiment = self.experiments[trial.experiment_id]
+        task_id = f"{trial.experiment_id}.{trial.id}"
+        allocation_id = f"{task_id}.{trial.run_id}"
+        self.allocations[allocation_id] = trial
+        self.slots[allocation_id] = slots
+        container = self.tmp / f"container-{trial.id}-{trial.run_id}"
+        (container / "run" / "info").mkdir(parents=True)
+        workdir = container / "workdir"
+        workdir.mkdir()
+        env = {
+            "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+            "HOME": str(container),
+            "PYTHONPATH": str(self.site),
+            "STANDIN_CONTAINER": str(container),
+            "STANDIN_SHARED_FS": str(self.storage),
+            # Set by the agent for a docker container.
+            "DET_MASTER": self.master.url,
+            "DET_CLUSTER_ID": "standin-cluster",
+            "DET_AGENT_ID": "agent-0",
+            "DET_SLOT_IDS": json.dumps(list(range(slots))),
+            "DET_RESOURCES_TYPE": "docker-container",
+            # Set by the master's task spec (master/pkg/tasks/task.go, task_trial.go).
+            "DET_TASK_ID": task_id,
+            "DET_ALLOCATION_ID": allocation_id,
+            "DET_RESOURCES_ID": f"resources-{allocation_id}",
+            "DET_CONTAINER_ID": f"container-{allocation_id}",
+            "DET_SESSION_TOKEN": "allocation-token",
+            "DET_USER_TOKEN": "user-token",
+            "DET_USER": "determined",
+            "DET_WORKDIR": str(workdir),
+            "DET_RUN_DIR": str(container / "run"),
+            "DET_USE_TLS": "false",
+            "DET_TASK_TYPE": "TRIAL",
+            "DET_EXPERIMENT_ID": str(trial.experiment_id),
+            "DET_TRIAL_ID": str(trial.id),
+            "DET_TRIAL_RUN_ID": str(trial.run_id),
+            "DET_TRIAL_SEED": str(trial.seed),
+            "DET_EXPERIMENT_CONFIG": json.dumps(experiment["config"]),
+            "DET_HPARAMS": json.dumps(trial.hparams),
+            "DET_STEPS_COMPLETED": str(steps_completed),
+            # Each container has its own network namespace; here they share one.
+            "C10D_PORT": str(free_port()),
+            "OMP_NUM_THREADS": "1",
+        }
+        if latest_checkpoint is not None:
+            env["DET_LATEST_CHECKPOINT"] = latest_checkpoint
+        self.container = subprocess.Popen(
+            ["bash", "-c", ENTRYPOINT_SH], cwd=workdir, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            log, _ = self.container.communicate(timeout=timeout)
+        finally:
+            self.kill_container()
+        return subprocess.CompletedProcess(self.container.args, self.container.returncode, log)
+
+    def kill_container(self) -> None:
+        """What a lost node does to a trial: every process of the container dies at once
+        (torchrun starts its workers in sessions of their own, so walk the process tree)."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.container.pid)
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+
+    # ---- the master's REST handlers, named after the bindings ----------------------------------
+
+    def post_Login(self, call: Call) -> bindings.v1LoginResponse:
+        user = bindings.v1User(active=True, admin=True, username=call.body.username, id=1)
+        return bindings.v1LoginResponse(token="user-token", user=user)
+
+    def get_GetMe(self, call: Call) -> bindings.v1GetMeResponse:
+        return bindings.v1GetMeResponse(user=bindings.v1User(active=True, admin=True, username="determined", id=1))
+
+    def post_CreateExperiment(self, call: Call) -> bindings.v1CreateExperimentResponse:
+        import yaml
+
+        original = call.body.config
+        config = yaml.safe_load(original)
+        experiment_id = len(self.experiments) + 1
+        expanded = master_form(config, str(self.storage))
+        self.experiments[experiment_id] = {
+            "original": original, "config": expanded, "files": call.body.modelDefinition or [],
+            "request": call.body,
+        }
+        return bindings.v1CreateExperimentResponse(
+            config=expanded, experiment=self._experiment(experiment_id)
+        )
+
+    def _experiment(self, experiment_id: int) -> bindings.v1Experiment:
+        experiment = self.experiments[experiment_id]
+        return bindings.v1Experiment(
+            archived=False, config=experiment["config"], id=experiment_id, jobId=f"job-{experiment_id}",
+            name=experiment["config"].get("name") or "", numTrials=len(self.trials),
+            originalConfig=experiment["original"], projectId=1, projectOwnerId=1,
+            searcherType=experiment["config"]["searcher"]["name"], startTime="2026-11-28T00:00:00Z",
+            state=bindings.experimentv1State.ACTIVE, username="determined",
+        )
+
+    def get_GetTaskContextDirectory(self, call: Call) -> bindings.v1GetTaskContextDirectoryResponse:
+        experiment_id = int(call.params["taskId"].split(".")[0])
+        return bindings.v1GetTaskContextDirectoryResponse(
+            b64Tgz=context_tgz(self.experiments[experiment_id]["files"])
+        )
+
+    def post_PostAllocationAcceleratorData(self, call: Call) -> None:
+        return None
+
+    def get_AllocationRendezvousInfo(self, call: Call) -> bindings.v1AllocationRendezvousInfoResponse:
+        slots = self.slots[call.params["allocationId"]]
+        info = bindings.v1RendezvousInfo(addresses=["127.0.0.1"], rank=0, slots=[slots])
+        return bindings.v1AllocationRendezvousInfoResponse(rendezvousInfo=info)
+
+    def post_RunPrepareForReporting(self, call: Call) -> bindings.v1RunPrepareForReportingResponse:
+        return bindings.v1RunPrepareForReportingResponse(storageId=1)
+
+    def get_GetTrial(self, call: Call) -> bindings.v1GetTrialResponse:
+        trial = self.trials[int(call.params["trialId"])]
+        validations = trial.reported("validation")
+        latest = None
+        if validations:
+            steps = max(validations)
+            latest = bindings.v1MetricsWorkload(
+                metrics=bindings.v1Metrics(avgMetrics=validations[steps]), numInputs=0, totalBatches=steps
+            )
+        return bindings.v1GetTrialResponse(trial=bindings.trialv1Trial(
+            experimentId=trial.experiment_id, hparams=trial.hparams, id=trial.id,
+            restarts=trial.run_id - 1, startTime="2026-11-28T00:00:00Z",
+            state=bindings.trialv1State.RUNNING, totalBatchesProcessed=0, latestValidation=latest,
+        ))
+
+    def post_PostTrialRunnerMetadata(self, call: Call) -> None:
+        return None
+
+    def get_AllocationPreemptionSignal(self, call: Call) -> bindings.v1AllocationPreemptionSignalResponse:
+        """A long poll: answers at once when the allocation is to stop, else when its timeout
+        passes (or the flag is set meanwhile), as the master does."""
+        trial = self.allocations[call.params["allocationId"]]
+        timeout = float(call.query.get("timeoutSeconds", 0))
+        return bindings.v1AllocationPreemptionSignalResponse(preempt=trial.preempt.wait(timeout))
+
+    def post_AckAllocationPreemptionSignal(self, call: Call) -> None:
+        return None
+
+    def post_ReportTrialMetrics(self, call: Call) -> None:
+        metrics = call.body.metrics
+        trial = self.trials[metrics.trialId]
+        trial.metrics.append({"group": call.body.group, "steps": metrics.stepsCompleted,
+                              "metrics": metrics.metrics.avgMetrics})
+        self._after(call)
+
+    def get_GetBestSearcherValidationMetric(self, call: Call) -> bindings.v1GetBestSearcherValidationMetricResponse:
+        experiment_id = int(call.params["experimentId"])
+        searcher = self.experiments[experiment_id]["config"]["searcher"]
+        values = [m["metrics"][searcher["metric"]] for t in self.trials.values()
+                  if t.experiment_id == experiment_id for m in t.metrics
+                  if m["group"] == "validation" and searcher["metric"] in m["metrics"]]
+        if not values:
+            raise NotFound(f"experiment {experiment_id} has no validation yet")
+        best = min(values) if searcher["smaller_is_better"] else max(values)
+        return bindings.v1GetBestSearcherValidationMetricResponse(metric=best)
+
+    def get_GetExperiment(self, call: Call) -> bindings.v1GetExperimentResponse:
+        experiment_id = int(call.params["experimentId"])
+        if experiment_id not in self.experiments:
+            raise NotFound(f"experiment {experiment_id} not found")
+        return bindings.v1GetExperimentResponse(experiment=self._experiment(experiment_id))
+
+    def _checkpoint(self, trial: Trial, reported: bindings.v1Checkpoint) -> bindings.v1Checkpoint:
+        """A reported checkpoint as the master serves it: with the trial's training metadata and
+        the validation metrics of the same step."""
+        config = self.experiments[trial.experiment_id]["config"]
+        validation = trial.reported("validation").get(reported.metadata["steps_completed"])
+        training = bindings.v1CheckpointTrainingMetadata(
+            experimentConfig=config, experimentId=trial.experiment_id, hparams=trial.hparams,
+            trialId=trial.id,
+            validationMetrics=bindings.v1Metrics(avgMetrics=validation) if validation else None,
+            searcherMetric=validation.get(config["searcher"]["metric"]) if validation else None,
+        )
+        return bindings.v1Checkpoint(
+            metadata=reported.metadata, resources=reported.resources,
+            state=bindings.checkpointv1State.COMPLETED, training=training, uuid=reported.uuid,
+            allocationId=reported.allocationId, reportTime=reported.reportTime, taskId=reported.taskId,
+        )
+
+    def get_GetExperimentCheckpoints(self, call: Call) -> bindings.v1GetExperimentCheckpointsResponse:
+        """Sorted by the searcher metric (best first), the SDK's default; other sorts are refused."""
+        experiment_id = int(call.params["id"])
+        if call.query.get("sortByAttr") != bindings.checkpointv1SortBy.SEARCHER_METRIC.value:
+            raise ValueError(f"sorting by {call.query} is not modelled")
+        searcher = self.experiments[experiment_id]["config"]["searcher"]
+        found = [self._checkpoint(t, c) for t in self.trials.values()
+                 if t.experiment_id == experiment_id for c in t.checkpoints]
+        scored = [c for c in found if c.training.searcherMetric is not None]
+        scored.sort(key=lambda c: c.training.searcherMetric, reverse=not searcher["smaller_is_better"])
+        # The master's pagination (api.Paginate in master/internal/api/query.go).
+        offset, limit = int(call.query.get("offset", 0)), int(call.query.get("limit", 0))
+        page = scored[offset: offset + limit if limit else None]
+        return bindings.v1GetExperimentCheckpointsResponse(checkpoints=page, pagination=bindings.v1Pagination(
+            offset=offset, limit=limit, startIndex=offset, endIndex=offset + len(page), total=len(scored),
+        ))
+
+    def get_GetCheckpoint(self, call: Call) -> bindings.v1GetCheckpointResponse:
+        uuid = call.params["checkpointUuid"]
+        for trial in self.trials.values():
+            for reported in trial.checkpoints:
+                if reported.uuid == uuid:
+                    return bindings.v1GetCheckpointResponse(checkpoint=self._checkpoint(trial, reported))
+        raise NotFound(f"checkpoint {uuid} not found")
+
+    def post_ReportTrialProgress(self, call: Call) -> None:
+        self.trials[call.body.trialId].progress.append(call.body.progress)
+        self._after(call)
+
+    def post_ReportCheckpoint(self, call: Call) -> None:
+        checkpoint = call.body
+        self.allocations[checkpoint.allocationId].checkpoints.append(checkpoint)
+        self._after(call)
