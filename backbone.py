@@ -3,6 +3,7 @@
 Backbones start from random initialisation, as in the BYOL paper. Supervised weights come only
 from a local file the user names (`pretrained_weights`); nothing is downloaded.
 """
+
 import os
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 

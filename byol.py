@@ -1,6 +1,7 @@
 """The BYOL network: online backbone + projector + predictor, and the target (an EMA of the online
 backbone + projector). Loss and EMA step are pure functions of tensors (BYOL paper, arXiv
 2006.07733, Sections 3.1 and 3.2)."""
+
 import copy
 from typing import List, Tuple
 

@@ -5,6 +5,7 @@ byol_checkpoint.json, written last and atomically: a directory without it was cu
 Both the trial (which writes checkpoints and resumes from them) and evaluate_result.py (which
 reads them) use this module, so neither imports the other.
 """
+
 import json
 import os
 from typing import Any, Dict
@@ -38,7 +39,9 @@ def check(path: str) -> str:
     if not os.path.isdir(path):
         raise utils.ConfigError(f"checkpoint {path!r} does not exist or is not a directory")
     load_data = os.path.join(path, "load_data.json")
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("load_data.json", "state_dict.pth", MARKER)):
+    if not any(
+        os.path.exists(os.path.join(path, f)) for f in ("load_data.json", "state_dict.pth", MARKER)
+    ):
         raise utils.ConfigError(
             f"{path!r} is not a Determined checkpoint (no state_dict.pth, load_data.json or {MARKER})"
         )

@@ -22,6 +22,7 @@ Features are standardised with the mean/std of the fit split's centre-crop featu
 map, so the classifier stays linear in the backbone features) exactly as the in-training probe
 does; held-out and test images are always scored on centre crops.
 """
+
 import argparse
 import contextlib
 import copy
@@ -38,14 +39,33 @@ import torch
 import checkpoint
 import data
 import utils
+from augment import (
+    CROP_ATTEMPTS,
+    crop_resize_batch,
+    crop_resize_pil,
+    epoch_permutation,
+    item_keys,
+    sample_crop_boxes,
+    uniforms,
+)
 from backbone import BACKBONES, build_backbone
-from reducers import LinearHeads, format_duration, standardization, standardize, train_heads_on_features
+from device import Normalize, autocast, autocast_dtype, uses_channels_last
+from probe import (
+    SPLIT_FIT,
+    SPLIT_HOLDOUT,
+    SPLIT_TEST,
+    LinearHeads,
+    standardization,
+    standardize,
+    train_heads_on_features,
+)
+from utils import format_duration
 
 logger = logging.getLogger("byol.evaluate")
 
 EVALUATION_FILE = "evaluation.json"
 EVAL_NAME_SUFFIX = "-linear-eval"
-# Stream of the counter-based random numbers (data.uniforms) used for the evaluation crops;
+# Stream of the counter-based random numbers (uniforms) used for the evaluation crops;
 # BYOL's two training views use streams 0 and 1.
 AUGMENT_STREAM = 2
 # Wrappers whose prefix ends up in saved keys: DistributedDataParallel ("module.") in a
@@ -100,11 +120,15 @@ def validate_checkpoint_path(path: str) -> str:
         full = os.path.abspath(os.path.expanduser(path))
         below = _checkpoints_below(full) if os.path.isdir(full) else []
         if below:
-            raise utils.ConfigError(f"{error}; it holds checkpoints, e.g. the newest: {below[0]}") from None
+            raise utils.ConfigError(
+                f"{error}; it holds checkpoints, e.g. the newest: {below[0]}"
+            ) from None
         raise
 
 
-def online_backbone_state(model_state: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
+def online_backbone_state(
+    model_state: Dict[str, torch.Tensor], where: str
+) -> Dict[str, torch.Tensor]:
     """The online backbone's weights out of the BYOL network's state dict, with torchvision's
     resnet key names (conv1.weight, layer1.0.bn1.running_mean, ...). Copies are made so an
     export does not serialise storage shared with the rest of the checkpoint."""
@@ -128,7 +152,9 @@ def open_checkpoint(
     own, on a cluster); `overrides` (--set) are applied last."""
     path = validate_checkpoint_path(path)
     if not os.path.isfile(os.path.join(path, "load_data.json")):
-        raise utils.ConfigError(f"checkpoint {path!r} has no load_data.json: its experiment config is unknown")
+        raise utils.ConfigError(
+            f"checkpoint {path!r} has no load_data.json: its experiment config is unknown"
+        )
     load_data = _read_json(os.path.join(path, "load_data.json"))
     config = copy.deepcopy(load_data.get("experiment_config") or {})
     if isinstance(load_data.get("hparams"), dict):
@@ -142,13 +168,17 @@ def open_checkpoint(
 
     weights = os.path.join(path, "state_dict.pth")
     if not os.path.isfile(weights):
-        raise utils.ConfigError(f"checkpoint {path!r} has no state_dict.pth (not a PyTorchTrial checkpoint)")
+        raise utils.ConfigError(
+            f"checkpoint {path!r} has no state_dict.pth (not a PyTorchTrial checkpoint)"
+        )
     # checkpoint (imported above) allows the NumPy types of Determined's RNG state.
     state = torch.load(weights, map_location="cpu", weights_only=True)
     try:
         model_state = state["models_state_dict"][0]
     except (KeyError, IndexError, TypeError):
-        raise utils.ConfigError(f"{weights!r} holds no models_state_dict: not a PyTorchTrial checkpoint") from None
+        raise utils.ConfigError(
+            f"{weights!r} holds no models_state_dict: not a PyTorchTrial checkpoint"
+        ) from None
     return Checkpoint(
         path=path,
         uuid=os.path.basename(path),
@@ -157,6 +187,11 @@ def open_checkpoint(
         marker=marker,
         backbone_state=online_backbone_state(model_state, weights),
     )
+
+
+def hparams_of(ckpt: Checkpoint) -> utils.HParams:
+    """The hyperparameters the checkpoint was trained with, typed."""
+    return utils.parse_hparams(ckpt.config.get("hyperparameters", {}), 1)
 
 
 def load_backbone(ckpt: Checkpoint, hp: utils.HParams) -> Tuple[torch.nn.Module, int]:
@@ -175,12 +210,10 @@ def load_backbone(ckpt: Checkpoint, hp: utils.HParams) -> Tuple[torch.nn.Module,
     return backbone.eval().requires_grad_(False), feature_dim
 
 
-def normalization(ckpt: Checkpoint, splits: Optional[data.DatasetSplits] = None) -> Tuple[List[float], List[float]]:
+def normalization(ckpt: Checkpoint) -> Tuple[List[float], List[float]]:
     """The normalisation the backbone was trained with (recorded in byol_checkpoint.json)."""
-    norm = ckpt.marker.get("normalization")
-    if norm:
-        return list(norm["mean"]), list(norm["std"])
-    return list(splits.normalization[0]), list(splits.normalization[1])
+    norm = ckpt.marker["normalization"]
+    return list(norm["mean"]), list(norm["std"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -202,7 +235,7 @@ def export_backbone(ckpt: Checkpoint, hp: utils.HParams, path: str) -> str:
         "architecture": hp.backbone_name,
         "cifar_stem": hp.cifar_stem,
         "feature_dim": BACKBONES[hp.backbone_name].feature_dim,
-        "image_size": int(ckpt.marker.get("image_size", hp.augmentation.image_size)),
+        "image_size": hp.augmentation.image_size,
         "normalization": {"mean": mean, "std": std},
         "weights": os.path.basename(path),
         "format": "torchvision ResNet state dict without fc (load with strict=False)",
@@ -224,26 +257,21 @@ def export_backbone(ckpt: Checkpoint, hp: utils.HParams, path: str) -> str:
 
 
 class FrozenBackbone:
-    """uint8 (or 0-255 float) image batches -> float32 pooled features, without gradients."""
+    """uint8 (or 0-255 float) image batches -> float32 pooled features, without gradients,
+    through the trial's own input pipeline (Normalize, autocast)."""
 
-    def __init__(self, backbone: torch.nn.Module, mean, std, device: torch.device, autocast_dtype):
-        self.device = device
-        self.channels_last = device.type == "cuda"
-        self.backbone = backbone.to(device)
-        if self.channels_last:
+    def __init__(self, backbone: torch.nn.Module, mean, std, dev: torch.device, autocast_dtype):
+        self.device = dev
+        self.backbone = backbone.to(dev)
+        if uses_channels_last(dev):
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.normalize = Normalize(mean, std, dev)
         self.autocast_dtype = autocast_dtype
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.to(self.device, non_blocking=True).float() / 255.0 - self.mean) / self.std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            return self.backbone(x).float()
+        with autocast(self.device, self.autocast_dtype):
+            return self.backbone(self.normalize(images)).float()
 
 
 def extract_features(
@@ -252,7 +280,9 @@ def extract_features(
     """Centre-crop features of every image of `parts` ([(source, split id)]), as
     {split id: (features [N, D] on the CPU, labels [N])}. Corrupt images are left out."""
     loader = torch.utils.data.DataLoader(
-        data.EvalImages(parts, size, corrupt_log), batch_size=batch_size, num_workers=num_workers,
+        data.EvalImages(parts, size, corrupt_log),
+        batch_size=batch_size,
+        num_workers=num_workers,
         pin_memory=features_of.device.type == "cuda",
     )
     columns: Dict[str, List[torch.Tensor]] = {"features": [], "label": [], "split": []}
@@ -271,13 +301,13 @@ def extract_features(
 
 
 class AugmentedImages(torch.utils.data.Dataset):
-    """Random-resized crops (torchvision's sampling, data.sample_crop_boxes) with a random
+    """Random-resized crops (torchvision's sampling, sample_crop_boxes) with a random
     horizontal flip, of a labeled source; items are (index, epoch) pairs so every crop is a
     pure function of (seed, epoch, index). A batch comes out of __getitems__ whole:
     {"image": float 0-255 [B, 3, S, S], "label", "valid"}.
 
-    Arrays (CIFAR-10, STL-10) are cropped as a batch with data.crop_resize_batch, the way
-    training crops them; encoded files are decoded and cropped one by one (data.crop_resize_pil),
+    Arrays (CIFAR-10, STL-10) are cropped as a batch with crop_resize_batch, the way
+    training crops them; encoded files are decoded and cropped one by one (crop_resize_pil),
     so only crops leave the loader."""
 
     def __init__(self, source, size: int, crop_scale, crop_ratio, seed: int, corrupt_log):
@@ -289,16 +319,16 @@ class AugmentedImages(torch.utils.data.Dataset):
 
     def __getitems__(self, items: Sequence[Tuple[int, int]]) -> Dict[str, torch.Tensor]:
         indices = [int(i) for i, _ in items]
-        keys = data.item_keys(self.seed, items)
-        u = data.uniforms(keys, 4 * data.CROP_ATTEMPTS + 1, stream=AUGMENT_STREAM)
-        crop_u, flip = u[:, : 4 * data.CROP_ATTEMPTS], u[:, 4 * data.CROP_ATTEMPTS] < 0.5
+        keys = item_keys(self.seed, items)
+        u = uniforms(keys, 4 * CROP_ATTEMPTS + 1, stream=AUGMENT_STREAM)
+        crop_u, flip = u[:, : 4 * CROP_ATTEMPTS], u[:, 4 * CROP_ATTEMPTS] < 0.5
         valid = torch.ones(len(indices), dtype=torch.bool)
         if self.source.fixed_size is not None:
             images = self.source.tensor(indices)
             h = torch.full((len(indices),), images.shape[-2])
             w = torch.full((len(indices),), images.shape[-1])
-            boxes = data.sample_crop_boxes(crop_u, h, w, self.crop_scale, self.crop_ratio)
-            crops = data.crop_resize_batch(images, boxes, self.size)
+            boxes = sample_crop_boxes(crop_u, h, w, self.crop_scale, self.crop_ratio)
+            crops = crop_resize_batch(images, boxes, self.size)
         else:
             crops = torch.zeros(len(indices), 3, self.size, self.size)
             for j, image in enumerate(self.source.load_many(indices)):
@@ -306,11 +336,14 @@ class AugmentedImages(torch.utils.data.Dataset):
                     self.corrupt_log.report(image)
                     valid[j] = False
                     continue
-                box = data.sample_crop_boxes(
-                    crop_u[j : j + 1], torch.tensor([image.height]), torch.tensor([image.width]),
-                    self.crop_scale, self.crop_ratio,
+                box = sample_crop_boxes(
+                    crop_u[j : j + 1],
+                    torch.tensor([image.height]),
+                    torch.tensor([image.width]),
+                    self.crop_scale,
+                    self.crop_ratio,
                 )[0]
-                crops[j] = data.crop_resize_pil(image, box, self.size).float()
+                crops[j] = crop_resize_pil(image, box, self.size).float()
         crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
         labels = torch.as_tensor(self.source.labels[indices], dtype=torch.int64)
         return {"image": crops, "label": labels, "valid": valid}
@@ -332,8 +365,7 @@ class ShuffledBatches(torch.utils.data.Sampler):
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self):
-        key = int(data.sample_keys(self.seed, self.epoch, torch.tensor([-1]))[0]) & 0x7FFFFFFFFFFFFFFF
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(key)).tolist()
+        order = epoch_permutation(self.seed, self.epoch, self.num_samples)
         for start in range(0, self.num_samples, self.batch_size):
             yield [(i, self.epoch) for i in order[start : start + self.batch_size]]
 
@@ -357,8 +389,12 @@ def train_heads_augmented(
     mean, std = (t.to(device) for t in scale)
     sampler = ShuffledBatches(len(dataset), batch_size, seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=_whole_batch,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
     )
     heads = LinearHeads(feature_dim, num_classes, lrs, seed).to(device)
     total = epochs * len(sampler)
@@ -370,11 +406,18 @@ def train_heads_augmented(
             features = (features_of(batch["image"][valid]) - mean) / std
             heads.set_progress((epoch * len(sampler) + i) / total)
             if len(features):
-                with torch.enable_grad():  # callers may run under no_grad (as Determined's validation)
+                with (
+                    torch.enable_grad()
+                ):  # callers may run under no_grad (as Determined's validation)
                     heads.train_step(features, batch["label"][valid].to(device))
         elapsed = time.time() - start
-        logger.info("classifier epoch %d/%d  %s elapsed, ETA %s", epoch + 1, epochs,
-                    format_duration(elapsed), format_duration(elapsed / (epoch + 1) * (epochs - epoch - 1)))
+        logger.info(
+            "classifier epoch %d/%d  %s elapsed, ETA %s",
+            epoch + 1,
+            epochs,
+            format_duration(elapsed),
+            format_duration(elapsed / (epoch + 1) * (epochs - epoch - 1)),
+        )
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs)
     return heads
@@ -385,11 +428,18 @@ def train_heads_augmented(
 # ------------------------------------------------------------------------------------------
 
 
-def score_heads(heads: LinearHeads, held: Tuple[torch.Tensor, torch.Tensor],
-                test: Tuple[torch.Tensor, torch.Tensor], lrs: Sequence[float], top5: bool) -> Dict[str, Any]:
+def score_heads(
+    heads: LinearHeads,
+    held: Tuple[torch.Tensor, torch.Tensor],
+    test: Tuple[torch.Tensor, torch.Tensor],
+    lrs: Sequence[float],
+    top5: bool,
+) -> Dict[str, Any]:
     """Per-LR held-out and test accuracy; the LR with the best held-out accuracy is chosen
     (ties go to the first, the smallest LR: the in-training probe's rule)."""
-    accuracy = lambda split, k: (heads.correct(split[0], split[1], k=k).float() / max(1, len(split[1]))).tolist()
+    accuracy = lambda split, k: (
+        heads.correct(split[0], split[1], k=k).float() / max(1, len(split[1]))
+    ).tolist()
     held_top1, test_top1 = accuracy(held, 1), accuracy(test, 1)
     test_top5 = accuracy(test, 5) if top5 else None
     best = max(range(len(lrs)), key=lambda i: (held_top1[i], -i))
@@ -416,16 +466,24 @@ def _percent(value: float) -> str:
 
 def format_report(result: Dict[str, Any]) -> str:
     top5 = "test_top5_accuracy" in result
-    header = ["classifier LR", "held-out top-1", "test top-1"] + (["test top-5"] if top5 else []) + [""]
+    header = (
+        ["classifier LR", "held-out top-1", "test top-1"] + (["test top-5"] if top5 else []) + [""]
+    )
     rows = []
     for row in result["classifiers"]:
-        cells = [f"{row['lr']:g}", _percent(row["holdout_accuracy"]), _percent(row["test_accuracy"])]
+        cells = [
+            f"{row['lr']:g}",
+            _percent(row["holdout_accuracy"]),
+            _percent(row["test_accuracy"]),
+        ]
         if top5:
             cells.append(_percent(row["test_top5_accuracy"]))
         rows.append(cells + ["<- chosen" if row["lr"] == result["chosen_lr"] else ""])
     ckpt, protocol, images = result["checkpoint"], result["protocol"], result["images"]
     epochs = protocol["classifier_train_epochs"]
-    training = "random-resized crop + flip" if protocol["augment"] else "cached centre-crop features"
+    training = (
+        "random-resized crop + flip" if protocol["augment"] else "cached centre-crop features"
+    )
     title = (
         f"Linear evaluation of {ckpt['path']} (step {ckpt['steps_completed']}): "
         f"{epochs} epoch{'s' if epochs != 1 else ''}, {training}, "
@@ -480,11 +538,11 @@ def evaluate(
 ) -> Dict[str, Any]:
     """Linear evaluation of the checkpoint's online backbone (see the module docstring)."""
     started = time.time()
-    hp = utils.parse_hparams(ckpt.config.get("hyperparameters", {}), 1)
+    hp = hparams_of(ckpt)
     data_config = utils.parse_data_config(ckpt.config.get("data"))
-    epochs = classifier_epochs if classifier_epochs is not None else hp.classifier_train_epochs
-    lrs = [float(v) for v in (lrs or hp.classifier_lrs)]
-    batch_size = batch_size or hp.classifier_batch_size
+    epochs = classifier_epochs if classifier_epochs is not None else hp.probe.epochs
+    lrs = [float(v) for v in (lrs or hp.probe.lrs)]
+    batch_size = batch_size or hp.probe.batch_size
     if epochs < 1 or batch_size < 1 or not lrs or any(lr <= 0 for lr in lrs):
         raise utils.ConfigError(
             f"classifier epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and the LRs "
@@ -492,39 +550,67 @@ def evaluate(
         )
     seed = utils.parse_run_config(ckpt.config).seed
     dev = resolve_device(device)
-    on_cuda = dev.type == "cuda"
-    autocast_dtype = torch.bfloat16 if hp.precision == "bf16" or (hp.precision == "auto" and on_cuda) else None
+    precision = autocast_dtype(hp.precision, dev)
 
     splits = data.build_splits(hp.dataset_name, data_config)
     classes = splits.labeled_train.classes
     if len(classes) < 2:
-        raise utils.ConfigError(f"the labeled training images have {len(classes)} class(es) ({classes}); "
-                                f"linear evaluation needs at least 2")
-    fit_idx, held_idx = data.holdout_split(splits.labeled_train.labels, hp.classifier_holdout_fraction, seed)
+        raise utils.ConfigError(
+            f"the labeled training images have {len(classes)} class(es) ({classes}); "
+            f"linear evaluation needs at least 2"
+        )
+    fit_idx, held_idx = data.holdout_split(
+        splits.labeled_train.labels, hp.probe.holdout_fraction, seed
+    )
     fit_source = data.Subset(splits.labeled_train, fit_idx)
     held_source = data.Subset(splits.labeled_train, held_idx)
-    size = int(ckpt.marker.get("image_size", hp.augmentation.image_size))
+    size = hp.augmentation.image_size
     corrupt_log = data.CorruptImageLog(data_config.strict_images)
 
     backbone, feature_dim = load_backbone(ckpt, hp)
-    mean, std = normalization(ckpt, splits)
-    features_of = FrozenBackbone(backbone, mean, std, dev, autocast_dtype)
-    logger.info("extracting centre-crop features of %d fit, %d held-out and %d test images",
-                len(fit_source), len(held_source), len(splits.test))
+    mean, std = normalization(ckpt)
+    features_of = FrozenBackbone(backbone, mean, std, dev, precision)
+    logger.info(
+        "extracting centre-crop features of %d fit, %d held-out and %d test images",
+        len(fit_source),
+        len(held_source),
+        len(splits.test),
+    )
     feats = extract_features(
         features_of,
-        [(fit_source, data.SPLIT_FIT), (held_source, data.SPLIT_HOLDOUT), (splits.test, data.SPLIT_TEST)],
-        size, batch_size, data_config.num_workers, corrupt_log,
+        [(fit_source, SPLIT_FIT), (held_source, SPLIT_HOLDOUT), (splits.test, SPLIT_TEST)],
+        size,
+        batch_size,
+        data_config.num_workers,
+        corrupt_log,
     )
-    (fit_x, fit_y), (held_x, held_y), (test_x, test_y) = (feats[s] for s in (data.SPLIT_FIT, data.SPLIT_HOLDOUT, data.SPLIT_TEST))
+    (fit_x, fit_y), (held_x, held_y), (test_x, test_y) = (
+        feats[s] for s in (SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST)
+    )
     fit_x, held_x, test_x = (t.to(dev) for t in standardize(fit_x, held_x, test_x))
     fit_y, held_y, test_y = (t.to(dev) for t in (fit_y, held_y, test_y))
 
     if augment:
-        dataset = AugmentedImages(fit_source, size, hp.augmentation.crop_scale, hp.augmentation.crop_ratio, seed, corrupt_log)
+        dataset = AugmentedImages(
+            fit_source,
+            size,
+            hp.augmentation.crop_scale,
+            hp.augmentation.crop_ratio,
+            seed,
+            corrupt_log,
+        )
         heads = train_heads_augmented(
-            features_of, dataset, standardization(feats[data.SPLIT_FIT][0]), feature_dim, len(classes),
-            lrs, epochs, batch_size, seed, data_config.num_workers, on_epoch,
+            features_of,
+            dataset,
+            standardization(feats[SPLIT_FIT][0]),
+            feature_dim,
+            len(classes),
+            lrs,
+            epochs,
+            batch_size,
+            seed,
+            data_config.num_workers,
+            on_epoch,
         )
     else:
         heads = train_heads_on_features(fit_x, fit_y, len(classes), lrs, epochs, batch_size, seed)
@@ -533,18 +619,48 @@ def evaluate(
 
     result = score_heads(heads, (held_x, held_y), (test_x, test_y), lrs, top5=len(classes) > 10)
     result.update(
-        checkpoint={"path": ckpt.path, "uuid": ckpt.uuid, "steps_completed": ckpt.steps_completed,
-                    "backbone_name": hp.backbone_name, "cifar_stem": hp.cifar_stem},
-        protocol={"augment": augment, "classifier_train_epochs": epochs, "batch_size": batch_size,
-                  "lrs": lrs, "holdout_fraction": hp.classifier_holdout_fraction, "seed": seed,
-                  "image_size": size, "optimizer": "SGD, Nesterov momentum 0.9, cosine decay",
-                  "frozen_backbone": "eval mode", "features": "standardised by the fit split's mean/std"},
+        checkpoint={
+            "path": ckpt.path,
+            "uuid": ckpt.uuid,
+            "steps_completed": ckpt.steps_completed,
+            "backbone_name": hp.backbone_name,
+            "cifar_stem": hp.cifar_stem,
+        },
+        protocol={
+            "augment": augment,
+            "classifier_train_epochs": epochs,
+            "batch_size": batch_size,
+            "lrs": lrs,
+            "holdout_fraction": hp.probe.holdout_fraction,
+            "seed": seed,
+            "image_size": size,
+            "optimizer": "SGD, Nesterov momentum 0.9, cosine decay",
+            "frozen_backbone": "eval mode",
+            "features": "standardised by the fit split's mean/std",
+        },
         dataset={"name": hp.dataset_name, "classes": list(classes)},
         images={"fit": len(fit_y), "holdout": len(held_y), "test": len(test_y)},
         device=str(dev),
         wall_time_s=round(time.time() - started, 1),
     )
     return result
+
+
+def evaluate_as_asked(
+    ckpt: Checkpoint,
+    args: argparse.Namespace,
+    on_epoch: Optional[Callable[[int, int], None]] = None,
+) -> Dict[str, Any]:
+    """evaluate() with the command line's options."""
+    return evaluate(
+        ckpt,
+        args.classifier_train_epochs,
+        not args.no_augment,
+        args.classifier_lrs,
+        args.batch_size,
+        args.device,
+        on_epoch,
+    )
 
 
 def write_json(path: str, value: Dict[str, Any]) -> None:
@@ -575,8 +691,14 @@ def evaluation_experiment_config(
     config = copy.deepcopy(original_config)
     config["name"] = f"{config.get('name') or 'byol'}{EVAL_NAME_SUFFIX}"
     config["description"] = f"BYOL linear evaluation of checkpoint {checkpoint_uuid}"
-    entrypoint = ["python3", "evaluate_result.py", "--checkpoint-uuid", checkpoint_uuid,
-                  "--classifier-train-epochs", str(int(classifier_epochs))]
+    entrypoint = [
+        "python3",
+        "evaluate_result.py",
+        "--checkpoint-uuid",
+        checkpoint_uuid,
+        "--classifier-train-epochs",
+        str(int(classifier_epochs)),
+    ]
     if not augment:
         entrypoint.append("--no-augment")
     if batch_size is not None:
@@ -587,7 +709,11 @@ def evaluation_experiment_config(
         entrypoint += ["--set", override]
     config["entrypoint"] = entrypoint  # a list: no shell, so values need no quoting
     config["resources"] = dict(config.get("resources") or {}, slots_per_trial=1)
-    config["searcher"] = {"name": "single", "metric": "holdout_accuracy", "smaller_is_better": False}
+    config["searcher"] = {
+        "name": "single",
+        "metric": "holdout_accuracy",
+        "smaller_is_better": False,
+    }
     if hparams is not None:
         config["hyperparameters"] = copy.deepcopy(hparams)
     # The task writes no checkpoints and reports one validation; training periods are moot.
@@ -610,7 +736,9 @@ def master_errors(master_url: str, experiment_id: Optional[int] = None):
         yield
     except errors.NotFoundException as e:
         if experiment_id is None:
-            raise ClusterError(f"the master at {master_url} answered 'not found': {_one_line(e)}") from None
+            raise ClusterError(
+                f"the master at {master_url} answered 'not found': {_one_line(e)}"
+            ) from None
         raise ClusterError(
             f"experiment {experiment_id} was not found on the master at {master_url} "
             f"(check the id with `det -m {master_url} experiment list`)"
@@ -620,14 +748,23 @@ def master_errors(master_url: str, experiment_id: Optional[int] = None):
             f"cannot reach a Determined master at {master_url}; set DET_MASTER or pass --master URL"
         ) from None
     except errors.UnauthenticatedException:
-        raise ClusterError(f"not logged in to {master_url}; run `det -m {master_url} user login`") from None
+        raise ClusterError(
+            f"not logged in to {master_url}; run `det -m {master_url} user login`"
+        ) from None
     except errors.ForbiddenException as e:
         raise ClusterError(f"the master at {master_url} refused: {_one_line(e)}") from None
 
 
 def launch_cluster_evaluation(
-    sdk, experiment_id: int, classifier_epochs: int, augment: bool, model_dir: str, master_url: str,
-    overrides: Sequence[str] = (), batch_size: Optional[int] = None, lrs: Optional[Sequence[float]] = None,
+    sdk,
+    experiment_id: int,
+    classifier_epochs: int,
+    augment: bool,
+    model_dir: str,
+    master_url: str,
+    overrides: Sequence[str] = (),
+    batch_size: Optional[int] = None,
+    lrs: Optional[Sequence[float]] = None,
 ):
     """Find the experiment's best checkpoint and start its evaluation experiment. `sdk` is a
     determined.experimental.client.Determined (or anything with its get_experiment and
@@ -645,17 +782,27 @@ def launch_cluster_evaluation(
     best = checkpoints[0]
     training = best.training
     if training is None:
-        raise ClusterError(f"checkpoint {best.uuid} of experiment {experiment_id} was not saved by a trial")
+        raise ClusterError(
+            f"checkpoint {best.uuid} of experiment {experiment_id} was not saved by a trial"
+        )
     config = evaluation_experiment_config(
-        training.experiment_config, best.uuid, classifier_epochs, augment,
-        hparams=training.hparams, overrides=overrides, batch_size=batch_size, lrs=lrs,
+        training.experiment_config,
+        best.uuid,
+        classifier_epochs,
+        augment,
+        hparams=training.hparams,
+        overrides=overrides,
+        batch_size=batch_size,
+        lrs=lrs,
     )
     with master_errors(master_url):
         new = sdk.create_experiment(config, model_dir)
     return new, best
 
 
-def evaluate_in_cluster(args: argparse.Namespace, core_context, data_section: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def evaluate_in_cluster(
+    args: argparse.Namespace, core_context, data_section: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
     """Inside the evaluation task: fetch the checkpoint from checkpoint storage, evaluate, and
     report the result as validation metrics."""
     epochs_done = {"n": 0}
@@ -667,8 +814,7 @@ def evaluate_in_cluster(args: argparse.Namespace, core_context, data_section: Op
     with core_context.checkpoint.restore_path(args.checkpoint_uuid) as path:
         ckpt = open_checkpoint(str(path), args.overrides, data_section)
         ckpt = ckpt._replace(uuid=args.checkpoint_uuid)
-        result = evaluate(ckpt, args.classifier_train_epochs, not args.no_augment, args.classifier_lrs,
-                          args.batch_size, args.device, on_epoch)
+        result = evaluate_as_asked(ckpt, args, on_epoch)
     print(format_report(result), flush=True)
     core_context.train.report_validation_metrics(
         steps_completed=max(1, epochs_done["n"]), metrics=metrics_for_master(result)
@@ -684,35 +830,70 @@ def evaluate_in_cluster(args: argparse.Namespace, core_context, data_section: Op
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="DIR", help="a local checkpoint directory")
-    source.add_argument("--experiment-id", type=int, metavar="ID",
-                        help="evaluate this experiment's best checkpoint as a new cluster experiment")
-    source.add_argument("--checkpoint-uuid", metavar="UUID",
-                        help="(inside the cluster evaluation task) the checkpoint to evaluate")
-    parser.add_argument("--classifier-train-epochs", type=int, metavar="N",
-                        help="epochs of classifier training (default: hyperparameters.classifier_train_epochs)")
-    parser.add_argument("--no-augment", action="store_true",
-                        help="train on cached centre-crop features instead of random crops + flips (fast)")
-    parser.add_argument("--classifier-lrs", type=float, nargs="+", metavar="LR",
-                        help="learning rates of the sweep (default: hyperparameters.classifier_lrs)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="DOTTED.PATH=VALUE",
-                        help="override a value of the checkpoint's experiment config, e.g. data.train_dir=/data/train")
-    parser.add_argument("--batch-size", type=int, metavar="N",
-                        help="classifier batch size (default: hyperparameters.classifier_batch_size)")
+    source.add_argument(
+        "--experiment-id",
+        type=int,
+        metavar="ID",
+        help="evaluate this experiment's best checkpoint as a new cluster experiment",
+    )
+    source.add_argument(
+        "--checkpoint-uuid",
+        metavar="UUID",
+        help="(inside the cluster evaluation task) the checkpoint to evaluate",
+    )
+    parser.add_argument(
+        "--classifier-train-epochs",
+        type=int,
+        metavar="N",
+        help="epochs of classifier training (default: hyperparameters.classifier_train_epochs)",
+    )
+    parser.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="train on cached centre-crop features instead of random crops + flips (fast)",
+    )
+    parser.add_argument(
+        "--classifier-lrs",
+        type=float,
+        nargs="+",
+        metavar="LR",
+        help="learning rates of the sweep (default: hyperparameters.classifier_lrs)",
+    )
+    utils.add_set_option(parser, "data.train_dir=/data/train (the checkpoint's config)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="classifier batch size (default: hyperparameters.classifier_batch_size)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--output", metavar="FILE", help=f"result JSON (default: {EVALUATION_FILE} in the checkpoint)")
-    parser.add_argument("--export", metavar="FILE.pt",
-                        help="also write the online backbone as a torchvision ResNet state dict (+ FILE.json)")
-    parser.add_argument("--export-only", action="store_true", help="with --export: export and skip the evaluation")
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help=f"result JSON (default: {EVALUATION_FILE} in the checkpoint)",
+    )
+    parser.add_argument(
+        "--export",
+        metavar="FILE.pt",
+        help="also write the online backbone as a torchvision ResNet state dict (+ FILE.json)",
+    )
+    parser.add_argument(
+        "--export-only", action="store_true", help="with --export: export and skip the evaluation"
+    )
     parser.add_argument("--master", metavar="URL", help="Determined master (default: $DET_MASTER)")
     args = parser.parse_args(argv)
     if args.export_only and not args.export:
         parser.error("--export-only needs --export FILE.pt")
     if args.experiment_id is not None and (args.export or args.output):
-        parser.error("--export and --output work on a local --checkpoint; on a cluster the result "
-                     "is reported as the new experiment's validation metrics")
+        parser.error(
+            "--export and --output work on a local --checkpoint; on a cluster the result "
+            "is reported as the new experiment's validation metrics"
+        )
     return args
 
 
@@ -720,12 +901,14 @@ def _check_writable(path: str, what: str) -> None:
     """Fail before a long evaluation, not after it."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise utils.ConfigError(f"cannot write {what} {path!r}: {directory!r} is not a writable directory")
+        raise utils.ConfigError(
+            f"cannot write {what} {path!r}: {directory!r} is not a writable directory"
+        )
 
 
 def run_local(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     ckpt = open_checkpoint(args.checkpoint, args.overrides)
-    hp = utils.parse_hparams(ckpt.config.get("hyperparameters", {}), 1)
+    hp = hparams_of(ckpt)
     output = args.output or os.path.join(ckpt.path, EVALUATION_FILE)
     if args.export:
         _check_writable(args.export, "--export")
@@ -733,11 +916,12 @@ def run_local(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         _check_writable(output, "the result")
     if args.export:
         export_backbone(ckpt, hp, args.export)
-        print(f"exported the online backbone to {args.export} (description: {sidecar_path(args.export)})")
+        print(
+            f"exported the online backbone to {args.export} (description: {sidecar_path(args.export)})"
+        )
     if args.export_only:
         return None
-    result = evaluate(ckpt, args.classifier_train_epochs, not args.no_augment, args.classifier_lrs,
-                      args.batch_size, args.device)
+    result = evaluate_as_asked(ckpt, args)
     write_json(output, result)
     print(format_report(result))
     print(f"wrote {output} ({result['wall_time_s']:.0f} s)")
@@ -756,15 +940,26 @@ def run_launch(args: argparse.Namespace, sdk=None) -> None:
         # An explicit client object, not the module's one-login-per-process singleton.
         with master_errors(master_url):
             sdk = client.Determined(master=master_url)
-    model_dir = os.path.dirname(os.path.abspath(__file__))  # this package, as the training shipped it
+    model_dir = os.path.dirname(
+        os.path.abspath(__file__)
+    )  # this package, as the training shipped it
     new, best = launch_cluster_evaluation(
-        sdk, args.experiment_id, args.classifier_train_epochs, not args.no_augment, model_dir, master_url,
-        overrides=args.overrides, batch_size=args.batch_size, lrs=args.classifier_lrs,
+        sdk,
+        args.experiment_id,
+        args.classifier_train_epochs,
+        not args.no_augment,
+        model_dir,
+        master_url,
+        overrides=args.overrides,
+        batch_size=args.batch_size,
+        lrs=args.classifier_lrs,
     )
     print(f"experiment {args.experiment_id}: best checkpoint {best.uuid}")
     print(f"started evaluation experiment {new.id}: {master_url}/det/experiments/{new.id}/overview")
-    print(f"its test_accuracy appears there as a validation metric when it finishes "
-          f"(logs: det -m {master_url} experiment logs {new.id} --follow)")
+    print(
+        f"its test_accuracy appears there as a validation metric when it finishes "
+        f"(logs: det -m {master_url} experiment logs {new.id} --follow)"
+    )
 
 
 def run_in_cluster(args: argparse.Namespace) -> None:
@@ -782,7 +977,9 @@ def run_in_cluster(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None, sdk=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+    )
     args = parse_args(argv)
     try:
         if args.checkpoint is not None:

@@ -10,6 +10,7 @@ the ones the trial uses: images in <prefix>/<class>/ directories, by class then 
 Credentials: Application Default Credentials (or the emulator at STORAGE_EMULATOR_HOST).
 Exit status: 0 done, 1 the bucket could not be listed or holds no images there, 2 bad arguments.
 """
+
 import argparse
 import sys
 import time
@@ -17,6 +18,7 @@ from collections import Counter
 from typing import List, Optional, Sequence
 
 import data
+import gcs
 from utils import ConfigError, atomic_write, format_table
 
 
@@ -29,7 +31,9 @@ def parse_extensions(text: str) -> tuple:
     for item in text.split(","):
         item = item.strip().lower()
         if not item or item == ".":
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of extensions like .jpg,.png")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of extensions like .jpg,.png"
+            )
         extensions.append(item if item.startswith(".") else "." + item)
     return tuple(extensions)
 
@@ -37,18 +41,34 @@ def parse_extensions(text: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bucket-name", required=True, help="bucket, without gs://")
-    parser.add_argument("--bucket-path", required=True, help="prefix holding <class>/<image> objects, e.g. imagenet/train")
-    parser.add_argument("--output-file", required=True, help="where to write the list (replaced atomically)")
     parser.add_argument(
-        "--extensions", type=parse_extensions, default=data.IMAGE_EXTENSIONS,
+        "--bucket-path",
+        required=True,
+        help="prefix holding <class>/<image> objects, e.g. imagenet/train",
+    )
+    parser.add_argument(
+        "--output-file", required=True, help="where to write the list (replaced atomically)"
+    )
+    parser.add_argument(
+        "--extensions",
+        type=parse_extensions,
+        default=data.IMAGE_EXTENSIONS,
         help=f"comma-separated extensions to keep, case-insensitive (default {','.join(data.IMAGE_EXTENSIONS)})",
     )
-    parser.add_argument("--upload", metavar="OBJECT_NAME", help="also upload the list to this object of the bucket")
-    parser.add_argument("--progress-every", type=int, default=10000, metavar="N", help="report progress every N objects listed (stderr)")
+    parser.add_argument(
+        "--upload", metavar="OBJECT_NAME", help="also upload the list to this object of the bucket"
+    )
+    parser.add_argument(
+        "--progress-every",
+        type=int,
+        default=10000,
+        metavar="N",
+        help="report progress every N objects listed (stderr)",
+    )
     return parser
 
 
-def listing_error(error: data.GCSError, url: str, bucket: str) -> Failure:
+def listing_error(error: gcs.GCSError, url: str, bucket: str) -> Failure:
     if error.status == 404:
         return Failure(f"bucket gs://{bucket} does not exist (404)")
     if error.status in (401, 403):
@@ -67,28 +87,38 @@ def write_atomically(path: str, lines: Sequence[str]) -> None:
 
 def run(args: argparse.Namespace) -> None:
     try:
-        bucket, prefix = data.parse_gcs_url(f"gs://{args.bucket_name}/{args.bucket_path}")
+        bucket, prefix = gcs.parse_gcs_url(f"gs://{args.bucket_name}/{args.bucket_path}")
     except ConfigError as e:
         raise Failure(str(e)) from None
     url = f"gs://{bucket}/{prefix}"
     unreadable = [e for e in args.extensions if e not in data.IMAGE_EXTENSIONS]
     if unreadable:
-        print(f"note: the trial reads only {', '.join(data.IMAGE_EXTENSIONS)}; it will skip {', '.join(unreadable)} objects", file=sys.stderr)
+        print(
+            f"note: the trial reads only {', '.join(data.IMAGE_EXTENSIONS)}; it will skip {', '.join(unreadable)} objects",
+            file=sys.stderr,
+        )
 
     started = time.monotonic()
     next_report = [args.progress_every]
 
     def progress(count: int) -> None:
         if args.progress_every > 0 and count >= next_report[0]:
-            print(f"listed {count:,} objects under {url} ({time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
+            print(
+                f"listed {count:,} objects under {url} ({time.monotonic() - started:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
             next_report[0] = (count // args.progress_every + 1) * args.progress_every
 
     try:
-        client = data.gcs_client()
-        object_names = data.list_gcs_objects(client, bucket, prefix, on_page=progress)
-    except data.GCSError as e:
+        client = gcs.gcs_client()
+        object_names = gcs.list_gcs_objects(client, bucket, prefix, on_page=progress)
+    except gcs.GCSError as e:
         raise listing_error(e, url, bucket) from None
-    print(f"listed {len(object_names):,} objects in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    print(
+        f"listed {len(object_names):,} objects in {time.monotonic() - started:.1f}s",
+        file=sys.stderr,
+    )
     if not object_names:
         raise Failure(f"no objects under {url}: check --bucket-name and --bucket-path")
     bad = [n for n in object_names if "\n" in n or "\r" in n]
@@ -104,26 +134,39 @@ def run(args: argparse.Namespace) -> None:
     try:
         write_atomically(args.output_file, [prefix + n for n in names])
     except OSError as e:
-        raise Failure(f"cannot write --output-file {args.output_file!r}: {e.strerror or e}") from None
+        raise Failure(
+            f"cannot write --output-file {args.output_file!r}: {e.strerror or e}"
+        ) from None
 
     counts = Counter(labels)
-    print(format_table([[cls, str(counts[i])] for i, cls in enumerate(classes)], ["class", "images"]))
+    print(
+        format_table([[cls, str(counts[i])] for i, cls in enumerate(classes)], ["class", "images"])
+    )
     outside = sum(1 for n in object_names if n.lower().endswith(args.extensions)) - len(names)
     if outside:
-        print(f"left out {outside:,} images that are not in a class directory (directly under the prefix or hidden)")
+        print(
+            f"left out {outside:,} images that are not in a class directory (directly under the prefix or hidden)"
+        )
     print(f"{len(names):,} images in {len(classes)} classes under {url} -> {args.output_file}")
 
     if args.upload:
         target = f"gs://{bucket}/{args.upload}"
         blob = client.bucket(bucket).blob(args.upload)
         try:  # re-uploading the same list is harmless, so a retried upload is safe
-            data.call_with_retries(
+            gcs.call_with_retries(
                 target,
-                lambda: blob.upload_from_filename(args.output_file, content_type="text/plain", retry=None, timeout=data.GCS_TIMEOUT_S),
+                lambda: blob.upload_from_filename(
+                    args.output_file,
+                    content_type="text/plain",
+                    retry=None,
+                    timeout=gcs.GCS_TIMEOUT_S,
+                ),
             )
-        except data.GCSError as e:
+        except gcs.GCSError as e:
             raise Failure(str(e)) from None
-        print(f"uploaded to {target} (set data.train_blob_list or data.test_blob_list to {args.upload!r})")
+        print(
+            f"uploaded to {target} (set data.train_blob_list or data.test_blob_list to {args.upload!r})"
+        )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -7,6 +7,7 @@ One training step (BYOL paper, Section 3.1):
     target network (EMA copy of backbone + projector) -> symmetrised regression loss ->
     LARS step on the online network -> EMA step of the target.
 """
+
 import argparse
 import dataclasses
 import json
@@ -23,15 +24,21 @@ from determined import core, pytorch
 import byol
 import checkpoint
 import data
+import device
 import optim
 import utils
+from augment import TwoViewAugmentation
 from backbone import build_backbone
+from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
 from reducers import LinearProbeReducer, TrainingMetricsReducer
 
 logger = logging.getLogger("byol")
 
+
 class BYOLTrial(pytorch.PyTorchTrial):
-    def __init__(self, context: pytorch.PyTorchTrialContext, config: utils.ExperimentConfig) -> None:
+    def __init__(
+        self, context: pytorch.PyTorchTrialContext, config: utils.ExperimentConfig
+    ) -> None:
         self.context = context
         self.hp, self.data_config, self.run = config.hparams, config.data, config.run
         self.slots = context.distributed.get_size()
@@ -62,15 +69,19 @@ class BYOLTrial(pytorch.PyTorchTrial):
         self.total_steps = self.hp.epochs * self.batches_per_epoch
         self.warmup_steps = int(round(self.hp.warmup_epochs * self.batches_per_epoch))
         self.corrupt_log = data.CorruptImageLog(self.data_config.strict_images)
-        self.augment = data.TwoViewAugmentation(self.hp.augmentation, *self.splits.normalization)
+        # One augmentation for the run: it plans the crops in the loader and makes the views
+        # there (augment_on: loader) or on the device.
+        self.augment = TwoViewAugmentation(self.hp.augmentation, *self.splits.normalization)
         augment_on = self.hp.augment_on
         if augment_on == "auto":
             augment_on = "device" if self.on_cuda else "loader"
         self.augment_in_loader = augment_on == "loader"
+        self.normalize = device.Normalize(*self.splits.normalization, self.device)
 
     def _build_network(self) -> None:
-        """Online and target networks in one module; `self.network` is the plain module,
-        `self.model` the same module as Determined wrapped it (DDP over several slots)."""
+        """Online and target networks in one module: `self.network` is the plain module (its
+        parts, the EMA step), `self.wrapped_network` the same module as Determined wrapped it
+        (DistributedDataParallel over several slots) for the training forward pass."""
         backbone, feature_dim = build_backbone(
             self.hp.backbone_name, self.hp.cifar_stem, self.hp.pretrained_weights
         )
@@ -84,13 +95,12 @@ class BYOLTrial(pytorch.PyTorchTrial):
                     "not run on CPU processes; set it to false for CPU multi-process training"
                 )
             network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
-        self.channels_last = self.on_cuda
-        if self.channels_last:
+        if device.uses_channels_last(self.device):
             network = network.to(memory_format=torch.channels_last)
         if self.hp.compile:
             network.compile()
         self.network = network
-        self.model = self.context.wrap_model(network)
+        self.wrapped_network = self.context.wrap_model(network)
 
     def _build_optimizer(self) -> None:
         """LARS on the online network (the target network is not trained, only averaged)."""
@@ -102,10 +112,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 trust_coefficient=self.hp.lars_trust_coefficient,
             )
         )
-        precision = self.hp.precision
-        self.autocast_dtype = (
-            torch.bfloat16 if precision == "bf16" or (precision == "auto" and self.on_cuda) else None
-        )
+        self.autocast_dtype = device.autocast_dtype(self.hp.precision, self.device)
 
     def _build_metrics(self) -> None:
         """Training metrics, and the linear probe + kNN that validation reports."""
@@ -119,11 +126,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         self.previous_loss: Optional[torch.Tensor] = None
         if self.hp.validate_with_classifier:
             self.probe = self.context.wrap_reducer(
-                LinearProbeReducer(
-                    self.num_classes, self.hp.classifier_lrs, self.hp.classifier_train_epochs,
-                    self.hp.classifier_batch_size, self.hp.knn_k, self.hp.knn_temperature,
-                    self.run.seed, self.device,
-                ),
+                LinearProbeReducer(self.num_classes, self.hp.probe, self.run.seed, self.device),
                 for_training=False,
             )
 
@@ -136,8 +139,11 @@ class BYOLTrial(pytorch.PyTorchTrial):
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
         dataset = data.TrainImages(
-            self.splits.byol_train, self.hp.augmentation, self.run.seed, self.corrupt_log,
-            batch_transform=self.augment if self.augment_in_loader else None,
+            self.splits.byol_train,
+            self.augment,
+            self.run.seed,
+            self.corrupt_log,
+            self.augment_in_loader,
         )
         return pytorch.DataLoader(
             dataset,
@@ -149,31 +155,37 @@ class BYOLTrial(pytorch.PyTorchTrial):
         )
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
-        size = self.hp.augmentation.image_size
         if self.hp.validate_with_classifier:
             fit, held = data.holdout_split(
-                self.splits.labeled_train.labels, self.hp.classifier_holdout_fraction, self.run.seed
+                self.splits.labeled_train.labels, self.hp.probe.holdout_fraction, self.run.seed
             )
             dataset = data.EvalImages(
                 [
-                    (data.Subset(self.splits.labeled_train, fit), data.SPLIT_FIT),
-                    (data.Subset(self.splits.labeled_train, held), data.SPLIT_HOLDOUT),
-                    (self.splits.test, data.SPLIT_TEST),
+                    (data.Subset(self.splits.labeled_train, fit), SPLIT_FIT),
+                    (data.Subset(self.splits.labeled_train, held), SPLIT_HOLDOUT),
+                    (self.splits.test, SPLIT_TEST),
                 ],
-                size,
+                self.augment.size,
                 self.corrupt_log,
             )
             return pytorch.DataLoader(
-                dataset, batch_size=self.context.get_per_slot_batch_size(),
+                dataset,
+                batch_size=self.context.get_per_slot_batch_size(),
                 num_workers=self.data_config.num_workers,
             )
         # Without labels, validation scores the BYOL loss on held-out images with fixed views.
-        dataset = data.TrainImages(self.splits.test, self.hp.augmentation, self.run.seed, self.corrupt_log)
+        dataset = data.TrainImages(self.splits.test, self.augment, self.run.seed, self.corrupt_log)
         sampler = data.EpochBatchSampler(
-            len(self.splits.test), self.context.get_per_slot_batch_size(), 1, self.run.seed, fixed_epoch=-1
+            len(self.splits.test),
+            self.context.get_per_slot_batch_size(),
+            1,
+            self.run.seed,
+            fixed_epoch=-1,
         )
         return pytorch.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=dataset.collate,
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=dataset.collate,
             num_workers=self.data_config.num_workers,
         )
 
@@ -186,31 +198,32 @@ class BYOLTrial(pytorch.PyTorchTrial):
         return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
 
     def two_views(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """[2B, 3, S, S]: view 1 of every image, then view 2 (made in the loader or here)."""
         views = batch["views"] if "views" in batch else self.augment(batch["image"], batch["key"])
-        if self.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
-        return views
-
-    def autocast(self):
-        return torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        )
+        return device.memory_format(views, self.device)
 
     def forward_loss(self, views: torch.Tensor):
-        with self.autocast():
-            prediction, target_projection, online_projection = self.model(views)
+        """Online and target networks on both views -> the symmetrised BYOL loss."""
+        with device.autocast(self.device, self.autocast_dtype):
+            prediction, target_projection, online_projection = self.wrapped_network(views)
         return byol.byol_loss(prediction, target_projection), online_projection
 
-    def train_batch(self, batch: Dict[str, torch.Tensor], epoch_idx: int, batch_idx: int) -> Dict[str, Any]:
+    def train_batch(
+        self, batch: Dict[str, torch.Tensor], epoch_idx: int, batch_idx: int
+    ) -> Dict[str, Any]:
         step = batch_idx  # optimizer steps completed before this one
-        lr = optim.learning_rate_at(step, self.total_steps, self.warmup_steps, self.hp.peak_learning_rate)
+
+        # Learning rate of this step: linear warmup, then half a cosine (optim.py).
+        lr = optim.learning_rate_at(
+            step, self.total_steps, self.warmup_steps, self.hp.peak_learning_rate
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+        # Two augmented views of each image; online and target networks; the BYOL loss.
         batch = self.to_device(batch)
         loss, online_projection = self.forward_loss(self.two_views(batch))
+
         # The one host sync of the step: a non-finite loss must stop before the update.
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -219,11 +232,16 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 f"update; no checkpoint was written from this state. Lower "
                 f"hyperparameters.learning_rate or check the input data."
             )
+
+        # LARS step on the online network (backbone, projector, predictor).
         self.context.backward(loss)
         self.context.step_optimizer(self.optimizer)
+
+        # EMA step: the target network moves towards the online one by 1 - tau.
         tau = optim.ema_tau_at(step, self.total_steps, self.hp.tau_base)
         self.network.update_target(tau)
 
+        # Metrics stay on the device until Determined reports them.
         self.training_metrics.update(
             loss=loss.detach(),
             representation_std=byol.representation_std(online_projection),
@@ -241,12 +259,11 @@ class BYOLTrial(pytorch.PyTorchTrial):
             loss, _ = self.forward_loss(self.two_views(batch))
             return {"validation_loss": loss}
         valid = batch["valid"].bool()
-        images = self.augment.normalize(batch["image"][valid])
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            features = self.network.online_backbone(images)
-        self.probe.update(features, batch["label"][valid], batch["split"][valid], batch["index"][valid])
+        with device.autocast(self.device, self.autocast_dtype):
+            features = self.network.online_backbone(self.normalize(batch["image"][valid]))
+        self.probe.update(
+            features, batch["label"][valid], batch["split"][valid], batch["index"][valid]
+        )
         return {}
 
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
@@ -266,14 +283,17 @@ class CheckpointMarker(pytorch.PyTorchCallback):
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
         hp = self.trial.hp
         mean, std = self.trial.splits.normalization
-        checkpoint.write_marker(checkpoint_dir, {
-            "backbone_name": hp.backbone_name,
-            "cifar_stem": hp.cifar_stem,
-            "image_size": hp.augmentation.image_size,
-            "dataset_name": hp.dataset_name,
-            "normalization": {"mean": list(mean), "std": list(std)},
-            "slots": self.trial.slots,
-        })
+        checkpoint.write_marker(
+            checkpoint_dir,
+            {
+                "backbone_name": hp.backbone_name,
+                "cifar_stem": hp.cifar_stem,
+                "image_size": hp.augmentation.image_size,
+                "dataset_name": hp.dataset_name,
+                "normalization": {"mean": list(mean), "std": list(std)},
+                "slots": self.trial.slots,
+            },
+        )
         if self.trial.context.distributed.rank == 0:
             logger.info("checkpoint written: %s", checkpoint_dir)
 
@@ -284,18 +304,28 @@ class CheckpointMarker(pytorch.PyTorchCallback):
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", help="experiment config yaml (not needed on a cluster)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="DOTTED.PATH=VALUE",
-                        help="override a config value, e.g. hyperparameters.global_batch_size=128")
-    parser.add_argument("--checkpoint-dir", default="checkpoints-byol",
-                        help="where local checkpoints go (keep it out of the source tree's .detignore-d paths)")
-    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "config", nargs="?", help="experiment config yaml (not needed on a cluster)"
+    )
+    utils.add_set_option(parser, "hyperparameters.global_batch_size=128")
+    parser.add_argument(
+        "--checkpoint-dir",
+        default="checkpoints-byol",
+        help="where local checkpoints go (keep it out of the source tree's .detignore-d paths)",
+    )
+    parser.add_argument(
+        "--resume", metavar="CHECKPOINT", help="continue from this checkpoint directory"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+    )
     info = None
     try:
         import determined as det
@@ -308,7 +338,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     args = parse_args(argv)
     if args.config is None:
-        sys.exit("error: give an experiment config yaml, e.g. python model_def.py const-cifar10.yaml")
+        sys.exit(
+            "error: give an experiment config yaml, e.g. python model_def.py const-cifar10.yaml"
+        )
     try:
         run_locally(args)
     except utils.ConfigError as e:
@@ -397,14 +429,19 @@ def run_locally(args: argparse.Namespace) -> None:
     torch.manual_seed(experiment.run.seed)
     np.random.seed(experiment.run.seed)
 
-    with pytorch.init(hparams=config["hyperparameters"], exp_conf=config, distributed=distributed) as context:
+    with pytorch.init(
+        hparams=config["hyperparameters"], exp_conf=config, distributed=distributed
+    ) as context:
         trial = BYOLTrial(context, experiment)
         lengths = training_lengths(trial)
         if context.distributed.rank == 0:
             logger.info(
                 "training %d steps (%d epochs x %d batches of %d); checkpoints under %s",
-                trial.total_steps, trial.hp.epochs, trial.batches_per_epoch,
-                trial.hp.global_batch_size, os.path.join(checkpoint_dir, "determined"),
+                trial.total_steps,
+                trial.hp.epochs,
+                trial.batches_per_epoch,
+                trial.hp.global_batch_size,
+                os.path.join(checkpoint_dir, "determined"),
             )
         fit_locally(trial, context, lengths, resume)
     if distributed is not None:

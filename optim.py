@@ -1,5 +1,6 @@
 """LARS, its parameter groups, and the LR and EMA schedules of the BYOL paper (Section 3.2 and
 Appendix C). Schedules are pure functions of the step index."""
+
 import math
 from typing import Dict, List
 

@@ -5,6 +5,7 @@ it into frozen dataclasses (hyperparameters, data, run) and validate every value
 config is refused with a message naming the value and what is allowed before any data is read or
 any model is built. Nothing else in the package reads the raw dict.
 """
+
 import contextlib
 import dataclasses
 import math
@@ -40,6 +41,18 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     return config
 
 
+def add_set_option(parser: Any, example: str) -> None:
+    """The `--set DOTTED.PATH=VALUE` option (repeatable) of the commands that read a config."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="DOTTED.PATH=VALUE",
+        help=f"override a value of the experiment config (parsed as yaml), e.g. {example}",
+    )
+
+
 def apply_override(config: Dict[str, Any], override: str) -> None:
     """Set one `DOTTED.PATH=VALUE` in place. The path must already exist in the config, so a
     typo is refused instead of silently adding a key nobody reads. VALUE is parsed as yaml
@@ -61,7 +74,9 @@ def apply_override(config: Dict[str, Any], override: str) -> None:
             try:
                 node[key] = yaml.safe_load(raw_value)
             except yaml.YAMLError as e:
-                raise ConfigError(f"--set {dotted}: value {raw_value!r} is not valid yaml: {e}")
+                raise ConfigError(
+                    f"--set {dotted}: value {raw_value!r} is not valid yaml: {e}"
+                ) from None
         else:
             node = node[key]
 
@@ -99,10 +114,17 @@ class Augmentation:
     view1: ViewAugmentation
     view2: ViewAugmentation
 
-    @property
-    def blur_kernel_size(self) -> int:
-        """About 10% of the side, odd (23 px at 224, as in the paper)."""
-        return max(3, int(round(self.image_size * 0.1)) // 2 * 2 + 1)
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """The linear probe and kNN that validation runs (hyperparameters.classifier_*, knn_*)."""
+
+    lrs: Tuple[float, ...]  # one head per learning rate; the best on held-out images is chosen
+    epochs: int
+    batch_size: int
+    holdout_fraction: float  # of the labeled training images, held out to choose the LR
+    knn_k: int
+    knn_temperature: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,12 +149,7 @@ class HParams:
     compile: bool
     sync_batchnorm: bool
     validate_with_classifier: bool
-    classifier_lrs: Tuple[float, ...]
-    classifier_train_epochs: int
-    classifier_batch_size: int
-    classifier_holdout_fraction: float
-    knn_k: int
-    knn_temperature: float
+    probe: "ProbeConfig"
     collapse_std_threshold: float
 
     @property
@@ -220,7 +237,9 @@ class _Reader:
         if not ok:
             lo = "[" if low_inclusive else "("
             hi = "]" if high_inclusive else ")"
-            raise ConfigError(f"{self._name(key)}={value!r} must be a number in {lo}{low}, {high}{hi}")
+            raise ConfigError(
+                f"{self._name(key)}={value!r} must be a number in {lo}{low}, {high}{hi}"
+            )
         return float(value)
 
     def probability(self, key: str, default: Any = dataclasses.MISSING) -> float:
@@ -342,14 +361,14 @@ def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
         compile=r.boolean("compile", False),
         sync_batchnorm=r.boolean("sync_batchnorm", False),
         validate_with_classifier=r.boolean("validate_with_classifier", True),
-        classifier_lrs=tuple(float(v) for v in classifier_lrs),
-        classifier_train_epochs=r.integer("classifier_train_epochs", 50),
-        classifier_batch_size=r.integer("classifier_batch_size", 256),
-        classifier_holdout_fraction=r.number(
-            "classifier_holdout_fraction", 0.1, 0.0, 1.0, False, False
+        probe=ProbeConfig(
+            lrs=tuple(float(v) for v in classifier_lrs),
+            epochs=r.integer("classifier_train_epochs", 50),
+            batch_size=r.integer("classifier_batch_size", 256),
+            holdout_fraction=r.number("classifier_holdout_fraction", 0.1, 0.0, 1.0, False, False),
+            knn_k=r.integer("knn_k", 200),
+            knn_temperature=r.positive("knn_temperature", 0.1),
         ),
-        knn_k=r.integer("knn_k", 200),
-        knn_temperature=r.positive("knn_temperature", 0.1),
         collapse_std_threshold=r.number("collapse_std_threshold", 0.01, 0.0, 1.0),
     )
     r.refuse_unknown()
@@ -411,7 +430,12 @@ def _length(raw: Any, what: str, default: Dict[str, int]) -> Length:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise ConfigError(f"{what}={raw!r} must be {{epochs: N}} or {{batches: N}}")
     unit, value = next(iter(raw.items()))
-    if unit not in ("epochs", "batches") or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if (
+        unit not in ("epochs", "batches")
+        or isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 0
+    ):
         raise ConfigError(
             f"{what}={raw!r} must be {{epochs: N}} or {{batches: N}} with N an integer >= 0 "
             f"(0: never)"
@@ -475,7 +499,9 @@ def parse_run_config(raw: Dict[str, Any]) -> RunConfig:
     master's defaults, except the periods, which default to every epoch."""
     policy = raw.get("checkpoint_policy", "best")
     if policy not in CHECKPOINT_POLICIES:
-        raise ConfigError(f"checkpoint_policy={policy!r} is not one of: {', '.join(CHECKPOINT_POLICIES)}")
+        raise ConfigError(
+            f"checkpoint_policy={policy!r} is not one of: {', '.join(CHECKPOINT_POLICIES)}"
+        )
     reporting = raw.get("scheduling_unit", 100)
     if isinstance(reporting, bool) or not isinstance(reporting, int) or reporting < 1:
         raise ConfigError(f"scheduling_unit={reporting!r} must be an integer >= 1")
@@ -483,8 +509,12 @@ def parse_run_config(raw: Dict[str, Any]) -> RunConfig:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"reproducibility.experiment_seed={seed!r} must be an integer >= 0")
     return RunConfig(
-        validation_period=_length(raw.get("min_validation_period"), "min_validation_period", {"epochs": 1}),
-        checkpoint_period=_length(raw.get("min_checkpoint_period"), "min_checkpoint_period", {"epochs": 1}),
+        validation_period=_length(
+            raw.get("min_validation_period"), "min_validation_period", {"epochs": 1}
+        ),
+        checkpoint_period=_length(
+            raw.get("min_checkpoint_period"), "min_checkpoint_period", {"epochs": 1}
+        ),
         reporting_period=reporting,
         seed=seed,
         checkpoint_policy=policy,
@@ -547,3 +577,9 @@ def atomic_write(path: str, mode: str = "w", temp_prefix: str = ".tmp-") -> Iter
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m{rem % 60:02d}s"

@@ -10,6 +10,7 @@ it off). Server and proxy run in a child process, so they do not compete with th
 threads for one GIL. The emulator serves one request at a time, which caps the concurrent
 figure; a real bucket serves many at once. Only bytes are fetched: no decoding, no cache.
 """
+
 import argparse
 import io
 import os
@@ -25,9 +26,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from gcs_server import FakeGCSProcess  # noqa: E402
 
-# `data` (and torch with it) is imported in main(): the server's child process re-imports this
-# file and needs none of it.
-data = None
+# `data` and `gcs` (and torch with them) are imported in main(): the server's child process
+# re-imports this file and needs none of it.
+data = gcs = None
 
 BUCKET = "bench"
 PREFIX = "images/"
@@ -58,7 +59,7 @@ def images_from(directory: str, count: int):
 
 def measure(names, concurrency: int, batch: int, repeats: int) -> float:
     """Best images/s of `repeats` passes over `names`, read in batches as the loader does."""
-    store = data.GCSFiles(BUCKET, PREFIX, None, concurrency)
+    store = gcs.GCSFiles(BUCKET, PREFIX, None, concurrency)
     store.read_many(names[:concurrency])  # warm up: client, pool, connections
     best = 0.0
     for _ in range(repeats):
@@ -70,8 +71,9 @@ def measure(names, concurrency: int, batch: int, repeats: int) -> float:
 
 
 def main() -> None:
-    global data
+    global data, gcs
     import data
+    import gcs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=512, help="number of images")
@@ -80,20 +82,32 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="added to every request")
     parser.add_argument("--batch", type=int, default=256, help="images per read_many call")
     parser.add_argument("--concurrency", type=int, default=16, help="threads of the concurrent run")
-    parser.add_argument("--repeats", type=int, default=1, help="passes per setting (the best counts)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="passes per setting (the best counts)"
+    )
     args = parser.parse_args()
 
-    with FakeGCSProcess(latency_s=args.latency_ms / 1000) as gcs:
-        os.environ["STORAGE_EMULATOR_HOST"] = gcs.host
-        bucket = gcs.client().create_bucket(BUCKET)
-        source = images_from(args.images, args.count) if args.images else synthetic_jpegs(args.count, args.size)
+    with FakeGCSProcess(latency_s=args.latency_ms / 1000) as server:
+        os.environ["STORAGE_EMULATOR_HOST"] = server.host
+        bucket = server.client().create_bucket(BUCKET)
+        source = (
+            images_from(args.images, args.count)
+            if args.images
+            else synthetic_jpegs(args.count, args.size)
+        )
         names, total_bytes = [], 0
         for name, content in source:
             bucket.blob(PREFIX + name).upload_from_string(content)  # direct, no added latency
             names.append(name)
             total_bytes += len(content)
-        what = f"{len(names)} images from {args.images}" if args.images else f"{len(names)} synthetic {args.size}x{args.size} JPEGs"
-        print(f"{what}, {total_bytes / len(names) / 1024:.1f} KiB on average, read in batches of {args.batch}")
+        what = (
+            f"{len(names)} images from {args.images}"
+            if args.images
+            else f"{len(names)} synthetic {args.size}x{args.size} JPEGs"
+        )
+        print(
+            f"{what}, {total_bytes / len(names) / 1024:.1f} KiB on average, read in batches of {args.batch}"
+        )
         print(
             f"gcp-storage-emulator on 127.0.0.1 (another process) behind a proxy adding "
             f"{args.latency_ms:g} ms per request to model a real bucket's latency; the emulator "

@@ -9,7 +9,9 @@ the budget from a short timing of the training step; the LR and EMA schedules th
 those epochs. Settings differ from the yaml defaults where a CPU budget of minutes needs it
 (printed below); the yaml defaults stay the paper's.
 """
+
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,7 +29,7 @@ import evaluate_result  # noqa: E402
 import model_def  # noqa: E402
 import utils  # noqa: E402
 from backbone import build_backbone  # noqa: E402
-from reducers import knn_accuracy, linear_probe_metrics  # noqa: E402
+from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST, probe_metrics  # noqa: E402
 
 SETTINGS = {
     "backbone_name": "resnet18",
@@ -42,14 +44,24 @@ SETTINGS = {
 
 
 def overrides(folder: str, settings: dict, epochs: int) -> list:
-    out = ["--set", "hyperparameters.dataset_name=image_folder",
-           "--set", f"data.train_dir={os.path.join(folder, 'train')}",
-           "--set", f"data.test_dir={os.path.join(folder, 'test')}",
-           "--set", f"hyperparameters.epochs={epochs}",
-           "--set", "data.num_workers=1",
-           "--set", f"min_validation_period={{epochs: {epochs}}}",
-           "--set", f"min_checkpoint_period={{epochs: {epochs}}}",
-           "--set", "scheduling_unit=20"]
+    out = [
+        "--set",
+        "hyperparameters.dataset_name=image_folder",
+        "--set",
+        f"data.train_dir={os.path.join(folder, 'train')}",
+        "--set",
+        f"data.test_dir={os.path.join(folder, 'test')}",
+        "--set",
+        f"hyperparameters.epochs={epochs}",
+        "--set",
+        "data.num_workers=1",
+        "--set",
+        f"min_validation_period={{epochs: {epochs}}}",
+        "--set",
+        f"min_checkpoint_period={{epochs: {epochs}}}",
+        "--set",
+        "scheduling_unit=20",
+    ]
     for key, value in settings.items():
         out += ["--set", f"hyperparameters.{key}={json.dumps(value)}"]
     return out
@@ -75,20 +87,27 @@ def seconds_per_step(hp: utils.HParams, image_size: int) -> float:
 
 def probe(backbone, parts, hp, normalization, num_classes):
     """kNN and linear-probe test accuracy of a backbone's centre-crop features."""
-    features_of = evaluate_result.FrozenBackbone(backbone.eval(), *normalization, torch.device("cpu"), None)
-    by_split = evaluate_result.extract_features(features_of, parts, hp.augmentation.image_size, 256, 1,
-                                                data.CorruptImageLog(False))
-    features, labels, splits = (torch.cat(column) for column in zip(*(
-        (f, l, torch.full_like(l, split)) for split, (f, l) in by_split.items())))
-    metrics = linear_probe_metrics(features, labels, splits, num_classes, hp.classifier_lrs, 100, 256, seed=0)
-    labeled = splits != data.SPLIT_TEST
-    knn = knn_accuracy(features[labeled], labels[labeled], features[~labeled], labels[~labeled],
-                       num_classes, hp.knn_k, hp.knn_temperature)
-    return knn, metrics["test_accuracy"], metrics["classifier_best_lr"]
+    features_of = evaluate_result.FrozenBackbone(
+        backbone.eval(), *normalization, torch.device("cpu"), None
+    )
+    by_split = evaluate_result.extract_features(
+        features_of, parts, hp.augmentation.image_size, 256, 1, data.CorruptImageLog(False)
+    )
+    features, labels, splits = (
+        torch.cat(column)
+        for column in zip(
+            *((f, y, torch.full_like(y, split)) for split, (f, y) in by_split.items())
+        )
+    )
+    settings = dataclasses.replace(hp.probe, epochs=100, batch_size=256)
+    metrics = probe_metrics(features, labels, splits, num_classes, settings, seed=0)
+    return metrics["knn_accuracy"], metrics["test_accuracy"], metrics["classifier_best_lr"]
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("folder")
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--checkpoint-dir", default=None)
@@ -105,38 +124,67 @@ def main():
     # Leave room for start-up, the end-of-run validation and the two probes below (~10%).
     train_budget = args.minutes * 60 * 0.88 - (time.time() - wall_start)
     epochs = max(1, int(train_budget / (step_s * 1.1 * steps_per_epoch)))
-    print(f"images: {len(splits.byol_train)} train, {len(splits.test)} test; {steps_per_epoch} steps/epoch; "
-          f"{step_s:.2f} s/step measured -> {epochs} epochs for a {args.minutes:g}-minute budget")
-    print("settings:", json.dumps({**SETTINGS, "image_size": hp.augmentation.image_size,
-                                   "crop_scale": hp.augmentation.crop_scale, "epochs": epochs,
-                                   "optimizer": "LARS", "classifier_lrs": hp.classifier_lrs}))
+    print(
+        f"images: {len(splits.byol_train)} train, {len(splits.test)} test; {steps_per_epoch} steps/epoch; "
+        f"{step_s:.2f} s/step measured -> {epochs} epochs for a {args.minutes:g}-minute budget"
+    )
+    print(
+        "settings:",
+        json.dumps(
+            {
+                **SETTINGS,
+                "image_size": hp.augmentation.image_size,
+                "crop_scale": hp.augmentation.crop_scale,
+                "epochs": epochs,
+                "optimizer": "LARS",
+                "classifier_lrs": hp.probe.lrs,
+            }
+        ),
+    )
 
     checkpoint_dir = args.checkpoint_dir or tempfile.mkdtemp(prefix="byol-quality-")
     train_start = time.time()
     os.chdir(ROOT)
-    model_def.main([config_path, "--checkpoint-dir", checkpoint_dir, *overrides(folder, SETTINGS, epochs)])
+    model_def.main(
+        [config_path, "--checkpoint-dir", checkpoint_dir, *overrides(folder, SETTINGS, epochs)]
+    )
     train_s = time.time() - train_start
 
-    final = max((os.path.join(checkpoint_dir, "determined", d) for d in os.listdir(os.path.join(checkpoint_dir, "determined"))),
-                key=lambda d: json.load(open(os.path.join(d, "metadata.json")))["steps_completed"])
-    state = torch.load(os.path.join(final, "state_dict.pth"), map_location="cpu", weights_only=True)["models_state_dict"][0]
+    final = max(
+        (
+            os.path.join(checkpoint_dir, "determined", d)
+            for d in os.listdir(os.path.join(checkpoint_dir, "determined"))
+        ),
+        key=lambda d: json.load(open(os.path.join(d, "metadata.json")))["steps_completed"],
+    )
+    state = torch.load(
+        os.path.join(final, "state_dict.pth"), map_location="cpu", weights_only=True
+    )["models_state_dict"][0]
     trained, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
     trained.load_state_dict(evaluate_result.online_backbone_state(state, final))
     torch.manual_seed(0)  # the same initialisation the run started from
     random_init, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
 
-    fit, held = data.holdout_split(splits.labeled_train.labels, hp.classifier_holdout_fraction, 0)
-    parts = [(data.Subset(splits.labeled_train, fit), data.SPLIT_FIT),
-             (data.Subset(splits.labeled_train, held), data.SPLIT_HOLDOUT),
-             (splits.test, data.SPLIT_TEST)]
+    fit, held = data.holdout_split(splits.labeled_train.labels, hp.probe.holdout_fraction, 0)
+    parts = [
+        (data.Subset(splits.labeled_train, fit), SPLIT_FIT),
+        (data.Subset(splits.labeled_train, held), SPLIT_HOLDOUT),
+        (splits.test, SPLIT_TEST),
+    ]
     num_classes = len(splits.labeled_train.classes)
     rows = []
     for name, backbone in (("random init", random_init), (f"BYOL, {epochs} epochs", trained)):
         knn, linear, lr = probe(backbone, parts, hp, splits.normalization, num_classes)
         rows.append([name, f"{100 * knn:.1f}%", f"{100 * linear:.1f}%", f"{lr:g}"])
-    print(f"\ntraining took {train_s / 60:.1f} min wall; whole benchmark {(time.time() - wall_start) / 60:.1f} min; "
-          f"checkpoint {final}")
-    print(utils.format_table(rows, ["backbone", "kNN (k=200, T=0.1)", "linear probe (100 epochs)", "chosen LR"]))
+    print(
+        f"\ntraining took {train_s / 60:.1f} min wall; whole benchmark {(time.time() - wall_start) / 60:.1f} min; "
+        f"checkpoint {final}"
+    )
+    print(
+        utils.format_table(
+            rows, ["backbone", "kNN (k=200, T=0.1)", "linear probe (100 epochs)", "chosen LR"]
+        )
+    )
 
 
 if __name__ == "__main__":

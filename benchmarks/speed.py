@@ -16,6 +16,7 @@
 Timings interleave the contenders (A B A B ...) and report medians, so drift of a shared machine
 hits both alike.
 """
+
 import argparse
 import importlib.util
 import os
@@ -31,8 +32,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import augment  # noqa: E402
 import byol  # noqa: E402
-import data  # noqa: E402
 import optim  # noqa: E402
 import utils  # noqa: E402
 from backbone import build_backbone  # noqa: E402
@@ -61,17 +62,23 @@ def make_trial(folder, checkpoint_dir):
 
     import model_def
 
-    config = utils.load_config(os.path.join(ROOT, "const-cifar10.yaml"), [
-        "hyperparameters.dataset_name=image_folder", f"data.train_dir={folder}/train",
-        f"data.test_dir={folder}/test", f"hyperparameters.global_batch_size={BATCH}",
-        "hyperparameters.cifar_stem=false", "data.num_workers=0",
-        "hyperparameters.classifier_train_epochs=10",
-    ])
+    config = utils.load_config(
+        os.path.join(ROOT, "const-cifar10.yaml"),
+        [
+            "hyperparameters.dataset_name=image_folder",
+            f"data.train_dir={folder}/train",
+            f"data.test_dir={folder}/test",
+            f"hyperparameters.global_batch_size={BATCH}",
+            "hyperparameters.cifar_stem=false",
+            "data.num_workers=0",
+            "hyperparameters.classifier_train_epochs=10",
+        ],
+    )
     os.environ["XDG_DATA_HOME"] = checkpoint_dir
     context_manager = pytorch.init(hparams=config["hyperparameters"], exp_conf=config)
     context = context_manager.__enter__()
     torch.manual_seed(0)
-    return model_def.BYOLTrial(context), config
+    return model_def.BYOLTrial(context, utils.parse_experiment_config(config)), config
 
 
 def write_folder(root, per_class=64, classes=4, test_per_class=16):
@@ -80,7 +87,9 @@ def write_folder(root, per_class=64, classes=4, test_per_class=16):
         for c in range(classes):
             os.makedirs(f"{root}/{split}/c{c}", exist_ok=True)
             for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)).save(f"{root}/{split}/c{c}/{i}.png")
+                Image.fromarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)).save(
+                    f"{root}/{split}/c{c}/{i}.png"
+                )
 
 
 def bare_step_fn(trial):
@@ -111,7 +120,9 @@ def load_byol_pytorch(path):
     """byol_pytorch/byol_pytorch.py from DIR, without its package __init__ (which needs
     `accelerate` for a trainer we do not use)."""
     sys.path.insert(0, path)
-    spec = importlib.util.spec_from_file_location("byol_pytorch_module", os.path.join(path, "byol_pytorch", "byol_pytorch.py"))
+    spec = importlib.util.spec_from_file_location(
+        "byol_pytorch_module", os.path.join(path, "byol_pytorch", "byol_pytorch.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -121,19 +132,30 @@ def pil_pipeline(aug):
     from torchvision import transforms as T
 
     def view(spec):
-        return T.Compose([
-            T.RandomResizedCrop(aug.image_size, scale=aug.crop_scale),
-            T.RandomHorizontalFlip(aug.flip_prob),
-            T.RandomApply([T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)], p=aug.jitter_prob),
-            T.RandomGrayscale(aug.grayscale_prob),
-            T.RandomApply([T.GaussianBlur(aug.blur_kernel_size, aug.blur_sigma)], p=spec.blur_prob),
-            T.RandomSolarize(128, p=spec.solarize_prob),
-            T.ToTensor(),
-            T.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
-        ])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(aug.image_size, scale=aug.crop_scale),
+                T.RandomHorizontalFlip(aug.flip_prob),
+                T.RandomApply(
+                    [T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)],
+                    p=aug.jitter_prob,
+                ),
+                T.RandomGrayscale(aug.grayscale_prob),
+                T.RandomApply(
+                    [T.GaussianBlur(augment.blur_kernel_size(aug.image_size), aug.blur_sigma)],
+                    p=spec.blur_prob,
+                ),
+                T.RandomSolarize(128, p=spec.solarize_prob),
+                T.ToTensor(),
+                T.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
+            ]
+        )
 
     v1, v2 = view(aug.view1), view(aug.view2)
-    return lambda images: [torch.stack([v1(im) for im in images]), torch.stack([v2(im) for im in images])]
+    return lambda images: [
+        torch.stack([v1(im) for im in images]),
+        torch.stack([v2(im) for im in images]),
+    ]
 
 
 def kornia_pipeline(aug):
@@ -145,7 +167,14 @@ def kornia_pipeline(aug):
             K.RandomHorizontalFlip(p=aug.flip_prob),
             K.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue, p=aug.jitter_prob),
             K.RandomGrayscale(p=aug.grayscale_prob),
-            K.RandomGaussianBlur((aug.blur_kernel_size, aug.blur_kernel_size), aug.blur_sigma, p=spec.blur_prob),
+            K.RandomGaussianBlur(
+                (
+                    augment.blur_kernel_size(aug.image_size),
+                    augment.blur_kernel_size(aug.image_size),
+                ),
+                aug.blur_sigma,
+                p=spec.blur_prob,
+            ),
             K.RandomSolarize(0.0, 0.0, p=spec.solarize_prob),
             K.Normalize(torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26])),
         )
@@ -155,8 +184,12 @@ def kornia_pipeline(aug):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--byol-pytorch", help="directory holding byol_pytorch/ 0.9.1 (and einops, beartype)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--byol-pytorch", help="directory holding byol_pytorch/ 0.9.1 (and einops, beartype)"
+    )
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; no GPU in this run")
@@ -168,7 +201,11 @@ def main():
         hp = trial.hp
         torch.manual_seed(0)
         views = torch.randn(2 * BATCH, 3, IMAGE, IMAGE)
-        batch = {"views": views, "corrupt": torch.zeros(BATCH, dtype=torch.long), "key": torch.zeros(BATCH)}
+        batch = {
+            "views": views,
+            "corrupt": torch.zeros(BATCH, dtype=torch.long),
+            "key": torch.zeros(BATCH),
+        }
         step = [0]
 
         def ours():
@@ -183,9 +220,16 @@ def main():
             bp = load_byol_pytorch(args.byol_pytorch)
             net, _ = build_backbone("resnet18", cifar_stem=False)
             net.fc = torch.nn.Linear(512, 10)  # byol-pytorch hooks the layer before fc
-            learner = bp.BYOL(net, image_size=IMAGE, hidden_layer="avgpool", projection_size=256,
-                              projection_hidden_size=4096, augment_fn=torch.nn.Identity(),
-                              moving_average_decay=0.99, use_simplicial_embeddings=False)
+            learner = bp.BYOL(
+                net,
+                image_size=IMAGE,
+                hidden_layer="avgpool",
+                projection_size=256,
+                projection_hidden_size=4096,
+                augment_fn=torch.nn.Identity(),
+                moving_average_decay=0.99,
+                use_simplicial_embeddings=False,
+            )
             bp_opt = optim.LARS(optim.lars_param_groups(learner, 1.5e-6), lr=0.1, momentum=0.9)
             images = views[:BATCH]
 
@@ -199,11 +243,15 @@ def main():
             contenders["byol-pytorch 0.9.1"] = byol_pytorch_step
 
         medians = interleaved(contenders, args.repeats)
-        print(f"\n1-2. training step, ResNet-18 (ImageNet stem), batch {BATCH} x 2 views of {IMAGE} px, CPU "
-              f"(median of {args.repeats}, interleaved)")
+        print(
+            f"\n1-2. training step, ResNet-18 (ImageNet stem), batch {BATCH} x 2 views of {IMAGE} px, CPU "
+            f"(median of {args.repeats}, interleaved)"
+        )
         for name, seconds in medians.items():
             print(f"   {name:20s} {seconds * 1000:8.1f} ms/step  {BATCH / seconds:7.1f} images/s")
-        print(f"   ours / bare time            = {medians['ours'] / medians['bare']:.3f}x  (goal <= 1.00x)")
+        print(
+            f"   ours / bare time            = {medians['ours'] / medians['bare']:.3f}x  (goal <= 1.00x)"
+        )
         rows.append(["ours / bare step time", f"{medians['ours'] / medians['bare']:.3f}x"])
         if "byol-pytorch 0.9.1" in medians:
             speedup = medians["byol-pytorch 0.9.1"] / medians["ours"]
@@ -219,10 +267,13 @@ def main():
         arrays = rng.integers(0, 255, (n, IMAGE, IMAGE, 3), dtype=np.uint8)
         pil_images = [Image.fromarray(a) for a in arrays]
         uint8 = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
-        keys = data.sample_keys(0, 0, torch.arange(n))
-        ours_aug = data.TwoViewAugmentation(aug, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+        keys = augment.sample_keys(0, 0, torch.arange(n))
+        ours_aug = augment.TwoViewAugmentation(aug, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
         pil = pil_pipeline(aug)
-        aug_contenders = {"ours (batched)": lambda: ours_aug(uint8, keys), "PIL per image": lambda: pil(pil_images)}
+        aug_contenders = {
+            "ours (batched)": lambda: ours_aug(uint8, keys),
+            "PIL per image": lambda: pil(pil_images),
+        }
         try:
             kornia_views = kornia_pipeline(aug)
             aug_contenders["kornia (batched)"] = lambda: kornia_views(uint8.float() / 255)
@@ -245,7 +296,9 @@ def main():
         loader = trial.build_validation_data_loader()
         backbone = trial.network.online_backbone
         seen = [0]
-        hook = backbone.register_forward_hook(lambda m, inp, out: seen.__setitem__(0, seen[0] + inp[0].shape[0]))
+        hook = backbone.register_forward_hook(
+            lambda m, inp, out: seen.__setitem__(0, seen[0] + inp[0].shape[0])
+        )
         trial.network.eval()
         labeled = len(loader.dataset)
         start = time.perf_counter()
@@ -260,13 +313,17 @@ def main():
         with torch.no_grad():
             start = time.perf_counter()
             for b in loader:
-                backbone(trial.augment.normalize(b["image"]))
+                backbone(trial.normalize(b["image"]))
             one_pass_s = time.perf_counter() - start
-        print(f"\n4. validation ({labeled} labeled + test images, {hp.classifier_train_epochs} classifier epochs "
-              f"on cached features, {len(hp.classifier_lrs)} heads)")
+        print(
+            f"\n4. validation ({labeled} labeled + test images, {hp.probe.epochs} classifier epochs "
+            f"on cached features, {len(hp.probe.lrs)} heads)"
+        )
         print(f"   backbone forward passes per image: {seen[0] / labeled:.2f}")
-        print(f"   validation wall time = {total_s / one_pass_s:.2f} forward passes over the images "
-              f"(feature extraction {extract_s:.2f} s, heads + kNN {total_s - extract_s:.2f} s)")
+        print(
+            f"   validation wall time = {total_s / one_pass_s:.2f} forward passes over the images "
+            f"(feature extraction {extract_s:.2f} s, heads + kNN {total_s - extract_s:.2f} s)"
+        )
         rows.append(["validation, backbone passes per image", f"{seen[0] / labeled:.2f}"])
         rows.append(["validation time in forward-pass units", f"{total_s / one_pass_s:.2f}"])
 

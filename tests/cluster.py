@@ -21,6 +21,7 @@ How each piece mirrors Determined 0.38.1:
     the model copy (/run/determined/train/model) point into the test's temp dir, so nothing on
     this machine's /run is touched.
 """
+
 import base64
 import contextlib
 import copy
@@ -99,11 +100,15 @@ def master_form(config: Dict[str, Any], storage_dir: str) -> Dict[str, Any]:
     for key, default in _schema_defaults("experiment.json").items():
         expanded.setdefault(key, copy.deepcopy(default))
     searcher = expanded["searcher"]
-    for key, default in _schema_defaults(f"searcher-{searcher['name'].replace('_', '-')}.json").items():
+    for key, default in _schema_defaults(
+        f"searcher-{searcher['name'].replace('_', '-')}.json"
+    ).items():
         searcher.setdefault(key, copy.deepcopy(default))
     expanded["hyperparameters"] = expand_hyperparameters(config.get("hyperparameters") or {})
     storage = dict(expanded.get("checkpoint_storage") or {})
-    storage.update(type="shared_fs", host_path=storage_dir, storage_path=None, propagation="rprivate")
+    storage.update(
+        type="shared_fs", host_path=storage_dir, storage_path=None, propagation="rprivate"
+    )
     expanded["checkpoint_storage"] = storage
     return expanded
 
@@ -208,8 +213,14 @@ class Cluster:
         self.trials[trial_id] = trial
         return trial
 
-    def launch(self, trial: Trial, slots: int, latest_checkpoint: Optional[str] = None,
-               steps_completed: int = 0, timeout: float = 600) -> subprocess.CompletedProcess:
+    def launch(
+        self,
+        trial: Trial,
+        slots: int,
+        latest_checkpoint: Optional[str] = None,
+        steps_completed: int = 0,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess:
         """One run of the trial in one container with `slots` slots; returns when it exits."""
         trial.run_id += 1
         trial.preempt.clear()
@@ -260,8 +271,12 @@ class Cluster:
         if latest_checkpoint is not None:
             env["DET_LATEST_CHECKPOINT"] = latest_checkpoint
         self.container = subprocess.Popen(
-            ["bash", "-c", ENTRYPOINT_SH], cwd=workdir, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            ["bash", "-c", ENTRYPOINT_SH],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         try:
             log, _ = self.container.communicate(timeout=timeout)
@@ -285,7 +300,9 @@ class Cluster:
         return bindings.v1LoginResponse(token="user-token", user=user)
 
     def get_GetMe(self, call: Call) -> bindings.v1GetMeResponse:
-        return bindings.v1GetMeResponse(user=bindings.v1User(active=True, admin=True, username="determined", id=1))
+        return bindings.v1GetMeResponse(
+            user=bindings.v1User(active=True, admin=True, username="determined", id=1)
+        )
 
     def post_CreateExperiment(self, call: Call) -> bindings.v1CreateExperimentResponse:
         import yaml
@@ -295,7 +312,9 @@ class Cluster:
         experiment_id = len(self.experiments) + 1
         expanded = master_form(config, str(self.storage))
         self.experiments[experiment_id] = {
-            "original": original, "config": expanded, "files": call.body.modelDefinition or [],
+            "original": original,
+            "config": expanded,
+            "files": call.body.modelDefinition or [],
             "request": call.body,
         }
         return bindings.v1CreateExperimentResponse(
@@ -305,11 +324,19 @@ class Cluster:
     def _experiment(self, experiment_id: int) -> bindings.v1Experiment:
         experiment = self.experiments[experiment_id]
         return bindings.v1Experiment(
-            archived=False, config=experiment["config"], id=experiment_id, jobId=f"job-{experiment_id}",
-            name=experiment["config"].get("name") or "", numTrials=len(self.trials),
-            originalConfig=experiment["original"], projectId=1, projectOwnerId=1,
-            searcherType=experiment["config"]["searcher"]["name"], startTime="2026-11-28T00:00:00Z",
-            state=bindings.experimentv1State.ACTIVE, username="determined",
+            archived=False,
+            config=experiment["config"],
+            id=experiment_id,
+            jobId=f"job-{experiment_id}",
+            name=experiment["config"].get("name") or "",
+            numTrials=len(self.trials),
+            originalConfig=experiment["original"],
+            projectId=1,
+            projectOwnerId=1,
+            searcherType=experiment["config"]["searcher"]["name"],
+            startTime="2026-11-28T00:00:00Z",
+            state=bindings.experimentv1State.ACTIVE,
+            username="determined",
         )
 
     def get_GetTaskContextDirectory(self, call: Call) -> bindings.v1GetTaskContextDirectoryResponse:
@@ -321,7 +348,9 @@ class Cluster:
     def post_PostAllocationAcceleratorData(self, call: Call) -> None:
         return None
 
-    def get_AllocationRendezvousInfo(self, call: Call) -> bindings.v1AllocationRendezvousInfoResponse:
+    def get_AllocationRendezvousInfo(
+        self, call: Call
+    ) -> bindings.v1AllocationRendezvousInfoResponse:
         slots = self.slots[call.params["allocationId"]]
         info = bindings.v1RendezvousInfo(addresses=["127.0.0.1"], rank=0, slots=[slots])
         return bindings.v1AllocationRendezvousInfoResponse(rendezvousInfo=info)
@@ -336,18 +365,29 @@ class Cluster:
         if validations:
             steps = max(validations)
             latest = bindings.v1MetricsWorkload(
-                metrics=bindings.v1Metrics(avgMetrics=validations[steps]), numInputs=0, totalBatches=steps
+                metrics=bindings.v1Metrics(avgMetrics=validations[steps]),
+                numInputs=0,
+                totalBatches=steps,
             )
-        return bindings.v1GetTrialResponse(trial=bindings.trialv1Trial(
-            experimentId=trial.experiment_id, hparams=trial.hparams, id=trial.id,
-            restarts=trial.run_id - 1, startTime="2026-11-28T00:00:00Z",
-            state=bindings.trialv1State.RUNNING, totalBatchesProcessed=0, latestValidation=latest,
-        ))
+        return bindings.v1GetTrialResponse(
+            trial=bindings.trialv1Trial(
+                experimentId=trial.experiment_id,
+                hparams=trial.hparams,
+                id=trial.id,
+                restarts=trial.run_id - 1,
+                startTime="2026-11-28T00:00:00Z",
+                state=bindings.trialv1State.RUNNING,
+                totalBatchesProcessed=0,
+                latestValidation=latest,
+            )
+        )
 
     def post_PostTrialRunnerMetadata(self, call: Call) -> None:
         return None
 
-    def get_AllocationPreemptionSignal(self, call: Call) -> bindings.v1AllocationPreemptionSignalResponse:
+    def get_AllocationPreemptionSignal(
+        self, call: Call
+    ) -> bindings.v1AllocationPreemptionSignalResponse:
         """A long poll: answers at once when the allocation is to stop, else when its timeout
         passes (or the flag is set meanwhile), as the master does."""
         trial = self.allocations[call.params["allocationId"]]
@@ -360,16 +400,27 @@ class Cluster:
     def post_ReportTrialMetrics(self, call: Call) -> None:
         metrics = call.body.metrics
         trial = self.trials[metrics.trialId]
-        trial.metrics.append({"group": call.body.group, "steps": metrics.stepsCompleted,
-                              "metrics": metrics.metrics.avgMetrics})
+        trial.metrics.append(
+            {
+                "group": call.body.group,
+                "steps": metrics.stepsCompleted,
+                "metrics": metrics.metrics.avgMetrics,
+            }
+        )
         self._after(call)
 
-    def get_GetBestSearcherValidationMetric(self, call: Call) -> bindings.v1GetBestSearcherValidationMetricResponse:
+    def get_GetBestSearcherValidationMetric(
+        self, call: Call
+    ) -> bindings.v1GetBestSearcherValidationMetricResponse:
         experiment_id = int(call.params["experimentId"])
         searcher = self.experiments[experiment_id]["config"]["searcher"]
-        values = [m["metrics"][searcher["metric"]] for t in self.trials.values()
-                  if t.experiment_id == experiment_id for m in t.metrics
-                  if m["group"] == "validation" and searcher["metric"] in m["metrics"]]
+        values = [
+            m["metrics"][searcher["metric"]]
+            for t in self.trials.values()
+            if t.experiment_id == experiment_id
+            for m in t.metrics
+            if m["group"] == "validation" and searcher["metric"] in m["metrics"]
+        ]
         if not values:
             raise NotFound(f"experiment {experiment_id} has no validation yet")
         best = min(values) if searcher["smaller_is_better"] else max(values)
@@ -387,40 +438,64 @@ class Cluster:
         config = self.experiments[trial.experiment_id]["config"]
         validation = trial.reported("validation").get(reported.metadata["steps_completed"])
         training = bindings.v1CheckpointTrainingMetadata(
-            experimentConfig=config, experimentId=trial.experiment_id, hparams=trial.hparams,
+            experimentConfig=config,
+            experimentId=trial.experiment_id,
+            hparams=trial.hparams,
             trialId=trial.id,
             validationMetrics=bindings.v1Metrics(avgMetrics=validation) if validation else None,
             searcherMetric=validation.get(config["searcher"]["metric"]) if validation else None,
         )
         return bindings.v1Checkpoint(
-            metadata=reported.metadata, resources=reported.resources,
-            state=bindings.checkpointv1State.COMPLETED, training=training, uuid=reported.uuid,
-            allocationId=reported.allocationId, reportTime=reported.reportTime, taskId=reported.taskId,
+            metadata=reported.metadata,
+            resources=reported.resources,
+            state=bindings.checkpointv1State.COMPLETED,
+            training=training,
+            uuid=reported.uuid,
+            allocationId=reported.allocationId,
+            reportTime=reported.reportTime,
+            taskId=reported.taskId,
         )
 
-    def get_GetExperimentCheckpoints(self, call: Call) -> bindings.v1GetExperimentCheckpointsResponse:
+    def get_GetExperimentCheckpoints(
+        self, call: Call
+    ) -> bindings.v1GetExperimentCheckpointsResponse:
         """Sorted by the searcher metric (best first), the SDK's default; other sorts are refused."""
         experiment_id = int(call.params["id"])
         if call.query.get("sortByAttr") != bindings.checkpointv1SortBy.SEARCHER_METRIC.value:
             raise ValueError(f"sorting by {call.query} is not modelled")
         searcher = self.experiments[experiment_id]["config"]["searcher"]
-        found = [self._checkpoint(t, c) for t in self.trials.values()
-                 if t.experiment_id == experiment_id for c in t.checkpoints]
+        found = [
+            self._checkpoint(t, c)
+            for t in self.trials.values()
+            if t.experiment_id == experiment_id
+            for c in t.checkpoints
+        ]
         scored = [c for c in found if c.training.searcherMetric is not None]
-        scored.sort(key=lambda c: c.training.searcherMetric, reverse=not searcher["smaller_is_better"])
+        scored.sort(
+            key=lambda c: c.training.searcherMetric, reverse=not searcher["smaller_is_better"]
+        )
         # The master's pagination (api.Paginate in master/internal/api/query.go).
         offset, limit = int(call.query.get("offset", 0)), int(call.query.get("limit", 0))
-        page = scored[offset: offset + limit if limit else None]
-        return bindings.v1GetExperimentCheckpointsResponse(checkpoints=page, pagination=bindings.v1Pagination(
-            offset=offset, limit=limit, startIndex=offset, endIndex=offset + len(page), total=len(scored),
-        ))
+        page = scored[offset : offset + limit if limit else None]
+        return bindings.v1GetExperimentCheckpointsResponse(
+            checkpoints=page,
+            pagination=bindings.v1Pagination(
+                offset=offset,
+                limit=limit,
+                startIndex=offset,
+                endIndex=offset + len(page),
+                total=len(scored),
+            ),
+        )
 
     def get_GetCheckpoint(self, call: Call) -> bindings.v1GetCheckpointResponse:
         uuid = call.params["checkpointUuid"]
         for trial in self.trials.values():
             for reported in trial.checkpoints:
                 if reported.uuid == uuid:
-                    return bindings.v1GetCheckpointResponse(checkpoint=self._checkpoint(trial, reported))
+                    return bindings.v1GetCheckpointResponse(
+                        checkpoint=self._checkpoint(trial, reported)
+                    )
         raise NotFound(f"checkpoint {uuid} not found")
 
     def post_ReportTrialProgress(self, call: Call) -> None:

@@ -1,4 +1,5 @@
 """Tiny datasets in the real on-disk formats, and a helper that runs the real training command."""
+
 import os
 import pickle
 import sys
@@ -31,7 +32,9 @@ def write_image_folder(root):
         for label, cls in enumerate(CLASSES):
             os.makedirs(root / split / cls)
             for i in range(count):
-                Image.fromarray(synthetic_image(rng, label, 16)).save(root / split / cls / f"{i:03d}.png")
+                Image.fromarray(synthetic_image(rng, label, 16)).save(
+                    root / split / cls / f"{i:03d}.png"
+                )
     return root
 
 
@@ -61,20 +64,41 @@ def write_cifar10(root, train_count=40, test_count=20) -> None:
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(1)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f, protocol=2)
+        pickle.dump(
+            {"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f, protocol=2
+        )
     files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in files:
         count = test_count if name == "test_batch" else train_count // 5
         labels = [int(v) for v in rng.integers(0, 10, count)]
-        images = np.stack([synthetic_image(rng, l, 32) for l in labels])
+        images = np.stack([synthetic_image(rng, label, 32) for label in labels])
         # Rows are channel-major 3072-byte vectors (R plane, G plane, B plane).
         rows = images.transpose(0, 3, 1, 2).reshape(count, 3072)
         with open(os.path.join(folder, name), "wb") as f:
             # The real files are Python 2 pickles whose str keys load as str with latin1.
-            pickle.dump({"batch_label": name, "labels": labels, "data": rows,
-                         "filenames": [f"{i}.png" for i in range(count)]}, f, protocol=2)
+            pickle.dump(
+                {
+                    "batch_label": name,
+                    "labels": labels,
+                    "data": rows,
+                    "filenames": [f"{i}.png" for i in range(count)],
+                },
+                f,
+                protocol=2,
+            )
 
 
 def write_stl10(root, train_count=10, unlabeled_count=12, test_count=10) -> None:
@@ -85,12 +109,28 @@ def write_stl10(root, train_count=10, unlabeled_count=12, test_count=10) -> None
     names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
     with open(os.path.join(folder, "class_names.txt"), "w") as f:
         f.write("\n".join(names) + "\n")
-    for split, count, labeled in (("train", train_count, True), ("unlabeled", unlabeled_count, False), ("test", test_count, True)):
+    for split, count, labeled in (
+        ("train", train_count, True),
+        ("unlabeled", unlabeled_count, False),
+        ("test", test_count, True),
+    ):
         labels = rng.integers(0, 10, count)
-        images = np.stack([synthetic_image(rng, int(l), 96) for l in labels])
+        images = np.stack([synthetic_image(rng, int(label), 96) for label in labels])
         images.transpose(0, 3, 2, 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_X.bin"))
         if labeled:
             (labels + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
+
+
+def folder_overrides(folder):
+    """`--set` arguments that train on an image folder written by write_image_folder."""
+    return [
+        "--set",
+        "hyperparameters.dataset_name=image_folder",
+        "--set",
+        f"data.train_dir={folder / 'train'}",
+        "--set",
+        f"data.test_dir={folder / 'test'}",
+    ]
 
 
 def tiny_config(tmp_path, **hparams):
@@ -98,9 +138,15 @@ def tiny_config(tmp_path, **hparams):
     with open(os.path.join(ROOT, "const-cifar10.yaml")) as f:
         config = yaml.safe_load(f)
     config["hyperparameters"].update(
-        backbone_name="resnet18", global_batch_size=8, epochs=2, warmup_epochs=1,
-        projector_hidden_dim=32, projection_dim=16, classifier_train_epochs=3,
-        classifier_batch_size=8, knn_k=5,
+        backbone_name="resnet18",
+        global_batch_size=8,
+        epochs=2,
+        warmup_epochs=1,
+        projector_hidden_dim=32,
+        projection_dim=16,
+        classifier_train_epochs=3,
+        classifier_batch_size=8,
+        knn_k=5,
     )
     config["hyperparameters"]["augmentation"]["image_size"] = 16
     config["hyperparameters"].update(hparams)

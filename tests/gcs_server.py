@@ -5,6 +5,7 @@ a small threaded HTTP proxy that can fail, drop or slow down requests on demand.
 Point the google-cloud-storage client at it with STORAGE_EMULATOR_HOST=<FakeGCS.host>; the
 client then uses anonymous credentials and never leaves 127.0.0.1.
 """
+
 import http.client
 import http.server
 import json
@@ -21,8 +22,16 @@ LOOPBACK = "127.0.0.1"
 
 # Headers that describe one hop, not the message: the proxy sets its own.
 _HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
-    "upgrade", "content-length", "server", "date",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "server",
+    "date",
 }
 
 
@@ -58,11 +67,18 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             if fault is None:
                 self._forward(proxy, body)
             elif fault[0] == "status":
-                self._answer(fault[1], json.dumps({"error": {"code": fault[1], "message": "injected by FaultProxy"}}).encode())
+                self._answer(
+                    fault[1],
+                    json.dumps(
+                        {"error": {"code": fault[1], "message": "injected by FaultProxy"}}
+                    ).encode(),
+                )
             elif fault[0] == "drop":  # close without answering: "Connection aborted"
                 self.close_connection = True
             elif fault[0] == "reset":  # abortive close: the client gets a TCP RST
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
                 self.close_connection = True
             elif fault[0] == "truncate":  # promise a body, send half of it, close
                 self.send_response(200)
@@ -86,7 +102,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         finally:
             upstream.close()
 
-    def _answer(self, status: int, data: bytes, headers: Optional[List[Tuple[str, str]]] = None) -> None:
+    def _answer(
+        self, status: int, data: bytes, headers: Optional[List[Tuple[str, str]]] = None
+    ) -> None:
         self.send_response(status)
         for k, v in headers if headers is not None else [("Content-Type", "application/json")]:
             self.send_header(k, v)
@@ -115,7 +133,9 @@ class FaultProxy:
         self._server.proxy = self
         self.port = self._server.server_address[1]
         # A short poll interval so stop() returns quickly.
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
 
     def start(self) -> "FaultProxy":
         self._thread.start()
@@ -220,7 +240,9 @@ class FakeGCSProcess:
 
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_serve_in_child, args=(latency_s, child_conn), daemon=True)
+        self._process = context.Process(
+            target=_serve_in_child, args=(latency_s, child_conn), daemon=True
+        )
 
     def __enter__(self) -> "FakeGCSProcess":
         self._process.start()

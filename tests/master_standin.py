@@ -15,6 +15,7 @@ module reads that file, so
   - every answer is an instance of the endpoint's response class, serialised with `to_json`.
 Every call is recorded in `calls` (method, path, binding name, decoded body) for assertions.
 """
+
 import ast
 import dataclasses
 import json
@@ -23,7 +24,7 @@ import threading
 import urllib.parse
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from determined.common.api import bindings
 
@@ -53,7 +54,11 @@ def _path_template(node: ast.expr) -> str:
 
 def _annotation(arg: ast.arg) -> Optional[str]:
     """The request message class of a `body` argument (None for a free-form JSON body)."""
-    name = arg.annotation.value if isinstance(arg.annotation, ast.Constant) else ast.unparse(arg.annotation)
+    name = (
+        arg.annotation.value
+        if isinstance(arg.annotation, ast.Constant)
+        else ast.unparse(arg.annotation)
+    )
     return name if hasattr(bindings, name) else None
 
 
@@ -65,25 +70,44 @@ def load_routes() -> List[Route]:
         tree = ast.parse(f.read())
     routes = []
     for fn in tree.body:
-        if not isinstance(fn, ast.FunctionDef) or not re.match(r"(get|post|put|patch|delete)_", fn.name):
+        if not isinstance(fn, ast.FunctionDef) or not re.match(
+            r"(get|post|put|patch|delete)_", fn.name
+        ):
             continue
-        request = next((c for c in ast.walk(fn) if isinstance(c, ast.Call)
-                        and getattr(c.func, "attr", None) == "_do_request"), None)
+        request = next(
+            (
+                c
+                for c in ast.walk(fn)
+                if isinstance(c, ast.Call) and getattr(c.func, "attr", None) == "_do_request"
+            ),
+            None,
+        )
         if request is None:
             continue
         kwargs = {k.arg: k.value for k in request.keywords}
         template = _path_template(kwargs["path"])
         body = next((a for a in fn.args.kwonlyargs if a.arg == "body"), None)
-        response = next((c.func.value.id for c in ast.walk(fn) if isinstance(c, ast.Call)
-                         and getattr(c.func, "attr", None) == "from_json"
-                         and isinstance(c.func.value, ast.Name)), None)
+        response = next(
+            (
+                c.func.value.id
+                for c in ast.walk(fn)
+                if isinstance(c, ast.Call)
+                and getattr(c.func, "attr", None) == "from_json"
+                and isinstance(c.func.value, ast.Name)
+            ),
+            None,
+        )
         regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
-        routes.append(Route(
-            name=fn.name, method=kwargs["method"].value, template=template,
-            pattern=re.compile(regex + "$"),
-            request_class=_annotation(body) if body is not None else None,
-            response_class=response,
-        ))
+        routes.append(
+            Route(
+                name=fn.name,
+                method=kwargs["method"].value,
+                template=template,
+                pattern=re.compile(regex + "$"),
+                request_class=_annotation(body) if body is not None else None,
+                response_class=response,
+            )
+        )
     # Literal segments beat parameters (/trials/{id}/metrics before /trials/{a}/{b}).
     routes.sort(key=lambda r: (-r.template.count("/"), r.template.count("{")))
     return routes
@@ -115,8 +139,12 @@ def message_json(message: str, value: Any) -> Any:
         if name not in fields:
             raise ValueError(f"unknown field {key!r} in {message}")
         nested = re.findall(r"\b(v1\w+|trialv1\w+|checkpointv1\w+|experimentv1\w+)\b", fields[name])
-        nested = [n for n in nested if hasattr(getattr(bindings, n, None), "__init__")
-                  and not isinstance(getattr(bindings, n), type(bindings.checkpointv1State))]
+        nested = [
+            n
+            for n in nested
+            if hasattr(getattr(bindings, n, None), "__init__")
+            and not isinstance(getattr(bindings, n), type(bindings.checkpointv1State))
+        ]
         if nested and isinstance(item, dict):
             item = message_json(nested[0], item)
         elif nested and isinstance(item, list):
@@ -221,17 +249,21 @@ class MasterStandIn:
             return self.refuse(404, f"{method} {path}: no such route in Determined 0.38.1's API")
         handler = getattr(self.handlers, route.name, None)
         if handler is None:
-            return self.refuse(501, f"{method} {path} ({route.name}): the stand-in does not answer it")
+            return self.refuse(
+                501, f"{method} {path} ({route.name}): the stand-in does not answer it"
+            )
         params = match.groupdict()
         body = None
         if route.request_class is not None:
             try:
                 raw = merge_path_params(route.request_class, json.loads(raw_body or b"{}"), params)
                 body = getattr(bindings, route.request_class).from_json(
-                    message_json(route.request_class, raw))
+                    message_json(route.request_class, raw)
+                )
             except (ValueError, KeyError, TypeError) as e:
-                return self.refuse(400, f"{method} {path}: body does not decode as "
-                                        f"{route.request_class}: {e!r}")
+                return self.refuse(
+                    400, f"{method} {path}: body does not decode as {route.request_class}: {e!r}"
+                )
         query = {_camel(k): v for k, v in query.items()}
         call = Call(method, path, route.name, params, query, body)
         with self.lock:

@@ -1,5 +1,6 @@
 """The batched two-view augmentation samples what torchvision's per-image pipeline samples, and
 its pixel operations compute what torchvision's functional ops compute."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torchvision.transforms.functional as TF
 from scipy import stats
 from torchvision import transforms
 
+import augment
 import data
 import utils
 
@@ -28,35 +30,46 @@ def test_splitmix64_matches_the_reference_on_int64_tensors():
         return z ^ (z >> 31)
 
     values = [0, 1, 2, 12345, (1 << 63) - 1, 1 << 62, 0xDEADBEEF]
-    out = data.splitmix64(torch.tensor([data._signed(v) for v in values]))
+    out = augment.splitmix64(torch.tensor([augment._signed(v) for v in values]))
     assert [v & ((1 << 64) - 1) for v in out.tolist()] == [reference(v) for v in values]
 
 
 def test_uniforms_are_uniform_and_independent_per_key_and_stream():
-    keys = data.sample_keys(0, 0, torch.arange(N))
-    u = data.uniforms(keys, 3, stream=0)
+    keys = augment.sample_keys(0, 0, torch.arange(N))
+    u = augment.uniforms(keys, 3, stream=0)
     assert u.min() >= 0 and u.max() < 1
     for column in range(3):
         assert stats.kstest(u[:, column].numpy(), "uniform").pvalue > 1e-3
     assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.05
-    other = data.uniforms(keys, 3, stream=1)
+    other = augment.uniforms(keys, 3, stream=1)
     assert abs(np.corrcoef(u[:, 0], other[:, 0])[0, 1]) < 0.05
-    assert not torch.equal(data.sample_keys(0, 1, torch.arange(5)), data.sample_keys(0, 0, torch.arange(5)))
-    assert not torch.equal(data.sample_keys(1, 0, torch.arange(5)), data.sample_keys(0, 0, torch.arange(5)))
+    assert not torch.equal(
+        augment.sample_keys(0, 1, torch.arange(5)), augment.sample_keys(0, 0, torch.arange(5))
+    )
+    assert not torch.equal(
+        augment.sample_keys(1, 0, torch.arange(5)), augment.sample_keys(0, 0, torch.arange(5))
+    )
 
 
 @pytest.mark.parametrize("height,width,scale", [(32, 32, (0.2, 1.0)), (120, 200, (0.08, 1.0))])
 def test_crop_boxes_follow_torchvision_random_resized_crop(height, width, scale):
     aug = augmentation(crop_scale=list(scale))
-    planner = data.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
-    keys = data.sample_keys(3, 0, torch.arange(N))
+    planner = augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
+    keys = augment.sample_keys(3, 0, torch.arange(N))
     boxes = planner.crop_boxes(keys, 0, torch.full((N,), height), torch.full((N,), width)).numpy()
     ours_w, ours_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    assert (
+        (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    )
 
     torch.manual_seed(0)
     image = torch.zeros(3, height, width)
-    theirs = np.array([transforms.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(N)])
+    theirs = np.array(
+        [
+            transforms.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])
+            for _ in range(N)
+        ]
+    )
     their_h, their_w, their_top = theirs[:, 2], theirs[:, 3], theirs[:, 0]
     for ours, theirs_ in (
         (ours_w * ours_h / (height * width), their_w * their_h / (height * width)),  # area
@@ -68,13 +81,17 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(height, width, scale)
 
 def test_view_parameters_follow_the_paper_recipe():
     aug = augmentation()
-    keys = data.sample_keys(5, 0, torch.arange(N))
-    planner = data.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
-    p1 = data.sample_view_params(planner.view_uniforms(keys, 0), aug, 0)
-    p2 = data.sample_view_params(planner.view_uniforms(keys, 1), aug, 1)
+    keys = augment.sample_keys(5, 0, torch.arange(N))
+    planner = augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
+    p1 = augment.sample_view_params(planner.view_uniforms(keys, 0), aug, 0)
+    p2 = augment.sample_view_params(planner.view_uniforms(keys, 1), aug, 1)
 
     def rate_ok(flags, p):
-        return stats.binomtest(int(flags.sum()), len(flags), p).pvalue > 1e-3 if 0 < p < 1 else bool((flags == (p == 1)).all())
+        return (
+            stats.binomtest(int(flags.sum()), len(flags), p).pvalue > 1e-3
+            if 0 < p < 1
+            else bool((flags == (p == 1)).all())
+        )
 
     assert rate_ok(p1.flip, 0.5) and rate_ok(p1.gray, 0.2)
     assert rate_ok(p1.blur_sigma > 0, 1.0) and rate_ok(p2.blur_sigma > 0, 0.1)
@@ -94,21 +111,25 @@ def test_view_parameters_follow_the_paper_recipe():
 def test_pixel_operations_match_torchvision():
     torch.manual_seed(0)
     x = torch.rand(6, 3, 20, 20)
-    torch.testing.assert_close(data.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(augment.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
     shifts = torch.linspace(-0.5, 0.5, 6)
     expected = torch.stack([TF.adjust_hue(x[i], float(shifts[i])) for i in range(6)])
-    torch.testing.assert_close(data.adjust_hue(x, shifts), expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(augment.adjust_hue(x, shifts), expected, atol=2e-5, rtol=0)
     for op, fn in ((0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)):
         factor = 1.3
         jitter = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(6, 1)
         jitter[:, op] = factor
         order = torch.tensor([op] + [o for o in range(4) if o != op]).repeat(6, 1)
         expected = torch.stack([fn(x[i], factor) for i in range(6)])
-        torch.testing.assert_close(data.color_jitter(x, jitter, order), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            augment.color_jitter(x, jitter, order), expected, atol=1e-5, rtol=0
+        )
     sigma = torch.tensor([0.5, 1.0, 1.5, 2.0, 0.1, 0.0])
-    blurred = data.gaussian_blur(x, sigma, 5)
+    blurred = augment.gaussian_blur(x, sigma, 5)
     for i in range(5):
-        torch.testing.assert_close(blurred[i], TF.gaussian_blur(x[i], [5, 5], [float(sigma[i])] * 2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            blurred[i], TF.gaussian_blur(x[i], [5, 5], [float(sigma[i])] * 2), atol=1e-5, rtol=0
+        )
     torch.testing.assert_close(blurred[5], x[5])  # sigma 0: unchanged
 
 
@@ -116,9 +137,9 @@ def test_a_samples_views_do_not_depend_on_its_batch():
     """Why 1 and 2 slots, loader and device augmentation, resumed and fresh runs see the same
     views: each sample's randomness comes from its own key."""
     aug = augmentation()
-    transform = data.TwoViewAugmentation(aug, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    transform = augment.TwoViewAugmentation(aug, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    keys = data.sample_keys(0, 4, torch.arange(8))
+    keys = augment.sample_keys(0, 4, torch.arange(8))
     whole = transform(images, keys)
     half = transform(images[4:], keys[4:])
     torch.testing.assert_close(whole[4:8], half[:4])  # view 1 of samples 4..7
@@ -132,7 +153,9 @@ def test_large_images_are_cropped_in_the_loader_and_finished_in_batch():
 
     aug = augmentation(image_size=24)
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 60, 3), dtype=np.uint8)) for i in range(3)]
+    images = [
+        Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 60, 3), dtype=np.uint8)) for i in range(3)
+    ]
     store = {f"c/{i}.png": None for i in range(3)}
     import io
 
@@ -146,11 +169,16 @@ def test_large_images_are_cropped_in_the_loader_and_finished_in_batch():
             return [store[n] for n in names]
 
     source = data.FileSource(list(store), [0, 0, 0], ["c"], Store(), "mem")
-    dataset = data.TrainImages(source, aug, seed=0, corrupt_log=data.CorruptImageLog(False))
+    dataset = data.TrainImages(
+        source,
+        augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
+        seed=0,
+        corrupt_log=data.CorruptImageLog(False),
+    )
     items = dataset.__getitems__([(0, 0), (1, 0), (2, 0)])
     assert items[0]["image"].shape == (2, 3, 24, 24) and items[0]["image"].dtype == torch.uint8
     again = dataset.__getitems__([(2, 0)])
     assert torch.equal(again[0]["image"], items[2]["image"])  # deterministic per (index, epoch)
     batch = dataset.collate(items)
-    views = data.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))(batch["image"], batch["key"])
+    views = augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))(batch["image"], batch["key"])
     assert views.shape == (6, 3, 24, 24) and torch.isfinite(views).all()

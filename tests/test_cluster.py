@@ -3,6 +3,7 @@ an agent starts them (tests/cluster.py says how each piece mirrors Determined 0.
 Determined's real harness talking to a loopback master stand-in built from its own REST
 bindings (tests/master_standin.py). Every assertion is on what that stand-in received or on the
 files in the cluster's shared_fs checkpoint storage."""
+
 import importlib.util
 import json
 import os
@@ -54,7 +55,9 @@ def run(cluster, trial, slots=1, **kwargs):
 def final_state(cluster, trial):
     """The weights and optimizer state of the trial's last checkpoint, from shared_fs."""
     last = max(trial.checkpoints, key=lambda c: c.metadata["steps_completed"])
-    return torch.load(cluster.storage / last.uuid / "state_dict.pth", map_location="cpu", weights_only=True)
+    return torch.load(
+        cluster.storage / last.uuid / "state_dict.pth", map_location="cpu", weights_only=True
+    )
 
 
 def tensors(state, prefix=""):
@@ -73,7 +76,9 @@ def largest_difference(a, b):
     a = dict(tensors({k: a[k] for k in ("models_state_dict", "optimizers_state_dict")}))
     b = dict(tensors({k: b[k] for k in ("models_state_dict", "optimizers_state_dict")}))
     assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+    return max(
+        float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +101,9 @@ def test_a_trial_lives_its_life_on_the_cluster_path(uninterrupted):
     assert result.returncode == 0, result.stdout[-4000:]
     print("endpoints the harness called:\n  " + "\n  ".join(cluster.master.endpoints()))
     # The master's config form reached the trial: hyperparameters as {type: const, val} maps.
-    assert cluster.experiments[1]["config"]["hyperparameters"]["augmentation"]["view1"]["blur_prob"] == {"type": "const", "val": 1.0}
+    assert cluster.experiments[1]["config"]["hyperparameters"]["augmentation"]["view1"][
+        "blur_prob"
+    ] == {"type": "const", "val": 1.0}
     # 24 images, batch 8: 3 steps an epoch, 2 epochs; scheduling_unit 1.
     training = trial.reported("training")
     assert sorted(training) == [1, 2, 3, 4, 5, 6]
@@ -110,7 +117,10 @@ def test_a_trial_lives_its_life_on_the_cluster_path(uninterrupted):
     assert [c.metadata["steps_completed"] for c in trial.checkpoints] == [3, 6]
     for reported in trial.checkpoints:
         folder = cluster.storage / reported.uuid
-        assert json.loads((folder / "metadata.json").read_text())["steps_completed"] == reported.metadata["steps_completed"]
+        assert (
+            json.loads((folder / "metadata.json").read_text())["steps_completed"]
+            == reported.metadata["steps_completed"]
+        )
         assert {"state_dict.pth", "byol_checkpoint.json"} <= set(reported.resources)
         assert (folder / "byol_checkpoint.json").is_file()
     assert trial.progress[-1] == 1.0 and trial.progress == sorted(trial.progress)
@@ -129,17 +139,25 @@ def test_two_slots_on_the_cluster_path(tmp_path, image_folder, uninterrupted):
     assert sorted(trial.reported("training")) == [1, 2, 3, 4, 5, 6]
     assert sorted(trial.reported("validation")) == [3, 6]
     # Same images, views and weights at step 1; BatchNorm sees 4 images a slot instead of 8.
-    assert trial.reported("training")[1]["loss"] == pytest.approx(one.reported("training")[1]["loss"], rel=0.2)
+    assert trial.reported("training")[1]["loss"] == pytest.approx(
+        one.reported("training")[1]["loss"], rel=0.2
+    )
     assert [c.metadata["steps_completed"] for c in trial.checkpoints] == [3, 6]
     assert trial.progress[-1] == 1.0
 
 
-def test_preemption_checkpoints_exits_and_resumes_to_the_same_weights(tmp_path, image_folder, uninterrupted):
+def test_preemption_checkpoints_exits_and_resumes_to_the_same_weights(
+    tmp_path, image_folder, uninterrupted
+):
     reference_cluster, _, _, reference_trial, _, _ = uninterrupted
 
     def preempt_after_step_2(cluster, call):
         body = call.body
-        if call.route == "post_ReportTrialMetrics" and body.group == "training" and body.metrics.stepsCompleted == 2:
+        if (
+            call.route == "post_ReportTrialMetrics"
+            and body.group == "training"
+            and body.metrics.stepsCompleted == 2
+        ):
             cluster.trials[body.metrics.trialId].preempt.set()
 
     with Cluster(tmp_path) as cluster:
@@ -161,8 +179,12 @@ def test_preemption_checkpoints_exits_and_resumes_to_the_same_weights(tmp_path, 
         assert second.returncode == 0, second.stdout[-4000:]
     assert sorted(trial.reported("training")) == [1, 2, 3, 4, 5, 6]
     assert [c.metadata["steps_completed"] for c in trial.checkpoints][-1] == 6
-    difference = largest_difference(final_state(cluster, trial), final_state(reference_cluster, reference_trial))
-    print(f"preempted at step {stopped}, resumed: largest weight difference to the uninterrupted run {difference}")
+    difference = largest_difference(
+        final_state(cluster, trial), final_state(reference_cluster, reference_trial)
+    )
+    print(
+        f"preempted at step {stopped}, resumed: largest weight difference to the uninterrupted run {difference}"
+    )
     assert difference == 0.0
 
 
@@ -190,10 +212,17 @@ def test_a_crashed_trial_restarts_from_its_latest_checkpoint(tmp_path, image_fol
         assert restarted.returncode == 0, restarted.stdout[-4000:]
     second_run = [(m["group"], m["steps"]) for m in trial.metrics[steps_before:]]
     assert second_run == [("training", 4), ("training", 5), ("training", 6), ("validation", 6)]
-    assert largest_difference(final_state(cluster, trial), final_state(reference_cluster, reference_trial)) == 0.0
+    assert (
+        largest_difference(
+            final_state(cluster, trial), final_state(reference_cluster, reference_trial)
+        )
+        == 0.0
+    )
 
 
-def test_a_search_trial_trains_with_sampled_values_and_stops_when_the_searcher_says(tmp_path, image_folder):
+def test_a_search_trial_trains_with_sampled_values_and_stops_when_the_searcher_says(
+    tmp_path, image_folder
+):
     shipped = yaml.safe_load(open(os.path.join(ROOT, "search-cifar10.yaml")))
     assert validation_errors(shipped) == []
     assert shipped["searcher"]["max_time"] == shipped["hyperparameters"]["epochs"]
@@ -232,12 +261,25 @@ def test_evaluate_result_launches_the_evaluation_of_the_best_checkpoint(uninterr
     best_step = max(validation, key=lambda s: (validation[s]["holdout_accuracy"], -s))
     best = next(c for c in trial.checkpoints if c.metadata["steps_completed"] == best_step)
     known = set(cluster.experiments)
-    evaluate_result.main(["--experiment-id", str(experiment_id), "--classifier-train-epochs", "2",
-                          "--master", cluster.master.url])
+    evaluate_result.main(
+        [
+            "--experiment-id",
+            str(experiment_id),
+            "--classifier-train-epochs",
+            "2",
+            "--master",
+            cluster.master.url,
+        ]
+    )
     (evaluation_id,) = set(cluster.experiments) - known
     submitted = yaml.safe_load(cluster.experiments[evaluation_id]["original"])
     assert validation_errors(submitted) == []
-    assert submitted["entrypoint"][:4] == ["python3", "evaluate_result.py", "--checkpoint-uuid", best.uuid]
+    assert submitted["entrypoint"][:4] == [
+        "python3",
+        "evaluate_result.py",
+        "--checkpoint-uuid",
+        best.uuid,
+    ]
     assert cluster.master.refused == []
 
     evaluation = cluster.add_trial(evaluation_id)
@@ -245,9 +287,20 @@ def test_evaluate_result_launches_the_evaluation_of_the_best_checkpoint(uninterr
     assert result.returncode == 0, result.stdout[-4000:]
     (reported,) = evaluation.reported("validation").values()
     local = subprocess.run(
-        [sys.executable, "evaluate_result.py", "--checkpoint", str(cluster.storage / best.uuid),
-         "--classifier-train-epochs", "2", "--output", str(tmp_path / "local.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "evaluate_result.py",
+            "--checkpoint",
+            str(cluster.storage / best.uuid),
+            "--classifier-train-epochs",
+            "2",
+            "--output",
+            str(tmp_path / "local.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert local.returncode == 0, local.stderr[-3000:]
     expected = json.loads((tmp_path / "local.json").read_text())
@@ -262,8 +315,14 @@ def test_the_stand_in_refuses_what_a_master_would_not_accept(tmp_path):
     with Cluster(tmp_path) as cluster:
         url = cluster.master.url
         assert requests.get(f"{url}/api/v1/no/such/route").status_code == 404
-        assert requests.post(f"{url}/api/v1/trials/1/progress", json={"progres": 0.5}).status_code == 400
+        assert (
+            requests.post(f"{url}/api/v1/trials/1/progress", json={"progres": 0.5}).status_code
+            == 400
+        )
         assert requests.get(f"{url}/api/v1/models").status_code == 501  # real, but not modelled
         assert cluster.master.calls == []
     assert [line.split(":")[0] for line in cluster.master.refused] == [
-        "GET /api/v1/no/such/route", "POST /api/v1/trials/1/progress", "GET /api/v1/models (get_GetModels)"]
+        "GET /api/v1/no/such/route",
+        "POST /api/v1/trials/1/progress",
+        "GET /api/v1/models (get_GetModels)",
+    ]

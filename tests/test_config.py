@@ -1,5 +1,6 @@
 """Every bad input a user can write is refused before training, with a message naming the value
 and what is allowed. The README's table of bad inputs lists the same cases."""
+
 import os
 
 import pytest
@@ -7,7 +8,7 @@ import yaml
 
 import model_def
 import utils
-from conftest import tiny_config
+from conftest import folder_overrides, tiny_config
 
 
 def run(args):
@@ -17,32 +18,57 @@ def run(args):
     return str(exit_info.value.code)
 
 
-def folder_args(folder):
-    return ["--set", "hyperparameters.dataset_name=image_folder",
-            "--set", f"data.train_dir={folder / 'train'}", "--set", f"data.test_dir={folder / 'test'}"]
-
-
 @pytest.mark.parametrize(
     "override,expected",
     [
-        ("hyperparameters.backbone_name=resnet9", "backbone_name='resnet9' is not one of: resnet101, resnet18, resnet34, resnet50"),
-        ("hyperparameters.dataset_name=mnist", "dataset_name='mnist' is not one of: cifar10, stl10, image_folder"),
+        (
+            "hyperparameters.backbone_name=resnet9",
+            "backbone_name='resnet9' is not one of: resnet101, resnet18, resnet34, resnet50",
+        ),
+        (
+            "hyperparameters.dataset_name=mnist",
+            "dataset_name='mnist' is not one of: cifar10, stl10, image_folder",
+        ),
         ("hyperparameters.learning_rate=0", "learning_rate=0 must be a number in (0.0, inf]"),
         ("hyperparameters.learning_rate=-0.1", "learning_rate=-0.1 must be a number in (0.0, inf]"),
         ("hyperparameters.epochs=0", "epochs=0 must be an integer >= 1"),
         ("hyperparameters.global_batch_size=1", "global_batch_size=1 must be an integer >= 2"),
-        ("hyperparameters.augmentation.flip_prob=1.5", "flip_prob=1.5 must be a number in [0.0, 1.0]"),
+        (
+            "hyperparameters.augmentation.flip_prob=1.5",
+            "flip_prob=1.5 must be a number in [0.0, 1.0]",
+        ),
         ("hyperparameters.augment_on=gpu", "augment_on='gpu' is not one of: auto, device, loader"),
-        ("hyperparameters.classifier_lrs=[]", "classifier_lrs=[] must be a non-empty list of positive numbers"),
-        ("hyperparameters.augmentation.crop_scale=[0.9, 0.1]", "crop_scale=[0.9, 0.1] must be a pair [min, max]"),
+        (
+            "hyperparameters.classifier_lrs=[]",
+            "classifier_lrs=[] must be a non-empty list of positive numbers",
+        ),
+        (
+            "hyperparameters.augmentation.crop_scale=[0.9, 0.1]",
+            "crop_scale=[0.9, 0.1] must be a pair [min, max]",
+        ),
         ("hyperparameters.nonsense.deep=1", "'nonsense' does not exist under hyperparameters"),
         ("searcher.max_length.epochs=3", "'max_length' does not exist under searcher"),
         ("no_equals_sign", "expected DOTTED.PATH=VALUE"),
-        ("searcher.metric=test_accuracy", "searcher.metric='test_accuracy': with hyperparameters.validate_with_classifier=true the searcher and checkpoint_policy choose by holdout_accuracy"),
-        ("searcher.smaller_is_better=true", "searcher.smaller_is_better=true is wrong for searcher.metric=holdout_accuracy: it must be false"),
-        ("hyperparameters.validate_with_classifier=false", "with hyperparameters.validate_with_classifier=false the searcher and checkpoint_policy choose by validation_loss"),
-        ("checkpoint_policy=sometimes", "checkpoint_policy='sometimes' is not one of: best, all, none"),
-        ("min_validation_period={epochs: -1}", "min_validation_period={'epochs': -1} must be {epochs: N} or {batches: N} with N an integer >= 0"),
+        (
+            "searcher.metric=test_accuracy",
+            "searcher.metric='test_accuracy': with hyperparameters.validate_with_classifier=true the searcher and checkpoint_policy choose by holdout_accuracy",
+        ),
+        (
+            "searcher.smaller_is_better=true",
+            "searcher.smaller_is_better=true is wrong for searcher.metric=holdout_accuracy: it must be false",
+        ),
+        (
+            "hyperparameters.validate_with_classifier=false",
+            "with hyperparameters.validate_with_classifier=false the searcher and checkpoint_policy choose by validation_loss",
+        ),
+        (
+            "checkpoint_policy=sometimes",
+            "checkpoint_policy='sometimes' is not one of: best, all, none",
+        ),
+        (
+            "min_validation_period={epochs: -1}",
+            "min_validation_period={'epochs': -1} must be {epochs: N} or {batches: N} with N an integer >= 0",
+        ),
         ("scheduling_unit=0", "scheduling_unit=0 must be an integer >= 1"),
     ],
 )
@@ -57,9 +83,13 @@ def test_unknown_hyperparameter_key_is_refused(tmp_path):
 
 
 def test_batch_that_cannot_be_split_over_slots_is_refused():
-    raw = yaml.safe_load(open(os.path.join(model_def.__file__.rsplit("/", 1)[0], "const-cifar10.yaml")))["hyperparameters"]
+    raw = yaml.safe_load(
+        open(os.path.join(model_def.__file__.rsplit("/", 1)[0], "const-cifar10.yaml"))
+    )["hyperparameters"]
     raw["global_batch_size"] = 10
-    with pytest.raises(utils.ConfigError, match="global_batch_size=10 cannot be split over 4 slots"):
+    with pytest.raises(
+        utils.ConfigError, match="global_batch_size=10 cannot be split over 4 slots"
+    ):
         utils.parse_hparams(raw, slots=4)
     raw["global_batch_size"] = 6
     with pytest.raises(utils.ConfigError, match="at least 2 images per slot"):
@@ -76,14 +106,34 @@ def test_malformed_yaml_and_missing_config(tmp_path):
 
 def test_missing_and_empty_data_dirs(tmp_path, image_folder):
     config = tiny_config(tmp_path)
-    message = run([config, "--set", "hyperparameters.dataset_name=image_folder",
-                   "--set", f"data.train_dir={tmp_path / 'nowhere'}", "--set", f"data.test_dir={image_folder / 'test'}"])
+    message = run(
+        [
+            config,
+            "--set",
+            "hyperparameters.dataset_name=image_folder",
+            "--set",
+            f"data.train_dir={tmp_path / 'nowhere'}",
+            "--set",
+            f"data.test_dir={image_folder / 'test'}",
+        ]
+    )
     assert f"image folder '{tmp_path / 'nowhere'}' does not exist" in message
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    message = run([config, "--set", "hyperparameters.dataset_name=image_folder",
-                   "--set", f"data.train_dir={tmp_path / 'empty'}", "--set", f"data.test_dir={image_folder / 'test'}"])
+    message = run(
+        [
+            config,
+            "--set",
+            "hyperparameters.dataset_name=image_folder",
+            "--set",
+            f"data.train_dir={tmp_path / 'empty'}",
+            "--set",
+            f"data.test_dir={image_folder / 'test'}",
+        ]
+    )
     assert "holds no images" in message and str(tmp_path / "empty") in message
-    assert "needs data.train_dir" in run([config, "--set", "hyperparameters.dataset_name=image_folder"])
+    assert "needs data.train_dir" in run(
+        [config, "--set", "hyperparameters.dataset_name=image_folder"]
+    )
 
 
 def test_one_class_folder_is_refused_when_evaluation_needs_two(tmp_path, image_folder):
@@ -92,13 +142,13 @@ def test_one_class_folder_is_refused_when_evaluation_needs_two(tmp_path, image_f
             for f in (image_folder / split / cls).iterdir():
                 f.unlink()
             (image_folder / split / cls).rmdir()
-    message = run([tiny_config(tmp_path)] + folder_args(image_folder))
+    message = run([tiny_config(tmp_path)] + folder_overrides(image_folder))
     assert "1 class(es) (['airplane'])" in message and "validate_with_classifier=false" in message
 
 
 def test_test_classes_must_match_train_classes(tmp_path, image_folder):
     (image_folder / "test" / "ship").rename(image_folder / "test" / "boat")
-    message = run([tiny_config(tmp_path)] + folder_args(image_folder))
+    message = run([tiny_config(tmp_path)] + folder_overrides(image_folder))
     assert "has classes ['airplane', 'boat', 'cat']" in message and "must be the same" in message
 
 
@@ -106,18 +156,26 @@ def test_resume_from_something_that_is_not_a_checkpoint(tmp_path):
     config = tiny_config(tmp_path)
     assert "does not exist" in run([config, "--resume", tmp_path / "nope"])
     (tmp_path / "notckpt").mkdir()
-    assert "is not a Determined checkpoint (no state_dict.pth" in run([config, "--resume", tmp_path / "notckpt"])
+    assert "is not a Determined checkpoint (no state_dict.pth" in run(
+        [config, "--resume", tmp_path / "notckpt"]
+    )
     other = tmp_path / "other"
     other.mkdir()
     (other / "load_data.json").write_text('{"trial_cls_spec": "model_def:MNistTrial"}')
-    assert "belongs to 'model_def:MNistTrial', not model_def:BYOLTrial" in run([config, "--resume", other])
+    assert "belongs to 'model_def:MNistTrial', not model_def:BYOLTrial" in run(
+        [config, "--resume", other]
+    )
     (other / "load_data.json").write_text('{"trial_cls_spec": "model_def:BYOLTrial"}')
     assert "is incomplete" in run([config, "--resume", other])
 
 
 def test_shipped_configs_parse():
     root = os.path.dirname(model_def.__file__)
-    for name, slots in (("const-cifar10.yaml", 1), ("distributed-stl10.yaml", 8), ("distributed-imagenet.yaml", 64)):
+    for name, slots in (
+        ("const-cifar10.yaml", 1),
+        ("distributed-stl10.yaml", 8),
+        ("distributed-imagenet.yaml", 64),
+    ):
         config = utils.load_config(os.path.join(root, name))
         experiment = utils.parse_experiment_config(config, slots=slots)
         assert config["resources"]["slots_per_trial"] == slots
@@ -130,7 +188,9 @@ def test_a_search_must_train_as_long_as_the_searcher_counts():
     path = os.path.join(os.path.dirname(model_def.__file__), "search-cifar10.yaml")
     config = utils.load_config(path, ["hyperparameters.epochs=7"])
     config["hyperparameters"].update(learning_rate=1.0, weight_decay=1e-5, tau_base=0.99)  # sampled
-    with pytest.raises(utils.ConfigError, match=r"searcher.max_time=100 must equal hyperparameters.epochs=7"):
+    with pytest.raises(
+        utils.ConfigError, match=r"searcher.max_time=100 must equal hyperparameters.epochs=7"
+    ):
         utils.parse_experiment_config(config)
     config["hyperparameters"]["epochs"] = 100
     assert utils.parse_experiment_config(config).run.searcher.time_metric == "epochs"
@@ -146,14 +206,18 @@ def test_failed_dataset_download_names_the_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets.utils, "_urlretrieve", no_network)
     message = run([tiny_config(tmp_path)])
-    assert "could not download CIFAR10 into data.download_dir=" in message and str(tmp_path) in message
+    assert (
+        "could not download CIFAR10 into data.download_dir=" in message and str(tmp_path) in message
+    )
 
 
 def test_exponent_numbers_without_a_dot_are_numbers():
     """PyYAML reads `1e-5` as a string (YAML 1.1); users mean the number."""
     config = {"hyperparameters": {"weight_decay": 1.0}}
     utils.apply_override(config, "hyperparameters.weight_decay=1e-5")
-    raw = yaml.safe_load(open(os.path.join(os.path.dirname(model_def.__file__), "const-cifar10.yaml")))["hyperparameters"]
+    raw = yaml.safe_load(
+        open(os.path.join(os.path.dirname(model_def.__file__), "const-cifar10.yaml"))
+    )["hyperparameters"]
     raw["weight_decay"] = config["hyperparameters"]["weight_decay"]
     assert utils.parse_hparams(raw).weight_decay == 1e-5
     raw["weight_decay"] = "lots"

@@ -1,10 +1,13 @@
 """Datasets read from their real on-disk formats; splits; the sampler; corrupt images."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import augment
 import data
+import probe
 import utils
 from conftest import CLASSES, write_cifar10, write_stl10
 
@@ -26,12 +29,16 @@ def test_cifar10_python_batches(tmp_path, no_md5):
 def test_stl10_trains_byol_on_train_plus_unlabeled_and_the_probe_on_train(tmp_path, no_md5):
     write_stl10(tmp_path, train_count=10, unlabeled_count=12, test_count=6)
     splits = data.build_splits("stl10", data_config(download_dir=str(tmp_path)))
-    assert len(splits.byol_train) == 22 and len(splits.labeled_train) == 10 and len(splits.test) == 6
+    assert (
+        len(splits.byol_train) == 22 and len(splits.labeled_train) == 10 and len(splits.test) == 6
+    )
     assert (splits.byol_train.labels[10:] == data.UNLABELED).all()
     assert (splits.labeled_train.labels >= 0).all()
     # The binary is column-major; the loaded image must be upright: our synthetic blob is a
     # centred square, so check a non-symmetric pixel pattern instead.
-    raw = np.fromfile(tmp_path / "stl10_binary" / "train_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
+    raw = np.fromfile(tmp_path / "stl10_binary" / "train_X.bin", dtype=np.uint8).reshape(
+        -1, 3, 96, 96
+    )
     assert np.array_equal(splits.labeled_train.tensor([0])[0].numpy(), raw[0].transpose(0, 2, 1))
 
 
@@ -40,9 +47,14 @@ def test_image_folder_with_unlabeled_images(image_folder, tmp_path):
     unlabeled.mkdir(parents=True)
     for i in range(5):
         Image.new("RGB", (20, 24), (i * 40, 0, 0)).save(unlabeled / f"{i}.jpg")
-    splits = data.build_splits("image_folder", data_config(
-        train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test"),
-        unlabeled_dir=str(tmp_path / "unlabeled")))
+    splits = data.build_splits(
+        "image_folder",
+        data_config(
+            train_dir=str(image_folder / "train"),
+            test_dir=str(image_folder / "test"),
+            unlabeled_dir=str(tmp_path / "unlabeled"),
+        ),
+    )
     assert splits.labeled_train.classes == sorted(CLASSES)
     assert len(splits.labeled_train) == 24 and len(splits.byol_train) == 29
     assert list(splits.byol_train.labels[-5:]) == [data.UNLABELED] * 5
@@ -64,7 +76,7 @@ def test_every_global_batch_holds_the_same_images_for_any_slot_count():
         for _ in range(2):  # two epochs
             per_slot = list(sampler)
             assert len(per_slot) == len(sampler) == 6 * slots
-            out += [sum(per_slot[k * slots:(k + 1) * slots], []) for k in range(6)]
+            out += [sum(per_slot[k * slots : (k + 1) * slots], []) for k in range(6)]
         return out
 
     one, two = global_batches(1), global_batches(2)
@@ -80,13 +92,20 @@ def test_every_global_batch_holds_the_same_images_for_any_slot_count():
 def test_corrupt_image_is_skipped_logged_once_and_counted(image_folder, caplog):
     bad = image_folder / "train" / "cat" / "004.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
-    splits = data.build_splits("image_folder", data_config(
-        train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test")))
+    splits = data.build_splits(
+        "image_folder",
+        data_config(train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test")),
+    )
     source = splits.byol_train
     index = source.names.index("cat/004.png")
     aug = utils._parse_augmentation(utils._Reader({"image_size": 16}, "augmentation"))
     # Not fixed-size arrays: crops happen in the loader.
-    dataset = data.TrainImages(source, aug, 0, data.CorruptImageLog(strict=False))
+    dataset = data.TrainImages(
+        source,
+        augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
+        0,
+        data.CorruptImageLog(strict=False),
+    )
     with caplog.at_level("WARNING"):
         items = dataset.__getitems__([(index, 0), (0, 0)])
         dataset.__getitems__([(index, 1)])
@@ -94,15 +113,26 @@ def test_corrupt_image_is_skipped_logged_once_and_counted(image_folder, caplog):
     assert items[0]["image"].shape == (2, 3, 16, 16)
     warnings = [r for r in caplog.records if "cat/004.png" in r.getMessage()]
     assert len(warnings) == 1
-    strict = data.TrainImages(source, aug, 0, data.CorruptImageLog(strict=True))
+    strict = data.TrainImages(
+        source,
+        augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
+        0,
+        data.CorruptImageLog(strict=True),
+    )
     with pytest.raises(data.CorruptImageError, match="cat/004.png: not a decodable image"):
         strict.__getitems__([(index, 0)])
 
 
 def test_evaluation_images_are_centre_cropped_to_the_training_size(image_folder):
-    splits = data.build_splits("image_folder", data_config(
-        train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test")))
-    ev = data.EvalImages([(splits.labeled_train, data.SPLIT_FIT), (splits.test, data.SPLIT_TEST)], 12, data.CorruptImageLog(False))
+    splits = data.build_splits(
+        "image_folder",
+        data_config(train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test")),
+    )
+    ev = data.EvalImages(
+        [(splits.labeled_train, probe.SPLIT_FIT), (splits.test, probe.SPLIT_TEST)],
+        12,
+        data.CorruptImageLog(False),
+    )
     item = ev[len(splits.labeled_train)]
-    assert item["image"].shape == (3, 12, 12) and int(item["split"]) == data.SPLIT_TEST
+    assert item["image"].shape == (3, 12, 12) and int(item["split"]) == probe.SPLIT_TEST
     assert int(item["index"]) == len(splits.labeled_train)

@@ -2,6 +2,7 @@
 of multi-process runs, the cluster launch (pure config + a fake SDK), and clear errors.
 
 One tiny BYOL run (module fixture) provides the checkpoint every test evaluates."""
+
 import json
 import os
 import shutil
@@ -25,14 +26,9 @@ import data
 import evaluate_result
 import model_def
 import utils
-from conftest import CLASSES, ROOT, tiny_config, write_image_folder
+from conftest import CLASSES, ROOT, folder_overrides, tiny_config, write_image_folder
 
 CHECKER = os.path.join(ROOT, "..", "shared", "tools", "expconf", "check.py")
-
-
-def folder_overrides(folder):
-    return ["--set", "hyperparameters.dataset_name=image_folder",
-            "--set", f"data.train_dir={folder / 'train'}", "--set", f"data.test_dir={folder / 'test'}"]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +40,24 @@ def trained(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(ROOT)  # as a user runs it: Determined copies the working dir into checkpoints
     try:
-        model_def.main([str(config), "--checkpoint-dir", str(root / "ckpt"), *map(str, folder_overrides(folder))])
+        model_def.main(
+            [
+                str(config),
+                "--checkpoint-dir",
+                str(root / "ckpt"),
+                *map(str, folder_overrides(folder)),
+            ]
+        )
     finally:
         os.chdir(cwd)
     (uuid,) = os.listdir(root / "ckpt" / "determined")
-    return SimpleNamespace(root=root, folder=folder, config=config, checkpoint=root / "ckpt" / "determined" / uuid, uuid=uuid)
+    return SimpleNamespace(
+        root=root,
+        folder=folder,
+        config=config,
+        checkpoint=root / "ckpt" / "determined" / uuid,
+        uuid=uuid,
+    )
 
 
 def run(args, capsys, sdk=None):
@@ -66,7 +75,9 @@ def error_of(args, sdk=None):
 
 
 def load_model_state(checkpoint):
-    return torch.load(os.path.join(checkpoint, "state_dict.pth"), map_location="cpu", weights_only=True)["models_state_dict"][0]
+    return torch.load(
+        os.path.join(checkpoint, "state_dict.pth"), map_location="cpu", weights_only=True
+    )["models_state_dict"][0]
 
 
 # ---- local evaluation ---------------------------------------------------------------------
@@ -74,17 +85,35 @@ def load_model_state(checkpoint):
 
 def test_cached_features_evaluation_reports_test_accuracy(trained, tmp_path, capsys):
     out_json = tmp_path / "no-augment.json"
-    printed = run(["--checkpoint", trained.checkpoint, "--classifier-train-epochs", 3, "--no-augment",
-                   "--output", out_json], capsys)
+    printed = run(
+        [
+            "--checkpoint",
+            trained.checkpoint,
+            "--classifier-train-epochs",
+            3,
+            "--no-augment",
+            "--output",
+            out_json,
+        ],
+        capsys,
+    )
     result = json.loads(out_json.read_text())
     lrs = [0.01, 0.03, 0.1, 0.3, 1.0]
     assert [row["lr"] for row in result["classifiers"]] == lrs
-    assert result["protocol"]["augment"] is False and result["protocol"]["classifier_train_epochs"] == 3
+    assert (
+        result["protocol"]["augment"] is False
+        and result["protocol"]["classifier_train_epochs"] == 3
+    )
     assert result["images"] == {"fit": 21, "holdout": 3, "test": 12}
-    assert result["checkpoint"]["uuid"] == trained.uuid and result["checkpoint"]["steps_completed"] == 3
+    assert (
+        result["checkpoint"]["uuid"] == trained.uuid
+        and result["checkpoint"]["steps_completed"] == 3
+    )
     chosen = next(row for row in result["classifiers"] if row["lr"] == result["chosen_lr"])
     assert result["test_accuracy"] == chosen["test_accuracy"]
-    assert result["holdout_accuracy"] == max(row["holdout_accuracy"] for row in result["classifiers"])
+    assert result["holdout_accuracy"] == max(
+        row["holdout_accuracy"] for row in result["classifiers"]
+    )
     for row in result["classifiers"]:  # counts of 12 test / 3 held-out images
         assert round(row["test_accuracy"] * 12, 6) == round(row["test_accuracy"] * 12)
         assert round(row["holdout_accuracy"] * 3, 6) == round(row["holdout_accuracy"] * 3)
@@ -104,18 +133,45 @@ def test_cached_features_evaluation_reports_test_accuracy(trained, tmp_path, cap
         os.makedirs(every_class / cls)
         for source_cls in CLASSES:
             for f in os.listdir(trained.folder / "test" / source_cls):
-                shutil.copy(trained.folder / "test" / source_cls / f, every_class / cls / f"{source_cls}-{f}")
-    run(["--checkpoint", trained.checkpoint, "--classifier-train-epochs", 3, "--no-augment",
-         "--set", f"data.test_dir={every_class}", "--output", tmp_path / "every-class.json"], capsys)
+                shutil.copy(
+                    trained.folder / "test" / source_cls / f,
+                    every_class / cls / f"{source_cls}-{f}",
+                )
+    run(
+        [
+            "--checkpoint",
+            trained.checkpoint,
+            "--classifier-train-epochs",
+            3,
+            "--no-augment",
+            "--set",
+            f"data.test_dir={every_class}",
+            "--output",
+            tmp_path / "every-class.json",
+        ],
+        capsys,
+    )
     relabeled = json.loads((tmp_path / "every-class.json").read_text())
     assert relabeled["images"]["test"] == 36
     assert [row["test_accuracy"] for row in relabeled["classifiers"]] == pytest.approx([1 / 3] * 5)
-    assert [row["holdout_accuracy"] for row in relabeled["classifiers"]] == [row["holdout_accuracy"] for row in result["classifiers"]]
+    assert [row["holdout_accuracy"] for row in relabeled["classifiers"]] == [
+        row["holdout_accuracy"] for row in result["classifiers"]
+    ]
 
 
 def test_augmented_evaluation_writes_evaluation_json_beside_the_checkpoint(trained, capsys):
-    printed = run(["--checkpoint", trained.checkpoint, "--classifier-train-epochs", 2,
-                   "--classifier-lrs", 0.1, 1.0], capsys)
+    printed = run(
+        [
+            "--checkpoint",
+            trained.checkpoint,
+            "--classifier-train-epochs",
+            2,
+            "--classifier-lrs",
+            0.1,
+            1.0,
+        ],
+        capsys,
+    )
     result = json.loads((trained.checkpoint / evaluate_result.EVALUATION_FILE).read_text())
     assert result["protocol"]["augment"] is True and result["protocol"]["lrs"] == [0.1, 1.0]
     assert len(result["classifiers"]) == 2 and result["chosen_lr"] in (0.1, 1.0)
@@ -125,11 +181,17 @@ def test_augmented_evaluation_writes_evaluation_json_beside_the_checkpoint(train
 
 def test_augmented_crops_are_deterministic_and_agree_between_arrays_and_files(trained):
     """Arrays are cropped as a batch (roi_align), files one by one (PIL): same boxes, same flips."""
-    files = data.open_folder(str(trained.folder / "train"), None, utils.parse_data_config({}), data.run_here)
-    images = np.stack([np.asarray(Image.open(trained.folder / "train" / n).convert("RGB")) for n in files.names])
+    files = data.open_folder(
+        str(trained.folder / "train"), None, utils.parse_data_config({}), data.run_here
+    )
+    images = np.stack(
+        [np.asarray(Image.open(trained.folder / "train" / n).convert("RGB")) for n in files.names]
+    )
     arrays = data.ArraySource(images, files.labels, files.classes)
     log = data.CorruptImageLog(strict=True)
-    make = lambda source: evaluate_result.AugmentedImages(source, 16, (0.2, 1.0), (3 / 4, 4 / 3), 0, log)
+    make = lambda source: evaluate_result.AugmentedImages(
+        source, 16, (0.2, 1.0), (3 / 4, 4 / 3), 0, log
+    )
     items = [(i, 0) for i in range(len(files))]
     from_arrays, from_files = make(arrays).__getitems__(items), make(files).__getitems__(items)
     assert from_arrays["image"].shape == from_files["image"].shape == (24, 3, 16, 16)
@@ -152,7 +214,9 @@ def test_export_loads_into_torchvision_and_matches_the_online_backbone(trained, 
 
     state = torch.load(target, weights_only=True)
     assert "conv1.weight" in state and "layer4.1.bn2.running_var" in state
-    assert not any(k.startswith(("fc.", "online_", "target_", "predictor", "module.")) for k in state)
+    assert not any(
+        k.startswith(("fc.", "online_", "target_", "predictor", "module.")) for k in state
+    )
     model = backbone.build_torchvision_model("resnet18", cifar_stem=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
@@ -166,11 +230,17 @@ def test_export_loads_into_torchvision_and_matches_the_online_backbone(trained, 
     model.fc = torch.nn.Identity()
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), network.eval().online_backbone(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            model.eval()(x), network.eval().online_backbone(x), rtol=0, atol=1e-6
+        )
 
     info = json.loads((tmp_path / "backbone.json").read_text())
     marker = json.loads((trained.checkpoint / checkpoint.MARKER).read_text())
-    assert info["architecture"] == "resnet18" and info["cifar_stem"] is True and info["image_size"] == 16
+    assert (
+        info["architecture"] == "resnet18"
+        and info["cifar_stem"] is True
+        and info["image_size"] == 16
+    )
     assert info["normalization"] == marker["normalization"]
     assert info["checkpoint_uuid"] == trained.uuid and info["steps_completed"] == 3
     assert info["checkpoint"] == str(trained.checkpoint)
@@ -185,7 +255,9 @@ def test_checkpoint_with_ddp_prefixed_keys_loads(trained, tmp_path):
     copy = tmp_path / trained.uuid
     shutil.copytree(trained.checkpoint, copy)
     state = torch.load(copy / "state_dict.pth", map_location="cpu", weights_only=True)
-    state["models_state_dict"][0] = {f"module.{k}": v for k, v in state["models_state_dict"][0].items()}
+    state["models_state_dict"][0] = {
+        f"module.{k}": v for k, v in state["models_state_dict"][0].items()
+    }
     torch.save(state, copy / "state_dict.pth")
     plain = evaluate_result.open_checkpoint(str(trained.checkpoint)).backbone_state
     wrapped = evaluate_result.open_checkpoint(str(copy)).backbone_state
@@ -200,9 +272,19 @@ def free_port():
 
 @pytest.mark.multiprocess
 def test_checkpoint_of_a_two_process_run_exports(trained, tmp_path, capsys):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "model_def.py", str(trained.config), "--checkpoint-dir", str(tmp_path / "ckpt"),
-               *map(str, folder_overrides(trained.folder))]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "model_def.py",
+        str(trained.config),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        *map(str, folder_overrides(trained.folder)),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH_DISTRIBUTED="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -212,7 +294,9 @@ def test_checkpoint_of_a_two_process_run_exports(trained, tmp_path, capsys):
     run(["--checkpoint", checkpoint, "--export", tmp_path / "b.pt", "--export-only"], capsys)
     assert json.loads((tmp_path / "b.json").read_text())["checkpoint_uuid"] == uuid
     model = backbone.build_torchvision_model("resnet18", cifar_stem=True)
-    missing, unexpected = model.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True), strict=False)
+    missing, unexpected = model.load_state_dict(
+        torch.load(tmp_path / "b.pt", weights_only=True), strict=False
+    )
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
 
 
@@ -237,7 +321,9 @@ def test_wrong_path_and_foreign_checkpoints_are_refused(trained, tmp_path):
     message = error_of(["--checkpoint", trained.root / "ckpt", *epochs])
     assert "is not a Determined checkpoint" in message and str(trained.checkpoint) in message
 
-    assert "cannot write" in error_of(["--checkpoint", trained.checkpoint, *epochs, "--output", tmp_path / "no" / "dir.json"])
+    assert "cannot write" in error_of(
+        ["--checkpoint", trained.checkpoint, *epochs, "--output", tmp_path / "no" / "dir.json"]
+    )
 
 
 def test_checkpoint_uuid_off_cluster_says_what_to_do():
@@ -253,25 +339,56 @@ def original_config(name):
         return yaml.safe_load(f)
 
 
-@pytest.mark.parametrize("name", ["const-cifar10.yaml", "distributed-stl10.yaml", "distributed-imagenet.yaml"])
+@pytest.mark.parametrize(
+    "name", ["const-cifar10.yaml", "distributed-stl10.yaml", "distributed-imagenet.yaml"]
+)
 def test_evaluation_experiment_config(name, tmp_path):
     original = original_config(name)
     before = json.dumps(original, sort_keys=True)
     hparams = dict(original["hyperparameters"], epochs=5)
     config = evaluate_result.evaluation_experiment_config(
-        original, "0f1e2d3c-uuid", 80, augment=False, hparams=hparams,
-        overrides=["data.num_workers=2"], batch_size=512, lrs=[0.1, 1.0],
+        original,
+        "0f1e2d3c-uuid",
+        80,
+        augment=False,
+        hparams=hparams,
+        overrides=["data.num_workers=2"],
+        batch_size=512,
+        lrs=[0.1, 1.0],
     )
     assert json.dumps(original, sort_keys=True) == before  # pure: the input is untouched
     assert config["name"] == original["name"] + "-linear-eval"
-    assert config["entrypoint"] == ["python3", "evaluate_result.py", "--checkpoint-uuid", "0f1e2d3c-uuid",
-                                    "--classifier-train-epochs", "80", "--no-augment", "--batch-size", "512",
-                                    "--classifier-lrs", "0.1", "1", "--set", "data.num_workers=2"]
+    assert config["entrypoint"] == [
+        "python3",
+        "evaluate_result.py",
+        "--checkpoint-uuid",
+        "0f1e2d3c-uuid",
+        "--classifier-train-epochs",
+        "80",
+        "--no-augment",
+        "--batch-size",
+        "512",
+        "--classifier-lrs",
+        "0.1",
+        "1",
+        "--set",
+        "data.num_workers=2",
+    ]
     parsed = evaluate_result.parse_args(config["entrypoint"][2:])  # the task's command line is ours
-    assert (parsed.checkpoint_uuid, parsed.classifier_train_epochs, parsed.no_augment, parsed.batch_size,
-            parsed.classifier_lrs, parsed.overrides) == ("0f1e2d3c-uuid", 80, True, 512, [0.1, 1.0], ["data.num_workers=2"])
+    assert (
+        parsed.checkpoint_uuid,
+        parsed.classifier_train_epochs,
+        parsed.no_augment,
+        parsed.batch_size,
+        parsed.classifier_lrs,
+        parsed.overrides,
+    ) == ("0f1e2d3c-uuid", 80, True, 512, [0.1, 1.0], ["data.num_workers=2"])
     assert config["resources"]["slots_per_trial"] == 1
-    assert config["searcher"] == {"name": "single", "metric": "holdout_accuracy", "smaller_is_better": False}
+    assert config["searcher"] == {
+        "name": "single",
+        "metric": "holdout_accuracy",
+        "smaller_is_better": False,
+    }
     assert config["hyperparameters"] == hparams
     for kept in ("data", "checkpoint_storage", "reproducibility", "max_restarts"):
         assert config[kept] == original[kept]
@@ -316,44 +433,87 @@ class FakeExperiment:
 
 
 def test_missing_experiment_gives_one_line_error():
-    message = error_of(["--experiment-id", 17, "--classifier-train-epochs", 80, "--master", "http://master.example:8080"],
-                       sdk=FakeSDK({}))
+    message = error_of(
+        [
+            "--experiment-id",
+            17,
+            "--classifier-train-epochs",
+            80,
+            "--master",
+            "http://master.example:8080",
+        ],
+        sdk=FakeSDK({}),
+    )
     assert "experiment 17 was not found on the master at http://master.example:8080" in message
 
 
 def test_experiment_without_checkpoints_gives_one_line_error():
-    message = error_of(["--experiment-id", 17, "--classifier-train-epochs", 80], sdk=FakeSDK({17: FakeExperiment([])}))
+    message = error_of(
+        ["--experiment-id", 17, "--classifier-train-epochs", 80],
+        sdk=FakeSDK({17: FakeExperiment([])}),
+    )
     assert "experiment 17 has no completed checkpoint" in message
 
 
 def test_launch_starts_the_evaluation_experiment_from_the_best_checkpoint(capsys):
     original = original_config("const-cifar10.yaml")
-    best = SimpleNamespace(uuid="best-uuid", training=SimpleNamespace(experiment_config=original, hparams=original["hyperparameters"]))
+    best = SimpleNamespace(
+        uuid="best-uuid",
+        training=SimpleNamespace(experiment_config=original, hparams=original["hyperparameters"]),
+    )
     experiment = FakeExperiment([best, SimpleNamespace(uuid="worse")])
     sdk = FakeSDK({17: experiment})
-    printed = run(["--experiment-id", 17, "--classifier-train-epochs", 80, "--master", "http://master.example:8080"], capsys, sdk)
+    printed = run(
+        [
+            "--experiment-id",
+            17,
+            "--classifier-train-epochs",
+            80,
+            "--master",
+            "http://master.example:8080",
+        ],
+        capsys,
+        sdk,
+    )
     assert experiment.calls == [(None, None, 1)]  # sorted by the searcher metric, best first
     ((config, model_dir),) = sdk.created
     assert model_dir == ROOT
-    assert config["entrypoint"][:4] == ["python3", "evaluate_result.py", "--checkpoint-uuid", "best-uuid"]
-    assert "started evaluation experiment 42: http://master.example:8080/det/experiments/42/overview" in printed
+    assert config["entrypoint"][:4] == [
+        "python3",
+        "evaluate_result.py",
+        "--checkpoint-uuid",
+        "best-uuid",
+    ]
+    assert (
+        "started evaluation experiment 42: http://master.example:8080/det/experiments/42/overview"
+        in printed
+    )
 
 
 def test_unreachable_master_gives_one_line_error():
     # The real SDK against a port nobody listens on.
-    message = error_of(["--experiment-id", 17, "--classifier-train-epochs", 80, "--master", "http://127.0.0.1:9"])
+    message = error_of(
+        ["--experiment-id", 17, "--classifier-train-epochs", 80, "--master", "http://127.0.0.1:9"]
+    )
     assert "cannot reach a Determined master at http://127.0.0.1:9" in message
 
 
 def test_in_cluster_mode_reports_the_result_as_validation_metrics(trained):
     """The evaluation task's path, with Determined's off-cluster core context: the checkpoint
     comes from checkpoint storage by uuid, the result goes to report_validation_metrics."""
-    args = evaluate_result.parse_args(["--checkpoint-uuid", trained.uuid, "--classifier-train-epochs", "2", "--no-augment"])
+    args = evaluate_result.parse_args(
+        ["--checkpoint-uuid", trained.uuid, "--classifier-train-epochs", "2", "--no-augment"]
+    )
     reported = []
     with core.init(checkpoint_storage=str(trained.checkpoint.parent)) as context:
-        context.train.report_validation_metrics = lambda steps_completed, metrics: reported.append((steps_completed, metrics))
+        context.train.report_validation_metrics = lambda steps_completed, metrics: reported.append(
+            (steps_completed, metrics)
+        )
         result = evaluate_result.evaluate_in_cluster(args, context, data_section=None)
     ((steps, metrics),) = reported
     assert steps == 2 and metrics["test_accuracy"] == result["test_accuracy"]
     assert metrics["classifier_best_lr"] == result["chosen_lr"]
-    assert "classifier_lr_0.1_test_accuracy" in metrics and result["checkpoint"]["uuid"] == trained.uuid
+    assert (
+        "classifier_lr_0.1_test_accuracy" in metrics
+        and result["checkpoint"]["uuid"] == trained.uuid
+    )

@@ -2,6 +2,7 @@
 in this process, behind a proxy of our own (tests/gcs_server.py) that counts requests and can
 answer with 503/429/403, drop or reset connections, or cut bodies short. The real
 google-cloud-storage client reaches it through STORAGE_EMULATOR_HOST."""
+
 import dataclasses
 import io
 import os
@@ -18,7 +19,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gcs_server
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package
 
+import augment  # noqa: E402
 import data  # noqa: E402
+import gcs  # noqa: E402
 import generate_blob_list  # noqa: E402
 import utils  # noqa: E402
 from gcs_server import FakeGCS  # noqa: E402
@@ -47,12 +50,23 @@ TREE = {
     "loose.png": _image("PNG", 6),
     ".hidden/h1.png": _image("PNG", 7),
 }
-TRAIN_IMAGES = sorted(n for n in TREE if n.lower().endswith((".png", ".jpg", ".jpeg")) and "/" in n and not n.startswith("."))
-EXPECTED_NAMES = ["bird/nested/b1.png", "cat/c1.png", "cat/c2.jpg", "cat/corrupt.png", "dog/D2.PNG", "dog/d1.jpeg"]
+TRAIN_IMAGES = sorted(
+    n
+    for n in TREE
+    if n.lower().endswith((".png", ".jpg", ".jpeg")) and "/" in n and not n.startswith(".")
+)
+EXPECTED_NAMES = [
+    "bird/nested/b1.png",
+    "cat/c1.png",
+    "cat/c2.jpg",
+    "cat/corrupt.png",
+    "dog/D2.PNG",
+    "dog/d1.jpeg",
+]
 
 
 @pytest.fixture(scope="module")
-def gcs():
+def server():
     with FakeGCS() as server:
         client = server.client()
         bucket = client.create_bucket(BUCKET)
@@ -61,26 +75,33 @@ def gcs():
                 bucket.blob(split + name).upload_from_string(content)
         bucket.blob("only-text/readme.txt").upload_from_string(b"hello")
         # The blob list generate_blob_list.py would write for ds/train.
-        bucket.blob("lists/train.txt").upload_from_string("\n".join("ds/train/" + n for n in EXPECTED_NAMES) + "\n")
+        bucket.blob("lists/train.txt").upload_from_string(
+            "\n".join("ds/train/" + n for n in EXPECTED_NAMES) + "\n"
+        )
         yield server
 
 
 @pytest.fixture(autouse=True)
-def env(gcs, monkeypatch):
+def env(server, monkeypatch):
     """Every test talks to the proxy, starts with no queued faults, and retries fast."""
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.host)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.host)
     # gcs_client() sets this with os.environ.setdefault; set here, it is undone after the test.
     monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "1")
-    monkeypatch.setattr(data, "GCS_RETRY_BASE_S", 0.001)
-    monkeypatch.setattr(data, "GCS_RETRY_CAP_S", 0.01)
-    gcs.proxy.latency_s = 0.0
-    gcs.proxy.clear()
+    monkeypatch.setattr(gcs, "GCS_RETRY_BASE_S", 0.001)
+    monkeypatch.setattr(gcs, "GCS_RETRY_CAP_S", 0.01)
+    server.proxy.latency_s = 0.0
+    server.proxy.clear()
     yield
-    gcs.proxy.clear()
+    server.proxy.clear()
 
 
 def data_config(**overrides) -> utils.DataConfig:
-    raw = {"train_dir": f"gs://{BUCKET}/ds/train", "test_dir": f"gs://{BUCKET}/ds/test", "num_workers": 0, "gcs_concurrency": 4}
+    raw = {
+        "train_dir": f"gs://{BUCKET}/ds/train",
+        "test_dir": f"gs://{BUCKET}/ds/test",
+        "num_workers": 0,
+        "gcs_concurrency": 4,
+    }
     raw.update(overrides)
     return utils.parse_data_config(raw)
 
@@ -110,30 +131,66 @@ def object_requests(proxy, object_name):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_generate_blob_list_writes_summary_and_uploads(gcs, tmp_path, capsys):
+def test_generate_blob_list_writes_summary_and_uploads(server, tmp_path, capsys):
     out = tmp_path / "train-blob-list.txt"
-    rc = generate_blob_list.main([
-        "--bucket-name", BUCKET, "--bucket-path", "ds/train", "--output-file", str(out),
-        "--progress-every", "1", "--upload", "lists/generated.txt",
-    ])
+    rc = generate_blob_list.main(
+        [
+            "--bucket-name",
+            BUCKET,
+            "--bucket-path",
+            "ds/train",
+            "--output-file",
+            str(out),
+            "--progress-every",
+            "1",
+            "--upload",
+            "lists/generated.txt",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     lines = out.read_text().splitlines()
-    assert lines == ["ds/train/" + n for n in EXPECTED_NAMES]  # notes.txt, loose and hidden left out
+    assert lines == [
+        "ds/train/" + n for n in EXPECTED_NAMES
+    ]  # notes.txt, loose and hidden left out
     summary = captured.out
-    assert re.search(r"^bird\s+1$", summary, re.M) and re.search(r"^cat\s+3$", summary, re.M) and re.search(r"^dog\s+2$", summary, re.M)
+    assert (
+        re.search(r"^bird\s+1$", summary, re.M)
+        and re.search(r"^cat\s+3$", summary, re.M)
+        and re.search(r"^dog\s+2$", summary, re.M)
+    )
     assert "6 images in 3 classes" in summary and "left out 2 images" in summary
     assert "listed 9 objects under gs://byol-test/ds/train/" in captured.err  # progress
-    uploaded = gcs.client().bucket(BUCKET).blob("lists/generated.txt").download_as_bytes()
+    uploaded = server.client().bucket(BUCKET).blob("lists/generated.txt").download_as_bytes()
     assert uploaded.decode().splitlines() == lines
     assert [p.name for p in tmp_path.iterdir()] == ["train-blob-list.txt"]  # no temp file left
 
 
 def test_generate_blob_list_extension_flag(tmp_path, capsys):
     out = tmp_path / "list.txt"
-    rc = generate_blob_list.main(["--bucket-name", BUCKET, "--bucket-path", "ds/train/", "--output-file", str(out), "--extensions", "PNG,.txt"])
+    rc = generate_blob_list.main(
+        [
+            "--bucket-name",
+            BUCKET,
+            "--bucket-path",
+            "ds/train/",
+            "--output-file",
+            str(out),
+            "--extensions",
+            "PNG,.txt",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
-    assert out.read_text().splitlines() == ["ds/train/" + n for n in ["bird/nested/b1.png", "bird/notes.txt", "cat/c1.png", "cat/corrupt.png", "dog/D2.PNG"]]
+    assert out.read_text().splitlines() == [
+        "ds/train/" + n
+        for n in [
+            "bird/nested/b1.png",
+            "bird/notes.txt",
+            "cat/c1.png",
+            "cat/corrupt.png",
+            "dog/D2.PNG",
+        ]
+    ]
     assert "skip .txt" in capsys.readouterr().err
 
 
@@ -147,25 +204,49 @@ def test_generate_blob_list_extension_flag(tmp_path, capsys):
         ("Bad_Bucket", "x", None, "'Bad_Bucket' is not a valid bucket name"),
     ],
 )
-def test_generate_blob_list_errors_are_one_line(gcs, tmp_path, capsys, bucket, path, inject, message):
+def test_generate_blob_list_errors_are_one_line(
+    server, tmp_path, capsys, bucket, path, inject, message
+):
     if inject:
-        gcs.proxy.fail_next(1, inject)
+        server.proxy.fail_next(1, inject)
     out = tmp_path / "list.txt"
-    rc = generate_blob_list.main(["--bucket-name", bucket, "--bucket-path", path, "--output-file", str(out)])
+    rc = generate_blob_list.main(
+        ["--bucket-name", bucket, "--bucket-path", path, "--output-file", str(out)]
+    )
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc == 1 and len(errors) == 1 and message in errors[0], (err, gcs.proxy.requests)
+    assert rc == 1 and len(errors) == 1 and message in errors[0], (err, server.proxy.requests)
     assert "Traceback" not in err and not out.exists()
 
 
 def test_generate_blob_list_bad_arguments_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        generate_blob_list.main(["--bucket-name", BUCKET, "--bucket-path", "ds", "--output-file", str(tmp_path / "x"), "--extensions", ",,"])
+        generate_blob_list.main(
+            [
+                "--bucket-name",
+                BUCKET,
+                "--bucket-path",
+                "ds",
+                "--output-file",
+                str(tmp_path / "x"),
+                "--extensions",
+                ",,",
+            ]
+        )
     assert exit_info.value.code == 2 and "not a comma-separated list" in capsys.readouterr().err
 
 
 def test_generate_blob_list_unwritable_output(tmp_path, capsys):
-    rc = generate_blob_list.main(["--bucket-name", BUCKET, "--bucket-path", "ds/train", "--output-file", str(tmp_path / "no-dir" / "x.txt")])
+    rc = generate_blob_list.main(
+        [
+            "--bucket-name",
+            BUCKET,
+            "--bucket-path",
+            "ds/train",
+            "--output-file",
+            str(tmp_path / "no-dir" / "x.txt"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "error: cannot write --output-file" in err and "Traceback" not in err
 
@@ -175,23 +256,31 @@ def test_generate_blob_list_unwritable_output(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_open_by_listing_and_by_blob_list_agree(gcs):
+def test_open_by_listing_and_by_blob_list_agree(server):
     share = CountingShare()
     listed = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", None, data_config(), share)
-    assert share.calls == 1 and len(list_requests(gcs.proxy)) == 1
+    assert share.calls == 1 and len(list_requests(server.proxy)) == 1
     assert listed.names == EXPECTED_NAMES
     assert listed.classes == CLASSES  # sorted by name, like ImageFolder
     assert listed.labels.tolist() == [0, 1, 1, 1, 2, 2]
 
-    gcs.proxy.clear()
-    by_list = data.open_gcs_folder(f"gs://{BUCKET}/ds/train/", "lists/train.txt", data_config(), share)
-    assert list_requests(gcs.proxy) == []  # no listing with a blob list
-    assert (by_list.names, by_list.labels.tolist(), by_list.classes) == (listed.names, listed.labels.tolist(), listed.classes)
+    server.proxy.clear()
+    by_list = data.open_gcs_folder(
+        f"gs://{BUCKET}/ds/train/", "lists/train.txt", data_config(), share
+    )
+    assert list_requests(server.proxy) == []  # no listing with a blob list
+    assert (by_list.names, by_list.labels.tolist(), by_list.classes) == (
+        listed.names,
+        listed.labels.tolist(),
+        listed.classes,
+    )
     assert by_list.store.read("cat/c1.png") == TREE["cat/c1.png"]
 
 
-def test_build_splits_reads_gcs_folders(gcs):
-    splits = data.build_splits("image_folder", data_config(train_blob_list="lists/train.txt"), CountingShare())
+def test_build_splits_reads_gcs_folders(server):
+    splits = data.build_splits(
+        "image_folder", data_config(train_blob_list="lists/train.txt"), CountingShare()
+    )
     assert splits.byol_train.classes == splits.test.classes == CLASSES
     assert len(splits.test) == len(splits.byol_train) == len(EXPECTED_NAMES)
     image = splits.test.load_many([splits.test.names.index("dog/d1.jpeg")])[0]
@@ -203,11 +292,26 @@ def test_build_splits_reads_gcs_folders(gcs):
     [
         ("s3://bucket/x", None, {}, "'s3://bucket/x' is not a gs://BUCKET/PREFIX url"),
         ("gs://UPPER/x", None, {}, "'UPPER' is not a valid bucket name"),
-        (f"gs://{BUCKET}/x", None, {"gcs_concurrency": 0}, "data.gcs_concurrency=0 must be at least 1"),
+        (
+            f"gs://{BUCKET}/x",
+            None,
+            {"gcs_concurrency": 0},
+            "data.gcs_concurrency=0 must be at least 1",
+        ),
         ("gs://missing-bucket/x", None, {}, "gs://missing-bucket/x/: not found (404)"),
         (f"gs://{BUCKET}/only-text", None, {}, "holds no images: found 1 objects under it"),
-        (f"gs://{BUCKET}/ds/train", "lists/missing.txt", {}, "gs://byol-test/lists/missing.txt: not found (404)"),
-        (f"gs://{BUCKET}/ds/test", "lists/train.txt", {}, "blob list gs://byol-test/lists/train.txt (for gs://byol-test/ds/test) names no images"),
+        (
+            f"gs://{BUCKET}/ds/train",
+            "lists/missing.txt",
+            {},
+            "gs://byol-test/lists/missing.txt: not found (404)",
+        ),
+        (
+            f"gs://{BUCKET}/ds/test",
+            "lists/train.txt",
+            {},
+            "blob list gs://byol-test/lists/train.txt (for gs://byol-test/ds/test) names no images",
+        ),
     ],
 )
 def test_open_errors_name_the_value(url, blob_list, overrides, message):
@@ -238,11 +342,18 @@ def test_every_process_raises_when_the_chief_fails():
 
 def train_dataset(source, strict: bool) -> data.TrainImages:
     aug = utils._parse_augmentation(utils._Reader({"image_size": 16}, "augmentation"))
-    return data.TrainImages(source, aug, seed=0, corrupt_log=data.CorruptImageLog(strict))
+    return data.TrainImages(
+        source,
+        augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
+        seed=0,
+        corrupt_log=data.CorruptImageLog(strict),
+    )
 
 
 def test_corrupt_image_is_skipped_logged_once_and_counted(caplog):
-    source = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", "lists/train.txt", data_config(), CountingShare())
+    source = data.open_gcs_folder(
+        f"gs://{BUCKET}/ds/train", "lists/train.txt", data_config(), CountingShare()
+    )
     dataset = train_dataset(source, strict=False)
     items = [(i, 0) for i in range(len(source))]
     with caplog.at_level("WARNING", logger="byol.data"):
@@ -252,12 +363,16 @@ def test_corrupt_image_is_skipped_logged_once_and_counted(caplog):
     assert [int(x["corrupt"]) for x in first] == [int(i == corrupt) for i in range(len(source))]
     assert sum(int(x["corrupt"]) for x in first + second) == 2  # counted every time it is drawn
     warnings = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
-    assert len(warnings) == 1 and "gs://byol-test/ds/train/cat/corrupt.png" in warnings[0]  # logged once
+    assert (
+        len(warnings) == 1 and "gs://byol-test/ds/train/cat/corrupt.png" in warnings[0]
+    )  # logged once
     assert all(x["image"].shape == (2, 3, 16, 16) for x in first)  # replaced, so shapes stay fixed
 
 
 def test_strict_mode_raises_with_the_name():
-    source = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", "lists/train.txt", data_config(), CountingShare())
+    source = data.open_gcs_folder(
+        f"gs://{BUCKET}/ds/train", "lists/train.txt", data_config(), CountingShare()
+    )
     dataset = train_dataset(source, strict=True)
     with pytest.raises(data.CorruptImageError, match="gs://byol-test/ds/train/cat/corrupt.png"):
         dataset.__getitems__([(i, 0) for i in range(len(source))])
@@ -270,30 +385,35 @@ def test_data_loader_workers_read_through_their_own_client():
     source.store.read(source.names[0])  # the parent now holds a client and a pool
     dataset = train_dataset(source, strict=False)
     sampler = data.EpochBatchSampler(len(source), global_batch=3, slots=1, seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=2
+    )
     batches = list(loader)
     assert len(batches) == 2 and sum(int(b["corrupt"].sum()) for b in batches) == 1
     assert all(b["image"].shape == (3, 2, 3, 16, 16) for b in batches)
 
 
 def test_store_pickles_without_client_and_works_after():
-    store = data.GCSFiles(BUCKET, "ds/train/", None, 4)
+    store = gcs.GCSFiles(BUCKET, "ds/train/", None, 4)
     assert store.read("cat/c1.png") == TREE["cat/c1.png"]
     copy = pickle.loads(pickle.dumps(store))
-    assert copy._state is None and copy.read_many(["dog/d1.jpeg", "cat/c2.jpg"]) == [TREE["dog/d1.jpeg"], TREE["cat/c2.jpg"]]
+    assert copy._state is None and copy.read_many(["dog/d1.jpeg", "cat/c2.jpg"]) == [
+        TREE["dog/d1.jpeg"],
+        TREE["cat/c2.jpg"],
+    ]
 
 
-def test_read_many_is_concurrent_bounded_and_ordered(gcs):
-    gcs.proxy.latency_s = 0.03  # long enough that three requests surely overlap
-    store = data.GCSFiles(BUCKET, "ds/train/", None, concurrency=3)
+def test_read_many_is_concurrent_bounded_and_ordered(server):
+    server.proxy.latency_s = 0.03  # long enough that three requests surely overlap
+    store = gcs.GCSFiles(BUCKET, "ds/train/", None, concurrency=3)
     names = TRAIN_IMAGES * 2
     assert store.read_many(names) == [TREE[n] for n in names]
-    assert gcs.proxy.max_in_flight == 3  # concurrent, never above the bound
+    assert server.proxy.max_in_flight == 3  # concurrent, never above the bound
 
-    gcs.proxy.clear()
-    serial = data.GCSFiles(BUCKET, "ds/train/", None, concurrency=1)
+    server.proxy.clear()
+    serial = gcs.GCSFiles(BUCKET, "ds/train/", None, concurrency=1)
     assert serial.read_many(names) == [TREE[n] for n in names]
-    assert gcs.proxy.max_in_flight == 1
+    assert server.proxy.max_in_flight == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,56 +421,82 @@ def test_read_many_is_concurrent_bounded_and_ordered(gcs):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cache_hit_makes_no_request(gcs, tmp_path):
+def test_cache_hit_makes_no_request(server, tmp_path):
     cache = tmp_path / "cache"
-    source = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", "lists/train.txt", data_config(cache_dir=str(cache)), CountingShare())
+    source = data.open_gcs_folder(
+        f"gs://{BUCKET}/ds/train",
+        "lists/train.txt",
+        data_config(cache_dir=str(cache)),
+        CountingShare(),
+    )
     first = source.store.read_many(source.names)
-    assert len(gcs.proxy.requests) == 1 + len(source.names)  # the blob list, then each object
+    assert len(server.proxy.requests) == 1 + len(source.names)  # the blob list, then each object
 
-    gcs.proxy.clear()
-    gcs.proxy.fail_next(100, 500)  # any request now would fail
-    fresh = data.GCSFiles(BUCKET, "ds/train/", str(cache), 4)  # a new process's view of it
+    server.proxy.clear()
+    server.proxy.fail_next(100, 500)  # any request now would fail
+    fresh = gcs.GCSFiles(BUCKET, "ds/train/", str(cache), 4)  # a new process's view of it
     assert fresh.read_many(source.names) == first == [TREE[n] for n in source.names]
-    assert gcs.proxy.requests == []
+    assert server.proxy.requests == []
     files = [p for p in cache.rglob("*") if p.is_file()]
     assert len(files) == len(source.names) and not any(p.name.startswith("%tmp-") for p in files)
     assert (cache / BUCKET / "ds" / "train" / "cat" / "c1.png").read_bytes() == TREE["cat/c1.png"]
 
 
 HOSTILE = [
-    "../../etc/passwd", "/etc/passwd", "..", ".", "", "a/../../b", "a/./b", "a//b", "a/", "/",
-    "..\\..\\x", "C:\\Windows\\x", "a\x00b", "%2E%2E/x", "%", "%2E", "%tmp-x", "%h00",
-    "~/x", "é/ü.png", "\n/\r", "x" * 300, "x" * 301, "a" * 100 + "/" + "b" * 1000,
+    "../../etc/passwd",
+    "/etc/passwd",
+    "..",
+    ".",
+    "",
+    "a/../../b",
+    "a/./b",
+    "a//b",
+    "a/",
+    "/",
+    "..\\..\\x",
+    "C:\\Windows\\x",
+    "a\x00b",
+    "%2E%2E/x",
+    "%",
+    "%2E",
+    "%tmp-x",
+    "%h00",
+    "~/x",
+    "é/ü.png",
+    "\n/\r",
+    "x" * 300,
+    "x" * 301,
+    "a" * 100 + "/" + "b" * 1000,
 ]
 
 
 def test_cache_paths_stay_inside_and_never_collide(tmp_path):
     root = str(tmp_path / "cache")
-    paths = [data.gcs_cache_path(root, BUCKET, name) for name in HOSTILE]
+    paths = [gcs.gcs_cache_path(root, BUCKET, name) for name in HOSTILE]
     for name, path in zip(HOSTILE, paths):
         assert os.path.commonpath([root, path]) == root, name
         assert os.path.realpath(path).startswith(os.path.realpath(root) + os.sep), name
         rest = os.path.relpath(path, root).split(os.sep)
         assert all(part not in ("", ".", "..") and len(part) <= 255 for part in rest), (name, rest)
-        assert not any(c in path[len(root):] for c in "\\\x00\n\r:"), name
+        assert not any(c in path[len(root) :] for c in "\\\x00\n\r:"), name
     assert len(set(paths)) == len(paths)  # one file per object
-    assert data.gcs_cache_path(root, BUCKET, "../x").endswith(os.path.join(BUCKET, "%2E%2E", "x"))
+    assert gcs.gcs_cache_path(root, BUCKET, "../x").endswith(os.path.join(BUCKET, "%2E%2E", "x"))
 
 
-def test_hostile_names_are_cached_inside_the_cache_dir(gcs, tmp_path, monkeypatch):
+def test_hostile_names_are_cached_inside_the_cache_dir(server, tmp_path, monkeypatch):
     # Names the emulator stores: read through the server.
     stored = ["/abs.png", "a\\evil.png", "C:\\x.png", "a//b.png", "a/%2E%2E/x.png", "a/é.png"]
-    bucket = gcs.client().bucket(BUCKET)
+    bucket = server.client().bucket(BUCKET)
     for name in stored:
         bucket.blob("hostile/" + name).upload_from_string(name.encode())
     cache = tmp_path / "cache"
-    store = data.GCSFiles(BUCKET, "hostile/", str(cache), 4)
+    store = gcs.GCSFiles(BUCKET, "hostile/", str(cache), 4)
     assert store.read_many(stored) == [n.encode() for n in stored]
     # Names the emulator refuses to store ('..' components, also between backslashes): the
     # download is faked, the cache is real.
-    monkeypatch.setattr(data, "download_object", lambda client, b, name: name.encode())
+    monkeypatch.setattr(gcs, "download_object", lambda client, b, name: name.encode())
     dotted = ["../../../outside.png", "./.", "..\\..\\evil.png", "x/../../../../tmp/evil.png"]
-    root_store = data.GCSFiles(BUCKET, "", str(cache), 4)
+    root_store = gcs.GCSFiles(BUCKET, "", str(cache), 4)
     assert root_store.read_many(dotted) == [n.encode() for n in dotted]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing written outside
     assert len([p for p in cache.rglob("*") if p.is_file()]) == len(stored) + len(dotted)
@@ -360,8 +506,8 @@ def test_hostile_names_are_cached_inside_the_cache_dir(gcs, tmp_path, monkeypatc
 def test_object_and_prefix_of_the_same_name_still_read(tmp_path, monkeypatch, caplog):
     """GCS can hold both 'a' and 'a/b'; a disk cannot hold 'a' as a file and a directory. The
     second one is then read uncached, with the right bytes; nothing is overwritten."""
-    monkeypatch.setattr(data, "download_object", lambda client, b, name: name.encode())
-    store = data.GCSFiles(BUCKET, "", str(tmp_path / "cache"), 1)
+    monkeypatch.setattr(gcs, "download_object", lambda client, b, name: name.encode())
+    store = gcs.GCSFiles(BUCKET, "", str(tmp_path / "cache"), 1)
     with caplog.at_level("WARNING", logger="byol.data"):
         for order in (["a", "a/b"], ["c/d", "c"]):
             assert store.read_many(order * 2) == [n.encode() for n in order * 2]
@@ -371,9 +517,12 @@ def test_object_and_prefix_of_the_same_name_still_read(tmp_path, monkeypatch, ca
 def test_unwritable_cache_still_reads(tmp_path, caplog):
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache directory should be")
-    store = data.GCSFiles(BUCKET, "ds/train/", str(blocker), 2)
+    store = gcs.GCSFiles(BUCKET, "ds/train/", str(blocker), 2)
     with caplog.at_level("WARNING", logger="byol.data"):
-        assert store.read_many(["cat/c1.png", "dog/d1.jpeg"]) == [TREE["cat/c1.png"], TREE["dog/d1.jpeg"]]
+        assert store.read_many(["cat/c1.png", "dog/d1.jpeg"]) == [
+            TREE["cat/c1.png"],
+            TREE["dog/d1.jpeg"],
+        ]
     assert len([r for r in caplog.records if "cannot write the GCS cache" in r.getMessage()]) == 1
 
 
@@ -383,60 +532,71 @@ def test_unwritable_cache_still_reads(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("fault", ["503", "429", "500", "drop", "reset", "truncate"])
-def test_transient_failures_are_retried(gcs, fault):
-    store = data.GCSFiles(BUCKET, "ds/train/", None, 1)
+def test_transient_failures_are_retried(server, fault):
+    store = gcs.GCSFiles(BUCKET, "ds/train/", None, 1)
     if fault.isdigit():
-        gcs.proxy.fail_next(3, int(fault))
+        server.proxy.fail_next(3, int(fault))
     else:
-        getattr(gcs.proxy, f"{fault}_next")(3)
+        getattr(server.proxy, f"{fault}_next")(3)
     assert store.read("cat/c1.png") == TREE["cat/c1.png"]
-    assert len(object_requests(gcs.proxy, "ds/train/cat/c1.png")) == 4
+    assert len(object_requests(server.proxy, "ds/train/cat/c1.png")) == 4
 
 
-def test_retries_survive_faults_in_a_concurrent_batch(gcs):
-    store = data.GCSFiles(BUCKET, "ds/train/", None, 4)
-    gcs.proxy.fail_next(4, 503)
-    gcs.proxy.drop_next(2)
+def test_retries_survive_faults_in_a_concurrent_batch(server):
+    store = gcs.GCSFiles(BUCKET, "ds/train/", None, 4)
+    server.proxy.fail_next(4, 503)
+    server.proxy.drop_next(2)
     assert store.read_many(TRAIN_IMAGES) == [TREE[n] for n in TRAIN_IMAGES]
-    assert len(gcs.proxy.requests) == len(TRAIN_IMAGES) + 6
+    assert len(server.proxy.requests) == len(TRAIN_IMAGES) + 6
 
 
-def test_listing_is_retried(gcs):
-    gcs.proxy.fail_next(2, 503)
-    names = data.list_gcs_objects(data.gcs_client(), BUCKET, "ds/train/")
-    assert len(names) == len(TREE) and len(list_requests(gcs.proxy)) == 3
+def test_listing_is_retried(server):
+    server.proxy.fail_next(2, 503)
+    names = gcs.list_gcs_objects(gcs.gcs_client(), BUCKET, "ds/train/")
+    assert len(names) == len(TREE) and len(list_requests(server.proxy)) == 3
 
 
-def test_retries_are_bounded(gcs, monkeypatch):
-    monkeypatch.setattr(data, "GCS_RETRY_ATTEMPTS", 4)
-    gcs.proxy.fail_next(10, 503)
-    store = data.GCSFiles(BUCKET, "ds/train/", None, 1)
-    with pytest.raises(data.GCSError, match=re.escape("gs://byol-test/ds/train/cat/c1.png: still failing after 4 attempts")) as error:
+def test_retries_are_bounded(server, monkeypatch):
+    monkeypatch.setattr(gcs, "GCS_RETRY_ATTEMPTS", 4)
+    server.proxy.fail_next(10, 503)
+    store = gcs.GCSFiles(BUCKET, "ds/train/", None, 1)
+    with pytest.raises(
+        gcs.GCSError,
+        match=re.escape("gs://byol-test/ds/train/cat/c1.png: still failing after 4 attempts"),
+    ) as error:
         store.read("cat/c1.png")
-    assert error.value.status == 503 and len(gcs.proxy.requests) == 4
+    assert error.value.status == 503 and len(server.proxy.requests) == 4
 
 
-def test_not_found_fails_fast(gcs):
-    store = data.GCSFiles(BUCKET, "ds/train/", None, 1)
+def test_not_found_fails_fast(server):
+    store = gcs.GCSFiles(BUCKET, "ds/train/", None, 1)
     started = time.monotonic()
-    with pytest.raises(data.GCSError, match=re.escape("gs://byol-test/ds/train/cat/missing.png: not found (404)")) as error:
+    with pytest.raises(
+        gcs.GCSError, match=re.escape("gs://byol-test/ds/train/cat/missing.png: not found (404)")
+    ) as error:
         store.read("cat/missing.png")
-    assert error.value.status == 404 and len(gcs.proxy.requests) == 1 and time.monotonic() - started < 1
+    assert (
+        error.value.status == 404
+        and len(server.proxy.requests) == 1
+        and time.monotonic() - started < 1
+    )
 
 
-def test_forbidden_fails_fast(gcs):
-    gcs.proxy.fail_next(1, 403)
-    store = data.GCSFiles(BUCKET, "ds/train/", None, 1)
-    with pytest.raises(data.GCSError, match=re.escape("gs://byol-test/ds/train/cat/c1.png: permission denied (403)")) as error:
+def test_forbidden_fails_fast(server):
+    server.proxy.fail_next(1, 403)
+    store = gcs.GCSFiles(BUCKET, "ds/train/", None, 1)
+    with pytest.raises(
+        gcs.GCSError, match=re.escape("gs://byol-test/ds/train/cat/c1.png: permission denied (403)")
+    ) as error:
         store.read("cat/c1.png")
-    assert error.value.status == 403 and len(gcs.proxy.requests) == 1
+    assert error.value.status == 403 and len(server.proxy.requests) == 1
 
 
 def test_backoff_is_exponential_jittered_and_capped(monkeypatch):
     from google.api_core import exceptions
 
-    monkeypatch.setattr(data, "GCS_RETRY_BASE_S", 0.1)
-    monkeypatch.setattr(data, "GCS_RETRY_CAP_S", 0.5)
+    monkeypatch.setattr(gcs, "GCS_RETRY_BASE_S", 0.1)
+    monkeypatch.setattr(gcs, "GCS_RETRY_CAP_S", 0.5)
     attempts, sleeps = [], []
 
     def flaky():
@@ -445,7 +605,7 @@ def test_backoff_is_exponential_jittered_and_capped(monkeypatch):
             raise exceptions.ServiceUnavailable("busy")
         return "ok"
 
-    assert data.call_with_retries("gs://b/o", flaky, sleep=sleeps.append) == "ok"
+    assert gcs.call_with_retries("gs://b/o", flaky, sleep=sleeps.append) == "ok"
     assert len(sleeps) == 5
     for k, delay in enumerate(sleeps):
         assert 0 <= delay <= min(0.5, 0.1 * 2**k)
@@ -453,12 +613,16 @@ def test_backoff_is_exponential_jittered_and_capped(monkeypatch):
     many = []
     for _ in range(50):
         attempts.clear()
-        data.call_with_retries("gs://b/o", flaky, sleep=many.append)
+        gcs.call_with_retries("gs://b/o", flaky, sleep=many.append)
     assert len(set(many)) > 200 and max(many) > 0.4
 
     sleeps.clear()
-    with pytest.raises(data.GCSError):
-        data.call_with_retries("gs://b/o", lambda: (_ for _ in ()).throw(exceptions.NotFound("gone")), sleep=sleeps.append)
+    with pytest.raises(gcs.GCSError):
+        gcs.call_with_retries(
+            "gs://b/o",
+            lambda: (_ for _ in ()).throw(exceptions.NotFound("gone")),
+            sleep=sleeps.append,
+        )
     assert sleeps == []  # permanent errors never wait
 
 
@@ -468,18 +632,32 @@ def test_backoff_is_exponential_jittered_and_capped(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_training_reads_from_gcs(gcs, tmp_path, image_folder, monkeypatch, caplog):
-    import model_def
+def test_training_reads_from_gcs(server, tmp_path, image_folder, monkeypatch, caplog):
     import yaml
+
+    import model_def
     from conftest import ROOT, tiny_config
 
-    bucket = gcs.client().bucket(BUCKET)
+    bucket = server.client().bucket(BUCKET)
     for path in sorted(image_folder.rglob("*.png")):  # train/<class>/*.png, test/<class>/*.png
-        bucket.blob("folder/" + path.relative_to(image_folder).as_posix()).upload_from_filename(str(path))
-    assert generate_blob_list.main([
-        "--bucket-name", BUCKET, "--bucket-path", "folder/train", "--output-file", str(tmp_path / "list.txt"),
-        "--upload", "lists/folder-train.txt",
-    ]) == 0
+        bucket.blob("folder/" + path.relative_to(image_folder).as_posix()).upload_from_filename(
+            str(path)
+        )
+    assert (
+        generate_blob_list.main(
+            [
+                "--bucket-name",
+                BUCKET,
+                "--bucket-path",
+                "folder/train",
+                "--output-file",
+                str(tmp_path / "list.txt"),
+                "--upload",
+                "lists/folder-train.txt",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "run").mkdir()
     config = tiny_config(tmp_path / "run", epochs=1, warmup_epochs=0, dataset_name="image_folder")
     cache = tmp_path / "cache"
@@ -492,12 +670,16 @@ def test_training_reads_from_gcs(gcs, tmp_path, image_folder, monkeypatch, caplo
         num_workers=1,  # the store goes through a loader worker process
     )
     config.write_text(yaml.safe_dump(raw))
-    gcs.proxy.clear()
+    server.proxy.clear()
     monkeypatch.chdir(ROOT)
     with caplog.at_level("INFO"):
         model_def.main([str(config), "--checkpoint-dir", str(tmp_path / "ckpt")])
-    reported = [r.getMessage() for r in caplog.records if "report_validation_metrics(steps_completed=3" in r.getMessage()]
+    reported = [
+        r.getMessage()
+        for r in caplog.records
+        if "report_validation_metrics(steps_completed=3" in r.getMessage()
+    ]
     assert reported and "test_accuracy" in reported[0]  # 24 images / batch 8: 3 steps
-    assert len(list_requests(gcs.proxy)) == 1  # only the test split was listed
+    assert len(list_requests(server.proxy)) == 1  # only the test split was listed
     cached = [p for p in cache.rglob("*.png")]
     assert len(cached) == 36  # every train and test image was read, and cached

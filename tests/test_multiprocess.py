@@ -1,5 +1,6 @@
 """Several processes (torchrun, gloo on CPU) train like one, and a crash during a checkpoint
 save leaves the previous checkpoint usable. These start real subprocesses."""
+
 import ast
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, folder_overrides, tiny_config
 
 pytestmark = pytest.mark.multiprocess
 
@@ -24,14 +25,26 @@ def free_port():
 
 
 def run_training(config, checkpoint_dir, folder, processes=1, extra=()):
-    args = [str(config), "--checkpoint-dir", str(checkpoint_dir),
-            "--set", "hyperparameters.dataset_name=image_folder",
-            "--set", f"data.train_dir={folder / 'train'}", "--set", f"data.test_dir={folder / 'test'}", *extra]
+    args = [
+        str(config),
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+        *folder_overrides(folder),
+        *extra,
+    ]
     if processes == 1:
         command = [sys.executable, "model_def.py", *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", "model_def.py", *args]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "model_def.py",
+            *args,
+        ]
     env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH_DISTRIBUTED="1")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -41,7 +54,9 @@ def run_training(config, checkpoint_dir, folder, processes=1, extra=()):
 def reported(log, kind):
     """{step: metrics} from Determined's report_*_metrics log lines."""
     out = {}
-    for m in re.finditer(rf"report_{kind}_metrics\(steps_completed=(\d+), metrics=(\{{.*?\}})\)", log):
+    for m in re.finditer(
+        rf"report_{kind}_metrics\(steps_completed=(\d+), metrics=(\{{.*?\}})\)", log
+    ):
         out[int(m.group(1))] = ast.literal_eval(m.group(2))
     return out
 
@@ -49,18 +64,27 @@ def reported(log, kind):
 def first_step_loss(config_path, folder, slots):
     """The BYOL loss of global step 1 computed here in one process, each slot's share of the
     batch through its own forward pass (its own BatchNorm statistics), as `slots` processes do."""
-    import byol, data, utils
+    import augment
+    import byol
+    import data
+    import utils
     from backbone import build_backbone
 
     config = utils.load_config(str(config_path))
     hp = utils.parse_hparams(config["hyperparameters"], slots)
-    splits = data.build_splits("image_folder", utils.parse_data_config(
-        {"train_dir": str(folder / "train"), "test_dir": str(folder / "test")}))
+    splits = data.build_splits(
+        "image_folder",
+        utils.parse_data_config(
+            {"train_dir": str(folder / "train"), "test_dir": str(folder / "test")}
+        ),
+    )
     torch.manual_seed(0)  # what model_def.run_locally does before building the trial
     backbone, dim = build_backbone(hp.backbone_name, hp.cifar_stem)
     network = byol.BYOLNetwork(backbone, dim, hp.projector_hidden_dim, hp.projection_dim).train()
-    augment = data.TwoViewAugmentation(hp.augmentation, *splits.normalization)
-    dataset = data.TrainImages(splits.byol_train, hp.augmentation, 0, data.CorruptImageLog(False), augment)
+    augmentation = augment.TwoViewAugmentation(hp.augmentation, *splits.normalization)
+    dataset = data.TrainImages(
+        splits.byol_train, augmentation, 0, data.CorruptImageLog(False), augment_in_loader=True
+    )
     sampler = data.EpochBatchSampler(len(splits.byol_train), hp.global_batch_size, slots, seed=0)
     losses = []
     for slot_batch in list(sampler)[:slots]:
@@ -97,7 +121,9 @@ def test_two_processes_match_one(tmp_path, image_folder):
     checkpoints = {}
     for meta in (tmp_path / "two" / "determined").glob("*/metadata.json"):
         checkpoints[json.loads(meta.read_text())["steps_completed"]] = meta.parent
-    run_training(config, tmp_path / "resumed", image_folder, extra=["--resume", str(checkpoints[3])])
+    run_training(
+        config, tmp_path / "resumed", image_folder, extra=["--resume", str(checkpoints[3])]
+    )
 
 
 def test_sync_batchnorm_on_cpu_processes_is_refused(tmp_path, image_folder):
@@ -126,20 +152,43 @@ runpy.run_path("model_def.py", run_name="__main__")
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, image_folder):
     config = tiny_config(tmp_path)
-    args = [str(config), "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--set", "hyperparameters.dataset_name=image_folder",
-            "--set", f"data.train_dir={image_folder / 'train'}", "--set", f"data.test_dir={image_folder / 'test'}",
-            "--set", "min_checkpoint_period={batches: 1}", "--set", "min_validation_period={batches: 100}"]
-    result = subprocess.run([sys.executable, "-c", CRASH_ON_SECOND_SAVE, "model_def.py", *args],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    args = [
+        str(config),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--set",
+        "hyperparameters.dataset_name=image_folder",
+        "--set",
+        f"data.train_dir={image_folder / 'train'}",
+        "--set",
+        f"data.test_dir={image_folder / 'test'}",
+        "--set",
+        "min_checkpoint_period={batches: 1}",
+        "--set",
+        "min_validation_period={batches: 100}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", CRASH_ON_SECOND_SAVE, "model_def.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == -signal.SIGKILL
     dirs = list((tmp_path / "ckpt" / "determined").iterdir())
     complete = [d for d in dirs if (d / "byol_checkpoint.json").exists()]
     partial = [d for d in dirs if not (d / "byol_checkpoint.json").exists()]
     assert len(complete) == 1 and len(partial) == 1
     # The cut-off one is refused with a clear message; the previous one resumes to the end.
-    refused = subprocess.run([sys.executable, "model_def.py", *args, "--resume", str(partial[0])],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [sys.executable, "model_def.py", *args, "--resume", str(partial[0])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode != 0 and "is incomplete" in refused.stderr
-    log = run_training(config, tmp_path / "ckpt2", image_folder, extra=["--resume", str(complete[0])])
+    log = run_training(
+        config, tmp_path / "ckpt2", image_folder, extra=["--resume", str(complete[0])]
+    )
     assert 6 in reported(log, "training")

@@ -1,4 +1,5 @@
 """Loss, EMA, LR/tau schedules and LARS against the formulas of the BYOL paper."""
+
 import math
 
 import pytest
@@ -107,9 +108,13 @@ def test_lars_step_matches_the_formula():
     g_w, g_b = torch.randn(4, 3), torch.randn(3)
     lr, wd, eta, m = 0.5, 0.01, 0.001, 0.9
     opt = optim.LARS(
-        [{"params": [w], "weight_decay": wd, "lars_exclude": False},
-         {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
-        lr=lr, momentum=m, trust_coefficient=eta,
+        [
+            {"params": [w], "weight_decay": wd, "lars_exclude": False},
+            {"params": [b], "weight_decay": 0.0, "lars_exclude": True},
+        ],
+        lr=lr,
+        momentum=m,
+        trust_coefficient=eta,
     )
     w0, b0 = w.detach().clone(), b.detach().clone()
     v_w, v_b = torch.zeros_like(w0), torch.zeros_like(b0)

@@ -1,5 +1,6 @@
 """End to end through the real command line and Determined's local Trainer: training validates,
 checkpoints, resumes exactly, and stops cleanly on a non-finite loss."""
+
 import json
 import os
 import re
@@ -11,12 +12,7 @@ import torch
 import byol
 import checkpoint
 import model_def
-from conftest import ROOT, tiny_config
-
-
-def folder_overrides(folder):
-    return ["--set", "hyperparameters.dataset_name=image_folder",
-            "--set", f"data.train_dir={folder / 'train'}", "--set", f"data.test_dir={folder / 'test'}"]
+from conftest import ROOT, folder_overrides, tiny_config
 
 
 def train(config, checkpoint_dir, *extra):
@@ -41,7 +37,10 @@ def load_state(path):
 def validation_metrics(caplog):
     found = []
     for record in caplog.records:
-        m = re.search(r"report_validation_metrics\(steps_completed=(\d+), metrics=(\{.*\})\)", record.getMessage())
+        m = re.search(
+            r"report_validation_metrics\(steps_completed=(\d+), metrics=(\{.*\})\)",
+            record.getMessage(),
+        )
         if m:
             found.append((int(m.group(1)), eval(m.group(2), {"np": np})))
     return found
@@ -73,27 +72,49 @@ def test_training_validates_checkpoints_and_resumes(tmp_path, image_folder, capl
 def test_resume_mid_epoch_is_exact(tmp_path, image_folder):
     """N steps, checkpoint, resume, M more steps == N + M uninterrupted steps, bit for bit."""
     config = tiny_config(tmp_path, epochs=2)
-    every_step = ["--set", "min_checkpoint_period={batches: 1}", "--set", "min_validation_period={batches: 100}"]
+    every_step = [
+        "--set",
+        "min_checkpoint_period={batches: 1}",
+        "--set",
+        "min_validation_period={batches: 100}",
+    ]
     train(config, tmp_path / "full", *folder_overrides(image_folder), *every_step)
     full = checkpoints_by_step(tmp_path / "full")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
     # Step 4 is mid-epoch 2 (3 steps per epoch).
-    train(config, tmp_path / "resumed", *folder_overrides(image_folder), *every_step, "--resume", full[4][0])
+    train(
+        config,
+        tmp_path / "resumed",
+        *folder_overrides(image_folder),
+        *every_step,
+        "--resume",
+        full[4][0],
+    )
     resumed = checkpoints_by_step(tmp_path / "resumed")
     assert sorted(resumed) == [5, 6]
     for step in (5, 6):
         a, b = load_state(full[step][0]), load_state(resumed[step][0])
         for name, tensor in a["models_state_dict"][0].items():
             assert torch.equal(tensor, b["models_state_dict"][0][name]), name
-        for x, y in zip(a["optimizers_state_dict"][0]["state"].values(), b["optimizers_state_dict"][0]["state"].values()):
+        for x, y in zip(
+            a["optimizers_state_dict"][0]["state"].values(),
+            b["optimizers_state_dict"][0]["state"].values(),
+        ):
             assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
-        assert a["optimizers_state_dict"][0]["param_groups"][0]["lr"] == b["optimizers_state_dict"][0]["param_groups"][0]["lr"]
+        assert (
+            a["optimizers_state_dict"][0]["param_groups"][0]["lr"]
+            == b["optimizers_state_dict"][0]["param_groups"][0]["lr"]
+        )
     # The target moved by EMA and differs from the online network.
     weights = load_state(full[6][0])["models_state_dict"][0]
-    assert not torch.equal(weights["online_backbone.conv1.weight"], weights["target_backbone.conv1.weight"])
+    assert not torch.equal(
+        weights["online_backbone.conv1.weight"], weights["target_backbone.conv1.weight"]
+    )
 
 
-def test_non_finite_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_path, image_folder, monkeypatch):
+def test_non_finite_loss_stops_at_that_step_without_a_poisoned_checkpoint(
+    tmp_path, image_folder, monkeypatch
+):
     real_loss = byol.byol_loss
     calls = {"n": 0}
 
@@ -105,8 +126,15 @@ def test_non_finite_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_pa
     monkeypatch.setattr(byol, "byol_loss", loss_that_explodes_at_the_fifth_step)
     config = tiny_config(tmp_path)
     with pytest.raises(model_def.NonFiniteLossError) as error:
-        train(config, tmp_path / "ckpt", *folder_overrides(image_folder),
-              "--set", "min_checkpoint_period={batches: 1}", "--set", "min_validation_period={batches: 100}")
+        train(
+            config,
+            tmp_path / "ckpt",
+            *folder_overrides(image_folder),
+            "--set",
+            "min_checkpoint_period={batches: 1}",
+            "--set",
+            "min_validation_period={batches: 100}",
+        )
     message = str(error.value)
     assert "at step 4 (epoch 1)" in message and re.search(r"last finite loss: \d+\.\d+", message)
     assert sorted(checkpoints_by_step(tmp_path / "ckpt")) == [1, 2, 3, 4]
@@ -115,20 +143,32 @@ def test_non_finite_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_pa
 def training_losses(caplog):
     out = {}
     for record in caplog.records:
-        m = re.search(r"report_training_metrics\(steps_completed=(\d+), metrics=(\{.*\})\)", record.getMessage())
+        m = re.search(
+            r"report_training_metrics\(steps_completed=(\d+), metrics=(\{.*\})\)",
+            record.getMessage(),
+        )
         if m:
             out[int(m.group(1))] = eval(m.group(2), {"np": np})["loss"]
     return out
 
 
-def test_augmenting_on_the_device_or_in_the_loader_trains_identically(tmp_path, image_folder, caplog):
+def test_augmenting_on_the_device_or_in_the_loader_trains_identically(
+    tmp_path, image_folder, caplog
+):
     config = tiny_config(tmp_path, epochs=1)
     losses = {}
     for place in ("device", "loader"):
         caplog.clear()
         with caplog.at_level("INFO"):
-            train(config, tmp_path / place, *folder_overrides(image_folder),
-                  "--set", f"hyperparameters.augment_on={place}", "--set", "data.num_workers=1")
+            train(
+                config,
+                tmp_path / place,
+                *folder_overrides(image_folder),
+                "--set",
+                f"hyperparameters.augment_on={place}",
+                "--set",
+                "data.num_workers=1",
+            )
         losses[place] = training_losses(caplog)
     assert sorted(losses["device"]) == [1, 2, 3]
     for step, loss in losses["device"].items():
@@ -138,7 +178,81 @@ def test_augmenting_on_the_device_or_in_the_loader_trains_identically(tmp_path, 
 def test_without_labels_validation_reports_the_byol_loss(tmp_path, image_folder, caplog):
     config = tiny_config(tmp_path, epochs=1, validate_with_classifier=False)
     with caplog.at_level("INFO"):
-        train(config, tmp_path / "ckpt", *folder_overrides(image_folder),
-              "--set", "searcher.metric=validation_loss", "--set", "searcher.smaller_is_better=true")
-    (step, metrics), = validation_metrics(caplog)
+        train(
+            config,
+            tmp_path / "ckpt",
+            *folder_overrides(image_folder),
+            "--set",
+            "searcher.metric=validation_loss",
+            "--set",
+            "searcher.smaller_is_better=true",
+        )
+    ((step, metrics),) = validation_metrics(caplog)
     assert step == 3 and 0 < metrics["validation_loss"] < 8 and "test_accuracy" not in metrics
+
+
+# The package as it landed before the code was split into augment.py, gcs.py, probe.py,
+# checkpoint.py and device.py: its checkpoints are what users have on disk.
+BEFORE_THE_SPLIT = "50093450d5d86db30f604ca6ef7e3ecfcc01cfe5"
+
+
+def test_checkpoints_written_before_the_split_resume_exactly_and_evaluate(tmp_path, image_folder):
+    """Checkpoints written by the code before the restructuring (checked out from git history
+    and run as it was) resume with today's code to the same weights the old code reaches, and
+    evaluate_result.py reads and exports them."""
+    import subprocess
+    import sys
+
+    import evaluate_result
+
+    old = tmp_path / "old-code"
+    old.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", ROOT, "archive", BEFORE_THE_SPLIT], capture_output=True, timeout=60
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"commit {BEFORE_THE_SPLIT} is not in this clone's history")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    config = tiny_config(tmp_path, epochs=2)
+    every_step = ["--set", "min_checkpoint_period={batches: 1}"]
+    written = subprocess.run(
+        [
+            sys.executable,
+            "model_def.py",
+            str(config),
+            "--checkpoint-dir",
+            str(tmp_path / "old"),
+            *map(str, folder_overrides(image_folder)),
+            *every_step,
+        ],
+        cwd=old,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert written.returncode == 0, written.stderr[-3000:]
+    by_old = checkpoints_by_step(tmp_path / "old")
+    assert sorted(by_old) == [1, 2, 3, 4, 5, 6]
+
+    train(
+        config,
+        tmp_path / "new",
+        *folder_overrides(image_folder),
+        *every_step,
+        "--resume",
+        by_old[4][0],
+    )
+    by_new = checkpoints_by_step(tmp_path / "new")
+    for step in (5, 6):
+        a, b = load_state(by_old[step][0]), load_state(by_new[step][0])
+        for name, tensor in a["models_state_dict"][0].items():
+            assert torch.equal(tensor, b["models_state_dict"][0][name]), (step, name)
+
+    ckpt = evaluate_result.open_checkpoint(str(by_old[6][0]))
+    exported = tmp_path / "backbone.pt"
+    evaluate_result.export_backbone(ckpt, evaluate_result.hparams_of(ckpt), str(exported))
+    weights = torch.load(exported, weights_only=True)
+    assert torch.equal(
+        weights["conv1.weight"],
+        load_state(by_old[6][0])["models_state_dict"][0]["online_backbone.conv1.weight"],
+    )

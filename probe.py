@@ -1,0 +1,168 @@
+"""The linear probe and the kNN classifier on frozen features.
+
+Used during training (reducers.LinearProbeReducer, on features of the validation images) and by
+evaluate_result.py. Features are standardised with the fit split's mean/std (an invertible
+affine map: the probe stays linear in the backbone features, and SGD is far less sensitive to the
+learning rate); one linear head per learning rate is trained on the same batches; the LR is
+chosen on held-out training images.
+"""
+
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import ProbeConfig
+
+SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST = 0, 1, 2
+
+
+class LinearHeads(nn.Module):
+    """Several linear classifiers on the same features, one per learning rate, trained together
+    with SGD (Nesterov momentum 0.9) and a cosine LR decay."""
+
+    def __init__(self, feature_dim: int, num_classes: int, lrs: Sequence[float], seed: int):
+        super().__init__()
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.heads = nn.ModuleList(nn.Linear(feature_dim, num_classes) for _ in lrs)
+        torch.random.set_rng_state(generator_state)
+        self.lrs = list(lrs)
+        self.optimizer = torch.optim.SGD(
+            [{"params": h.parameters(), "lr": lr} for h, lr in zip(self.heads, lrs)],
+            momentum=0.9,
+            nesterov=True,
+        )
+
+    def set_progress(self, progress: float) -> None:
+        scale = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            group["lr"] = lr * scale
+
+    def train_step(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = sum(F.cross_entropy(head(features), labels) for head in self.heads)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def correct(self, features: torch.Tensor, labels: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """Number of top-k correct predictions per head: [num_heads]."""
+        out = []
+        for head in self.heads:
+            top = head(features).topk(min(k, head.out_features), dim=1).indices
+            out.append((top == labels[:, None]).any(dim=1).sum())
+        return torch.stack(out)
+
+
+def train_heads_on_features(
+    fit_features: torch.Tensor,
+    fit_labels: torch.Tensor,
+    num_classes: int,
+    lrs: Sequence[float],
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> LinearHeads:
+    """Trains the heads on cached features, shuffled with a seeded generator. Determined runs
+    validation under no_grad; the heads need gradients."""
+    with torch.enable_grad():
+        return _train_heads(fit_features, fit_labels, num_classes, lrs, epochs, batch_size, seed)
+
+
+def _train_heads(
+    fit_features, fit_labels, num_classes, lrs, epochs, batch_size, seed
+) -> LinearHeads:
+    heads = LinearHeads(fit_features.shape[1], num_classes, lrs, seed).to(fit_features.device)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(fit_features)
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
+    total = epochs * steps_per_epoch
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator).to(fit_features.device)
+        for i in range(steps_per_epoch):
+            heads.set_progress((epoch * steps_per_epoch + i) / total)
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            heads.train_step(fit_features[idx], fit_labels[idx])
+    return heads
+
+
+def standardization(train: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the fit split's features."""
+    return train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+
+
+def standardize(train: torch.Tensor, *others: torch.Tensor) -> List[torch.Tensor]:
+    """Scale features by the train split's mean/std: an invertible affine map, so the probe is
+    still linear in the backbone features, but SGD is far less sensitive to the LR."""
+    mean, std = standardization(train)
+    return [(t - mean) / std for t in (train, *others)]
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> float:
+    """Weighted kNN (Wu et al. 2018): each of the k most cosine-similar train features votes for
+    its class with weight exp(similarity / temperature)."""
+    train = F.normalize(train_features, dim=1)
+    k = min(k, len(train))
+    correct = 0
+    for start in range(0, len(test_features), chunk):
+        test = F.normalize(test_features[start : start + chunk], dim=1)
+        sims, idx = (test @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(test), num_classes, device=test.device)
+        votes.scatter_add_(1, train_labels[idx], torch.exp(sims / temperature))
+        correct += (votes.argmax(dim=1) == test_labels[start : start + chunk]).sum().item()
+    return correct / max(1, len(test_features))
+
+
+def probe_metrics(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    splits: torch.Tensor,
+    num_classes: int,
+    probe: ProbeConfig,
+    seed: int,
+) -> Dict[str, float]:
+    """Validation's metrics from the features of the fit, held-out and test images (`splits`
+    holds each image's SPLIT_*): the linear probe's held-out and test accuracy for the LR chosen
+    on held-out images, every LR's accuracies, and the kNN accuracy of test against the labeled
+    training images."""
+    lrs = probe.lrs
+    fit, held, test = (splits == s for s in (SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST))
+    fit_x, held_x, test_x = standardize(features[fit], features[held], features[test])
+    heads = train_heads_on_features(
+        fit_x, labels[fit], num_classes, lrs, probe.epochs, probe.batch_size, seed
+    )
+    held_acc = heads.correct(held_x, labels[held]).float() / max(1, int(held.sum()))
+    test_acc = heads.correct(test_x, labels[test]).float() / max(1, int(test.sum()))
+    best = int(torch.argmax(held_acc))  # ties go to the smallest LR
+    metrics = {
+        "holdout_accuracy": float(held_acc[best]),
+        "test_accuracy": float(test_acc[best]),
+        "classifier_best_lr": float(lrs[best]),
+    }
+    for lr, h, t in zip(lrs, held_acc.tolist(), test_acc.tolist()):
+        metrics[f"classifier_lr_{lr:g}_holdout_accuracy"] = h
+        metrics[f"classifier_lr_{lr:g}_test_accuracy"] = t
+    labeled = splits != SPLIT_TEST
+    metrics["knn_accuracy"] = knn_accuracy(
+        features[labeled],
+        labels[labeled],
+        features[test],
+        labels[test],
+        num_classes,
+        probe.knn_k,
+        probe.knn_temperature,
+    )
+    return metrics
