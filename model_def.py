@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import pathlib
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -30,7 +31,7 @@ import utils
 from augment import TwoViewAugmentation
 from backbone import build_backbone
 from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
-from reducers import LinearProbeReducer, TrainingMetricsReducer
+from reducers import LinearProbeReducer, Progress, TrainingMetricsReducer
 
 logger = logging.getLogger("byol")
 
@@ -116,17 +117,28 @@ class BYOLTrial(pytorch.PyTorchTrial):
 
     def _build_metrics(self) -> None:
         """Training metrics, and the linear probe + kNN that validation reports."""
+        is_chief = self.context.distributed.rank == 0
         self.training_metrics = self.context.wrap_reducer(
             TrainingMetricsReducer(
-                self.hp.collapse_std_threshold, self.total_steps, self.hp.global_batch_size
+                self.hp.collapse_std_threshold, self.hp.global_batch_size, is_chief
             ),
             for_training=True,
             for_validation=False,
         )
+        self.progress = Progress(
+            self.total_steps, self.batches_per_epoch, self.hp.global_batch_size, is_chief
+        )
+        self.steps_done = 0  # for the validation summary
         self.previous_loss: Optional[torch.Tensor] = None
         if self.hp.validate_with_classifier:
             self.probe = self.context.wrap_reducer(
-                LinearProbeReducer(self.num_classes, self.hp.probe, self.run.seed, self.device),
+                LinearProbeReducer(
+                    self.num_classes,
+                    self.hp.probe,
+                    self.run.seed,
+                    self.device,
+                    self.context.distributed,
+                ),
                 for_training=False,
             )
 
@@ -248,6 +260,8 @@ class BYOLTrial(pytorch.PyTorchTrial):
             corrupt_images=batch["corrupt"].sum(),
         )
         self.previous_loss = loss.detach()
+        self.steps_done = step + 1
+        self.progress.step_done(self.steps_done, self.previous_loss)
         # Python floats: Determined averages them per report without touching the device.
         return {"learning_rate": lr, "tau": tau}
 
@@ -267,11 +281,26 @@ class BYOLTrial(pytorch.PyTorchTrial):
         return {}
 
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
-        return {"checkpoint_marker": CheckpointMarker(self)}
+        return {"checkpoint_marker": CheckpointMarker(self), "summary": ValidationSummary(self)}
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class ValidationSummary(pytorch.PyTorchCallback):
+    """One line after each validation, on the chief: what the run chooses by first."""
+
+    NAMES = ("holdout_accuracy", "test_accuracy", "knn_accuracy", "validation_loss")
+
+    def __init__(self, trial: BYOLTrial):
+        self.trial = trial
+
+    def on_validation_end(self, metrics: Dict[str, Any]) -> None:
+        if self.trial.context.distributed.rank != 0:
+            return
+        shown = ", ".join(f"{n} {float(metrics[n]):.4f}" for n in self.NAMES if n in metrics)
+        logger.info("validation at step %d: %s", self.trial.steps_done, shown)
 
 
 class CheckpointMarker(pytorch.PyTorchCallback):
@@ -377,6 +406,7 @@ def run_on_cluster(info) -> None:
         pytorch.Trainer(trial, context).fit(
             **training_lengths(trial),
             checkpoint_policy=config.run.checkpoint_policy,
+            step_zero_validation=config.run.initial_validation,
             latest_checkpoint=info.latest_checkpoint,
         )
 
@@ -404,10 +434,21 @@ def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, Any], resume: Opti
         test_mode=False,
         searcher_metric_name=None,
         checkpoint_policy="all",
-        step_zero_validation=False,
+        step_zero_validation=trial.run.initial_validation,
         global_batch_size=None,
         profiling_enabled=False,
     ).run()
+
+
+def check_writable_directory(path: str, what: str) -> None:
+    """Refuse, before any work, a path that is not (and cannot become) a writable directory."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise utils.ConfigError(f"{what} {path!r}: {existing!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise utils.ConfigError(f"{what} {path!r}: {existing!r} is not writable")
 
 
 def run_locally(args: argparse.Namespace) -> None:
@@ -423,25 +464,33 @@ def run_locally(args: argparse.Namespace) -> None:
     experiment = utils.parse_experiment_config(config, slots)
     resume = checkpoint.check(args.resume) if args.resume else None
     checkpoint_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir))
+    check_writable_directory(checkpoint_dir, "--checkpoint-dir")
     # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
     os.makedirs(os.path.join(checkpoint_dir, "determined"), exist_ok=True)
     os.environ["XDG_DATA_HOME"] = checkpoint_dir
+    tensorboard_dir = os.path.join(checkpoint_dir, "tensorboard")
     torch.manual_seed(experiment.run.seed)
     np.random.seed(experiment.run.seed)
 
     with pytorch.init(
         hparams=config["hyperparameters"], exp_conf=config, distributed=distributed
     ) as context:
+        # Determined 0.38.1's local pytorch.init takes no TensorBoard path and its writer would
+        # default to ./runs of whatever directory the command runs in: keep it beside the
+        # checkpoints (the local train context reads this attribute when it makes the writer).
+        context._core.train._tbd_directory = pathlib.Path(tensorboard_dir)
         trial = BYOLTrial(context, experiment)
         lengths = training_lengths(trial)
         if context.distributed.rank == 0:
             logger.info(
-                "training %d steps (%d epochs x %d batches of %d); checkpoints under %s",
+                "training %d steps (%d epochs x %d batches of %d); checkpoints under %s; "
+                "TensorBoard: tensorboard --logdir %s",
                 trial.total_steps,
                 trial.hp.epochs,
                 trial.batches_per_epoch,
                 trial.hp.global_batch_size,
                 os.path.join(checkpoint_dir, "determined"),
+                tensorboard_dir,
             )
         fit_locally(trial, context, lengths, resume)
     if distributed is not None:

@@ -13,7 +13,7 @@ TrainingMetricsReducer: loss and friends summed on the device, averaged at repor
 
 import logging
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,15 +26,22 @@ logger = logging.getLogger("byol")
 
 
 class LinearProbeReducer(pytorch.MetricReducer):
-    """Collects (feature, label, split, index) of every labeled image across slots and turns
-    them into probe.probe_metrics on the chief."""
+    """Collects (feature, label, split, index) of every labeled image across slots on the chief,
+    which alone trains the heads and runs the kNN (probe.probe_metrics); the other slots send
+    their features and report nothing. Determined's own reduction is an allgather: every slot
+    would receive every feature and train every head, so the features travel here instead
+    (`distributed.gather`, to the chief only) and the allgather carries nothing but None."""
 
-    def __init__(self, num_classes: int, probe: ProbeConfig, seed: int, device: torch.device):
+    def __init__(
+        self, num_classes: int, probe: ProbeConfig, seed: int, device: torch.device, distributed
+    ):
         self.num_classes, self.probe, self.seed, self.device = num_classes, probe, seed, device
+        self.distributed = distributed
         self.reset()
 
     def reset(self) -> None:
         self.parts: List[Tuple[torch.Tensor, ...]] = []
+        self.gathered: Optional[List[Tuple[np.ndarray, ...]]] = None
 
     def update(
         self,
@@ -47,34 +54,43 @@ class LinearProbeReducer(pytorch.MetricReducer):
             tuple(t.detach().cpu() for t in (features.float(), labels, splits, indices))
         )
 
-    def per_slot_reduce(self) -> Tuple[np.ndarray, ...]:
-        if not self.parts:
-            return (np.zeros((0, 0), np.float32),) + (np.zeros(0, np.int64),) * 3
-        return tuple(torch.cat(column).numpy() for column in zip(*self.parts))
+    def per_slot_reduce(self) -> None:
+        mine = (
+            tuple(torch.cat(column).numpy() for column in zip(*self.parts)) if self.parts else None
+        )
+        self.gathered = self.distributed.gather(mine)  # a list on the chief, None elsewhere
+        return None
 
-    def cross_slot_reduce(self, per_slot: Sequence[Tuple[np.ndarray, ...]]) -> Dict[str, float]:
-        per_slot = [p for p in per_slot if len(p[3])]
-        features, labels, splits, indices = (np.concatenate(column) for column in zip(*per_slot))
+    def cross_slot_reduce(self, per_slot: Sequence[None]) -> Dict[str, float]:
+        if self.gathered is None:
+            return {}
+        parts = [p for p in self.gathered if p is not None]
+        features, labels, splits, indices = (np.concatenate(column) for column in zip(*parts))
         # Canonical order: by image index, each image once (the loader may pad a slot).
         _, first = np.unique(indices, return_index=True)
         features, labels, splits = (
             torch.from_numpy(t[first]).to(self.device) for t in (features, labels, splits)
         )
-        return probe_metrics(features, labels, splits, self.num_classes, self.probe, self.seed)
+        started = time.time()
+        metrics = probe_metrics(features, labels, splits, self.num_classes, self.probe, self.seed)
+        logger.info(
+            "linear probe on rank %d: %d heads and the kNN on %d images in %.1f s",
+            self.distributed.rank,
+            len(self.probe.lrs),
+            len(indices),
+            time.time() - started,
+        )
+        return metrics
 
 
 class TrainingMetricsReducer(pytorch.MetricReducer):
-    """Training metrics summed on the device between reports (no host sync per step), reduced
-    across slots at report time. Also prints progress (images/s, ETA) and warns once when the
-    representations collapse (representation_std below the threshold)."""
+    """Training metrics summed on the device between reports (no host sync per step), averaged
+    across slots at report time, with images/s of the reporting window. The chief warns once
+    when the representations collapse (representation_std below the threshold)."""
 
-    def __init__(self, collapse_threshold: float, total_steps: int, global_batch_size: int):
-        self.collapse_threshold, self.total_steps, self.global_batch_size = (
-            collapse_threshold,
-            total_steps,
-            global_batch_size,
-        )
-        self.steps_done = 0
+    def __init__(self, collapse_threshold: float, global_batch_size: int, is_chief: bool):
+        self.collapse_threshold, self.global_batch_size = collapse_threshold, global_batch_size
+        self.is_chief = is_chief
         self.collapse_warned = False
         self.reset()
 
@@ -106,26 +122,10 @@ class TrainingMetricsReducer(pytorch.MetricReducer):
             if name not in ("count", "corrupt_images")
         }
         metrics["corrupt_images"] = sum(p["corrupt_images"] for p in per_slot)
-        self.report_progress(per_slot[0]["count"], metrics, time.time())
-        return metrics
-
-    def report_progress(self, steps: int, metrics: Dict[str, float], now: float) -> None:
-        self.steps_done += steps
-        elapsed = max(1e-9, now - self.window_start)
-        images_per_s = steps * self.global_batch_size / elapsed
-        eta = (self.total_steps - self.steps_done) * elapsed / max(1, steps)
-        logger.info(
-            "step %d/%d (%.1f%%)  loss %.4f  repr std %.4f  %.0f images/s  ETA %s",
-            self.steps_done,
-            self.total_steps,
-            100 * self.steps_done / max(1, self.total_steps),
-            metrics["loss"],
-            metrics["representation_std"],
-            images_per_s,
-            format_duration(eta),
-        )
-        metrics["images_per_second"] = images_per_s
-        if metrics["representation_std"] < self.collapse_threshold and not self.collapse_warned:
+        elapsed = max(1e-9, time.time() - self.window_start)
+        metrics["images_per_second"] = per_slot[0]["count"] * self.global_batch_size / elapsed
+        collapsing = metrics["representation_std"] < self.collapse_threshold
+        if collapsing and self.is_chief and not self.collapse_warned:
             self.collapse_warned = True
             logger.warning(
                 "representations may be collapsing: representation_std=%.5f is below %.5f "
@@ -133,3 +133,45 @@ class TrainingMetricsReducer(pytorch.MetricReducer):
                 metrics["representation_std"],
                 self.collapse_threshold,
             )
+        return metrics
+
+
+class Progress:
+    """The progress line a user watches: step, epoch, loss, images/s and ETA, at least every
+    `every_s` seconds and at each epoch's end, on the chief, whatever the reporting period.
+    Reading the loss is the only host sync it adds, at most once per line."""
+
+    def __init__(
+        self,
+        total_steps: int,
+        batches_per_epoch: int,
+        global_batch_size: int,
+        enabled: bool,
+        every_s: float = 30.0,
+    ):
+        self.total_steps, self.batches_per_epoch = total_steps, batches_per_epoch
+        self.global_batch_size, self.enabled, self.every_s = global_batch_size, enabled, every_s
+        self.since: Optional[Tuple[float, int]] = None  # (time, steps done) of the last line
+
+    def step_done(self, steps_done: int, loss: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        if self.since is None:  # the first step of this run (a resumed run starts mid-way)
+            self.since = (now, steps_done - 1)
+        last_time, last_steps = self.since
+        epoch_end = steps_done % self.batches_per_epoch == 0
+        if now - last_time < self.every_s and not epoch_end and steps_done < self.total_steps:
+            return
+        seconds_per_step = (now - last_time) / max(1, steps_done - last_steps)
+        logger.info(
+            "step %d/%d  epoch %d/%d  loss %.4f  %.0f images/s  ETA %s",
+            steps_done,
+            self.total_steps,
+            -(-steps_done // self.batches_per_epoch),
+            -(-self.total_steps // self.batches_per_epoch),
+            float(loss),
+            self.global_batch_size / max(seconds_per_step, 1e-9),
+            format_duration((self.total_steps - steps_done) * seconds_per_step),
+        )
+        self.since = (now, steps_done)

@@ -405,6 +405,7 @@ class RunConfig:
     seed: int
     checkpoint_policy: str
     searcher: Searcher
+    initial_validation: bool  # perform_initial_validation: validate before the first step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,7 +509,13 @@ def parse_run_config(raw: Dict[str, Any]) -> RunConfig:
     seed = (raw.get("reproducibility") or {}).get("experiment_seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"reproducibility.experiment_seed={seed!r} must be an integer >= 0")
+    initial_validation = raw.get("perform_initial_validation", False)
+    if not isinstance(initial_validation, bool):
+        raise ConfigError(
+            f"perform_initial_validation={initial_validation!r} must be true or false"
+        )
     return RunConfig(
+        initial_validation=initial_validation,
         validation_period=_length(
             raw.get("min_validation_period"), "min_validation_period", {"epochs": 1}
         ),

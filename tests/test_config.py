@@ -223,3 +223,14 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     raw["weight_decay"] = "lots"
     with pytest.raises(utils.ConfigError, match="weight_decay='lots' must be a number"):
         utils.parse_hparams(raw)
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    message = run([tiny_config(tmp_path), "--checkpoint-dir", not_a_dir / "ckpt"])
+    assert message == (
+        f"error: --checkpoint-dir {str(not_a_dir / 'ckpt')!r}: {str(not_a_dir)!r} is a file, "
+        f"not a directory"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "file"]

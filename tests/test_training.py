@@ -256,3 +256,46 @@ def test_checkpoints_written_before_the_split_resume_exactly_and_evaluate(tmp_pa
         weights["conv1.weight"],
         load_state(by_old[6][0])["models_state_dict"][0]["online_backbone.conv1.weight"],
     )
+
+
+def test_a_run_shows_progress_and_summaries_and_writes_tensorboard_beside_checkpoints(
+    tmp_path, image_folder, caplog
+):
+    """Reporting every 100 steps (the shipped scheduling_unit) still prints a progress line at
+    each epoch's end; each validation ends with one summary line; TensorBoard's files go under
+    the checkpoint dir with the tags the README lists; a resumed run counts on from its step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(tmp_path)
+    rarely = ["--set", "scheduling_unit=100"]
+    with caplog.at_level("INFO"):
+        train(config, tmp_path / "ckpt", *folder_overrides(image_folder), *rarely)
+    lines = [r.getMessage() for r in caplog.records if r.name == "byol"]
+    progress = [line.split("  loss")[0] for line in lines if line.startswith("step ")]
+    assert progress == ["step 3/6  epoch 1/2", "step 6/6  epoch 2/2"]
+    summaries = [line for line in lines if line.startswith("validation at step")]
+    assert [s.split(":")[0] for s in summaries] == ["validation at step 3", "validation at step 6"]
+    assert all("holdout_accuracy" in s and "test_accuracy" in s for s in summaries)
+
+    event_files = list((tmp_path / "ckpt" / "tensorboard").glob("**/events.out.tfevents.*"))
+    assert event_files
+    tags = set()
+    for events in event_files:
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    listed = set(re.findall(r"`(Determined/[\w.]+)`", readme))
+    assert listed and listed <= tags, (listed - tags, tags)
+
+    caplog.clear()
+    saved = checkpoints_by_step(tmp_path / "ckpt")
+    with caplog.at_level("INFO"):
+        train(
+            config,
+            tmp_path / "ckpt2",
+            *folder_overrides(image_folder),
+            *rarely,
+            "--resume",
+            saved[3][0],
+        )
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [p.split("  loss")[0] for p in progress] == ["step 6/6  epoch 2/2"]
