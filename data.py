@@ -230,22 +230,34 @@ def run_here(fn: Callable):
     return fn()
 
 
-def build_splits(dataset_name: str, data: DataConfig, share: Callable = run_here) -> DatasetSplits:
+def download_here(open_dataset: Callable[[bool], object]) -> object:
+    return open_dataset(True)
+
+
+def build_splits(
+    dataset_name: str,
+    data: DataConfig,
+    share: Callable = run_here,
+    first_on_machine: Callable = download_here,
+) -> DatasetSplits:
     """Open the dataset named in the hyperparameters. Fails with a ConfigError naming the path or
     value when the data is missing or malformed. `share(fn)` runs fn once (on the chief) and
-    gives every process its result: listing a GCS prefix happens once per run."""
+    gives every process its result: listing a GCS prefix happens once per run.
+    `first_on_machine(open_dataset)` calls open_dataset(download=True) in one process of each
+    machine and, after it finished, open_dataset(download=False) in the others: one download
+    per machine, never several processes writing the same archive."""
     root = os.path.expanduser(data.download_dir)
     if dataset_name == "cifar10":
         os.makedirs(root, exist_ok=True)
-        train = download(torchvision.datasets.CIFAR10, root, train=True)
-        test = download(torchvision.datasets.CIFAR10, root, train=False)
+        train = download(torchvision.datasets.CIFAR10, root, first_on_machine, train=True)
+        test = download(torchvision.datasets.CIFAR10, root, first_on_machine, train=False)
         train_src = ArraySource(*_torchvision_arrays(train), train.classes)
         test_src = ArraySource(*_torchvision_arrays(test), test.classes)
         return DatasetSplits(train_src, train_src, test_src, NORMALIZATION["cifar10"])
     if dataset_name == "stl10":
         os.makedirs(root, exist_ok=True)
         splits = {
-            s: download(torchvision.datasets.STL10, root, split=s)
+            s: download(torchvision.datasets.STL10, root, first_on_machine, split=s)
             for s in ("train", "unlabeled", "test")
         }
         train_src, unlabeled_src, test_src = (
@@ -283,15 +295,19 @@ def build_splits(dataset_name: str, data: DataConfig, share: Callable = run_here
     raise ConfigError(f"unknown dataset {dataset_name!r}")
 
 
-def download(dataset_class, root: str, **kwargs):
-    """A torchvision dataset, downloaded into `root` on first use."""
-    try:
-        return dataset_class(root, download=True, **kwargs)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad archive a RuntimeError
-        raise ConfigError(
-            f"could not download {dataset_class.__name__} into data.download_dir={root!r}: {e}. "
-            f"Check the network, or put the dataset's archive there yourself"
-        ) from None
+def download(dataset_class, root: str, first_on_machine: Callable, **kwargs):
+    """A torchvision dataset, downloaded into `root` on first use (see build_splits)."""
+
+    def open_dataset(may_download: bool):
+        try:
+            return dataset_class(root, download=may_download, **kwargs)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad archive a RuntimeError
+            raise ConfigError(
+                f"could not download {dataset_class.__name__} into data.download_dir={root!r}: "
+                f"{e}. Check the network, or put the dataset's archive there yourself"
+            ) from None
+
+    return first_on_machine(open_dataset)
 
 
 def open_folder(

@@ -55,7 +55,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
 
     def _build_data(self) -> None:
         """Splits, the epoch sampler, the schedules' lengths, and where views are made."""
-        self.splits = data.build_splits(self.hp.dataset_name, self.data_config, self.run_on_chief)
+        self.splits = data.build_splits(
+            self.hp.dataset_name, self.data_config, self.run_on_chief, self.run_first_on_machine
+        )
         self.num_classes = len(self.splits.labeled_train.classes)
         if self.hp.validate_with_classifier and self.num_classes < 2:
             raise utils.ConfigError(
@@ -143,6 +145,23 @@ class BYOLTrial(pytorch.PyTorchTrial):
             )
 
     # ---- data ------------------------------------------------------------------------------
+
+    def run_first_on_machine(self, open_dataset):
+        """open_dataset(download=True) in this machine's first process; the others wait for it
+        and then open_dataset(download=False). A failure on the first is raised on all."""
+        distributed = self.context.distributed
+        if distributed.local_rank == 0:
+            try:
+                dataset = open_dataset(True)
+            except utils.ConfigError as error:
+                distributed.broadcast_local(str(error))
+                raise
+            distributed.broadcast_local(None)
+            return dataset
+        error = distributed.broadcast_local(None)
+        if error is not None:
+            raise utils.ConfigError(error)
+        return open_dataset(False)
 
     def run_on_chief(self, fn):
         """Run fn on the chief only and hand its result to every slot."""

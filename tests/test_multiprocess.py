@@ -2,6 +2,7 @@
 save leaves the previous checkpoint usable. These start real subprocesses."""
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -24,12 +25,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_training(config, checkpoint_dir, folder, processes=1, extra=()):
+def run_training(config, checkpoint_dir, folder=None, processes=1, extra=(), env=None):
+    """model_def.py in 1 process, or in `processes` under torchrun; on `folder`'s images when
+    given (else the config's dataset). Returns the whole log."""
     args = [
         str(config),
         "--checkpoint-dir",
         str(checkpoint_dir),
-        *folder_overrides(folder),
+        *(folder_overrides(folder) if folder is not None else []),
         *extra,
     ]
     if processes == 1:
@@ -45,7 +48,7 @@ def run_training(config, checkpoint_dir, folder, processes=1, extra=()):
             "model_def.py",
             *args,
         ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH_DISTRIBUTED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH_DISTRIBUTED="1", **(env or {}))
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -192,3 +195,103 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, i
         config, tmp_path / "ckpt2", image_folder, extra=["--resume", str(complete[0])]
     )
     assert 6 in reported(log, "training")
+
+
+# Points torchvision's CIFAR-10 at the test's HTTP server and the tiny archive's checksums, in
+# every process of the run (a sitecustomize on PYTHONPATH).
+CIFAR_MIRROR = """
+import json, os
+if "TEST_CIFAR10" in os.environ:
+    from torchvision.datasets import cifar
+    spec = json.loads(os.environ["TEST_CIFAR10"])
+    cifar.CIFAR10.url, cifar.CIFAR10.tgz_md5 = spec["url"], spec["tgz_md5"]
+    cifar.CIFAR10.train_list, cifar.CIFAR10.test_list = spec["train_list"], spec["test_list"]
+    cifar.CIFAR10.meta = dict(cifar.CIFAR10.meta, md5=spec["meta_md5"])
+"""
+
+
+@pytest.fixture
+def cifar10_mirror(tmp_path):
+    """A tiny CIFAR-10 archive in the real format (cifar-10-python.tar.gz) on a loopback HTTP
+    server that counts its downloads; yields (env for the runs, the download count)."""
+    import hashlib
+    import tarfile
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from conftest import write_cifar10
+
+    source, served = tmp_path / "source", tmp_path / "served"
+    write_cifar10(str(source), train_count=40, test_count=20)
+    served.mkdir()
+    with tarfile.open(served / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(source / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    md5 = lambda path: hashlib.md5(path.read_bytes()).hexdigest()
+    batches = source / "cifar-10-batches-py"
+    downloads = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            # torchvision first asks for the url to follow redirects, with a "Method: HEAD"
+            # header and no interest in the body; the other GETs are downloads.
+            if self.headers.get("Method") != "HEAD":
+                downloads.append(self.path)
+            with contextlib.suppress(ConnectionError):  # the redirect probe hangs up early
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CIFAR_MIRROR)
+    spec = {
+        "url": f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz",
+        "tgz_md5": md5(served / "cifar-10-python.tar.gz"),
+        "train_list": [[f"data_batch_{i}", md5(batches / f"data_batch_{i}")] for i in range(1, 6)],
+        "test_list": [["test_batch", md5(batches / "test_batch")]],
+        "meta_md5": md5(batches / "batches.meta"),
+    }
+    yield {"PYTHONPATH": str(site), "TEST_CIFAR10": json.dumps(spec)}, downloads
+    server.shutdown()
+
+
+def test_two_processes_download_once_and_probe_on_the_chief(tmp_path, cifar10_mirror):
+    """On a fresh machine one process downloads CIFAR-10 while the other waits, then opens
+    it; validation's features travel to the chief, which alone trains the heads; and the
+    validation before the first step (same weights in both runs) gives 1 and 2 processes the
+    same metrics."""
+    env, downloads = cifar10_mirror
+    config = tiny_config(tmp_path, epochs=1, global_batch_size=8)
+    extra = ["--set", "perform_initial_validation=true"]
+    with open(config) as f:
+        text = f.read()
+    with open(config, "w") as f:  # perform_initial_validation is not in the shipped config
+        f.write(text + "perform_initial_validation: false\n")
+
+    two = run_training(config, tmp_path / "two", processes=2, extra=extra, env=env)
+    assert downloads == ["/cifar-10-python.tar.gz"]
+    one = run_training(
+        config,
+        tmp_path / "one",
+        processes=1,
+        extra=[*extra, "--set", f"data.download_dir={tmp_path / 'downloads-one'}"],
+        env=env,
+    )
+    assert len(downloads) == 2  # the one-process run had its own empty download dir
+
+    probe_lines = re.findall(r"linear probe on rank (\d+)", two)
+    validations = reported(two, "validation")
+    assert sorted(validations) == [0, 5] and probe_lines == ["0", "0"]
+    assert re.findall(r"linear probe on rank (\d+)", one) == ["0", "0"]
+    before_training_one, before_training_two = reported(one, "validation")[0], validations[0]
+    assert before_training_one.keys() == before_training_two.keys()
+    for name, value in before_training_one.items():
+        assert before_training_two[name] == pytest.approx(value, abs=1e-6), name
+    # Training logs come from the chief alone: one progress line per epoch.
+    assert len(re.findall(r"step 5/5  epoch 1/1", two)) == 1
