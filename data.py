@@ -110,10 +110,14 @@ class FileSource:
 
     def load_many(self, indices: Sequence[int]) -> List[object]:
         """Fetches the batch's bytes together (a remote store reads them concurrently); a
-        corrupt image comes back as a CorruptImageError in its place."""
+        corrupt image, or one still unreadable at the retry deadline, comes back as a
+        CorruptImageError in its place."""
         blobs = self.store.read_many([self.names[i] for i in indices])
         out: List[object] = []
         for i, data in zip(indices, blobs):
+            if isinstance(data, gcs.GCSError):  # still unreadable at the retry deadline
+                out.append(CorruptImageError(self._full(i), f"unreadable: {data}"))
+                continue
             try:
                 out.append(decode_image(data, self._full(i)))
             except CorruptImageError as e:
@@ -428,15 +432,26 @@ class TrainImages(torch.utils.data.Dataset):
         return batch
 
 
+# Decoded centre crops that validation keeps in memory, in all (the loader workers each keep
+# the share they serve): CIFAR-sized folders stay whole, ImageNet's 224 px crops do not.
+EVAL_CACHE_BYTES = 2 << 30
+
+
 class EvalImages(torch.utils.data.Dataset):
     """Labeled images for the linear probe and kNN: {"image", "label", "split", "index"}.
-    Large images are resized (shorter side to size * 8/7) and centre-cropped to `size`."""
+    Large images are resized (shorter side to size * 8/7) and centre-cropped to `size`.
+
+    Validation reads the same images every time: encoded images are decoded and cropped once
+    and kept (as uint8 crops, corrupt ones as None) when all of them fit in EVAL_CACHE_BYTES;
+    with persistent loader workers, each worker keeps what it serves."""
 
     def __init__(
         self, parts: Sequence[Tuple[object, int]], size: int, corrupt_log: CorruptImageLog
     ):
         self.parts, self.size, self.corrupt_log = list(parts), size, corrupt_log
         self.offsets = np.cumsum([0] + [len(src) for src, _ in self.parts]).tolist()
+        self.keep_decoded = len(self) * 3 * size * size <= EVAL_CACHE_BYTES
+        self.decoded: Dict[int, Optional[torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -449,14 +464,11 @@ class EvalImages(torch.utils.data.Dataset):
         by_part: Dict[int, List[int]] = {}
         for j, index in enumerate(indices):
             by_part.setdefault(bisect.bisect_right(self.offsets, index) - 1, []).append(j)
+        blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
         for part, positions in by_part.items():
             source, split = self.parts[part]
             local = [indices[j] - self.offsets[part] for j in positions]
-            if source.fixed_size == self.size:
-                images = list(source.tensor(local))
-            else:  # one load_many per part: a remote store fetches them together
-                images = [self._center_crop(image) for image in source.load_many(local)]
-            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            images = self._crops(source, part, local)
             for j, in_part, image in zip(positions, local, images):
                 valid = image is not None
                 out[j] = {
@@ -467,6 +479,20 @@ class EvalImages(torch.utils.data.Dataset):
                     "valid": torch.tensor(int(valid)),
                 }
         return out
+
+    def _crops(self, source, part: int, local: List[int]) -> List[Optional[torch.Tensor]]:
+        """uint8 [3, size, size] crops of a part's images (None where corrupt)."""
+        if source.fixed_size == self.size:
+            return list(source.tensor(local))
+        start = self.offsets[part]
+        missing = [i for i in local if start + i not in self.decoded]
+        # One load_many per part: a remote store fetches them together.
+        fresh = (
+            dict(zip(missing, map(self._center_crop, source.load_many(missing)))) if missing else {}
+        )
+        if self.keep_decoded:
+            self.decoded.update((start + i, crop) for i, crop in fresh.items())
+        return [fresh[i] if i in fresh else self.decoded[start + i] for i in local]
 
     def _center_crop(self, image) -> Optional[torch.Tensor]:
         if isinstance(image, CorruptImageError):

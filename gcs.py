@@ -22,14 +22,15 @@ from utils import ConfigError, atomic_write
 
 logger = logging.getLogger("byol.gcs")
 
-# Transient failures (429, 5xx, dropped or reset connections, timeouts) are retried up to
-# GCS_RETRY_ATTEMPTS times per request. Before try k+1 the reader sleeps a random time in
-# [0, min(GCS_RETRY_CAP_S, GCS_RETRY_BASE_S * 2**(k-1))] ("full jitter"), so that many loader
-# workers throttled at the same moment do not all come back at the same moment. The values are
-# module-level so tests can shrink them.
-GCS_RETRY_ATTEMPTS = 6
+# Transient failures (429, 5xx, dropped or reset connections, timeouts) are retried until
+# GCS_RETRY_DEADLINE_S has passed since the first try of a request: a throttling episode of a
+# minute, with thousands of requests in flight, must not kill a loader worker. Before try k+1
+# the reader sleeps a random time in [0, min(GCS_RETRY_CAP_S, GCS_RETRY_BASE_S * 2**(k-1))]
+# ("full jitter"), so that workers throttled at the same moment do not all come back at the same
+# moment. The values are module-level so tests can shrink them.
+GCS_RETRY_DEADLINE_S = 120.0
 GCS_RETRY_BASE_S = 0.1
-GCS_RETRY_CAP_S = 5.0
+GCS_RETRY_CAP_S = 10.0
 # (connect, read) timeout of one request in seconds: a stalled connection becomes a retry
 # instead of a loader worker that hangs forever.
 GCS_TIMEOUT_S = (20.0, 60.0)
@@ -49,12 +50,13 @@ _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 
 class GCSError(OSError):
     """A GCS request that failed for good: not found (404), not allowed (401/403), another
-    error that retrying cannot fix, or a transient one still failing after every attempt.
-    The message names the gs:// url; `status` is the HTTP status when there was one."""
+    error that retrying cannot fix, or a transient one still failing at the retry deadline
+    (`transient` is then True). The message names the gs:// url; `status` is the HTTP status
+    when there was one."""
 
-    def __init__(self, message: str, status: Optional[int] = None):
+    def __init__(self, message: str, status: Optional[int] = None, transient: bool = False):
         super().__init__(message)
-        self.status = status
+        self.status, self.transient = status, transient
 
 
 def parse_gcs_url(url: str) -> Tuple[str, str]:
@@ -131,33 +133,36 @@ def _permanent_error(what: str, error: BaseException, status: Optional[int]) -> 
     return GCSError(f"{what}: {describe_error(error)}", status)
 
 
-def call_with_retries(what: str, call: Callable, sleep: Callable[[float], None] = time.sleep):
-    """call() with transient failures retried (see GCS_RETRY_*). Every failure that escapes is
-    a GCSError naming `what` (a gs:// url): 404, 403 and other permanent errors at once, a
-    transient one after the last attempt."""
-    for attempt in range(1, GCS_RETRY_ATTEMPTS + 1):
+def call_with_retries(
+    what: str,
+    call: Callable,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+):
+    """call() with transient failures retried until the deadline (see GCS_RETRY_*). Every
+    failure that escapes is a GCSError naming `what` (a gs:// url): 404, 403 and other permanent
+    errors at once, a transient one when the next try would start past the deadline."""
+    started = clock()
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return call()
         except Exception as error:  # sorted into transient / permanent just below
             status = _http_status(error)
             if not _is_transient(error):
                 raise _permanent_error(what, error, status) from error
-            if attempt == GCS_RETRY_ATTEMPTS:
-                raise GCSError(
-                    f"{what}: still failing after {attempt} attempts: {describe_error(error)}",
-                    status,
-                ) from error
             delay = random.uniform(0, min(GCS_RETRY_CAP_S, GCS_RETRY_BASE_S * 2 ** (attempt - 1)))
-            logger.debug(
-                "%s: %s; retry %d of %d in %.2fs",
-                what,
-                describe_error(error),
-                attempt,
-                GCS_RETRY_ATTEMPTS - 1,
-                delay,
-            )
+            elapsed = clock() - started
+            if elapsed + delay > GCS_RETRY_DEADLINE_S:
+                raise GCSError(
+                    f"{what}: still failing after {attempt} attempts in {elapsed:.1f} s "
+                    f"(retry deadline {GCS_RETRY_DEADLINE_S:g} s): {describe_error(error)}",
+                    status,
+                    transient=True,
+                ) from error
+            logger.debug("%s: %s; try %d in %.2fs", what, describe_error(error), attempt + 1, delay)
             sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def gcs_client(connections: int = 10):
@@ -367,9 +372,19 @@ class GCSFiles:
                     )
         return data
 
-    def read_many(self, names: Sequence[str]) -> List[bytes]:
-        """The objects' bytes in the order of `names`, fetched concurrently."""
+    def read_many(self, names: Sequence[str]) -> List[object]:
+        """The objects' bytes in the order of `names`, fetched concurrently. An object still
+        failing at the retry deadline comes back as its GCSError in its place (the dataset
+        skips or refuses it as it does a corrupt image); a permanent error is raised."""
         pool = self._process_state().pool
         if pool is None or len(names) <= 1:
-            return [self.read(n) for n in names]
-        return list(pool.map(self.read, names))
+            return [self._read_or_transient_error(n) for n in names]
+        return list(pool.map(self._read_or_transient_error, names))
+
+    def _read_or_transient_error(self, name: str) -> object:
+        try:
+            return self.read(name)
+        except GCSError as error:
+            if not error.transient:
+                raise
+            return error

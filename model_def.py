@@ -203,6 +203,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 dataset,
                 batch_size=self.context.get_per_slot_batch_size(),
                 num_workers=self.data_config.num_workers,
+                persistent_workers=self.data_config.num_workers > 0,  # they keep the crops
             )
         # Without labels, validation scores the BYOL loss on held-out images with fixed views.
         dataset = data.TrainImages(self.splits.test, self.augment, self.run.seed, self.corrupt_log)
@@ -218,6 +219,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
             batch_sampler=sampler,
             collate_fn=dataset.collate,
             num_workers=self.data_config.num_workers,
+            persistent_workers=self.data_config.num_workers > 0,
         )
 
     def get_batch_length(self, batch: Dict[str, torch.Tensor]) -> int:

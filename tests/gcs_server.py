@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from typing import List, Optional, Tuple
 
 from gcp_storage_emulator.server import create_server
@@ -117,7 +118,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 class FaultProxy:
     """Forwards every request to the emulator, except the ones it was told to spoil:
     fail_next(n, status) answers the next n requests with that status, drop_next(n) closes the
-    connection without an answer, reset_next(n) resets it, truncate_next(n) cuts a body short.
+    connection without an answer, reset_next(n) resets it, truncate_next(n) cuts a body short,
+    fail_for(seconds, status, path_contains) fails matching requests for a while.
     `latency_s` delays every request (models a real bucket's round trip). It records each
     request (method, path) and the most requests it ever had in flight at once."""
 
@@ -126,6 +128,7 @@ class FaultProxy:
         self.requests: List[Tuple[str, str]] = []
         self.max_in_flight = 0
         self._faults: List[Tuple] = []
+        self._episodes: List[Tuple[float, int, str]] = []
         self._in_flight = 0
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), _ProxyHandler)
@@ -161,16 +164,27 @@ class FaultProxy:
     def truncate_next(self, count: int) -> None:
         self._queue(count, ("truncate",))
 
+    def fail_for(self, seconds: float, status: int = 503, path_contains: str = "") -> None:
+        """Answer `status` to every request whose path holds `path_contains`, for `seconds`
+        from now (a throttling episode, or an object that stays unreadable)."""
+        with self._lock:
+            self._episodes.append((time.monotonic() + seconds, status, path_contains))
+
     def clear(self) -> None:
-        """Forget recorded requests, queued faults and the in-flight maximum."""
+        """Forget recorded requests, queued faults, episodes and the in-flight maximum."""
         with self._lock:
             self.requests, self._faults, self.max_in_flight = [], [], 0
+            self._episodes = []
 
     def _begin(self, method: str, path: str) -> Optional[Tuple]:
         with self._lock:
             self.requests.append((method, path))
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            now = time.monotonic()
+            for until, status, part in self._episodes:
+                if now < until and part in urllib.parse.unquote(path):
+                    return ("status", status)
             return self._faults.pop(0) if self._faults else None
 
     def _end(self) -> None:

@@ -136,3 +136,31 @@ def test_evaluation_images_are_centre_cropped_to_the_training_size(image_folder)
     item = ev[len(splits.labeled_train)]
     assert item["image"].shape == (3, 12, 12) and int(item["split"]) == probe.SPLIT_TEST
     assert int(item["index"]) == len(splits.labeled_train)
+
+
+class CountingFiles(data.LocalFiles):
+    """A local store that appends each name it reads to a file (visible across processes)."""
+
+    def __init__(self, root, log):
+        super().__init__(root)
+        self.log = log
+
+    def read(self, name):
+        with open(self.log, "a") as f:
+            f.write(name + "\n")
+        return super().read(name)
+
+
+def test_validation_decodes_each_image_once_per_run(image_folder, tmp_path):
+    """Two validations through persistent loader workers read every file once."""
+    names, labels, classes = data.scan_class_folder(str(image_folder / "test"))
+    log = tmp_path / "reads.txt"
+    store = CountingFiles(str(image_folder / "test"), log)
+    source = data.FileSource(names, labels, classes, store, str(image_folder / "test"))
+    dataset = data.EvalImages([(source, probe.SPLIT_TEST)], 12, data.CorruptImageLog(False))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=4, num_workers=1, persistent_workers=True
+    )
+    passes = [torch.cat([b["image"] for b in loader]) for _ in range(2)]
+    assert torch.equal(passes[0], passes[1])
+    assert sorted(log.read_text().split()) == sorted(names)

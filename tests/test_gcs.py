@@ -556,16 +556,47 @@ def test_listing_is_retried(server):
     assert len(names) == len(TREE) and len(list_requests(server.proxy)) == 3
 
 
-def test_retries_are_bounded(server, monkeypatch):
-    monkeypatch.setattr(gcs, "GCS_RETRY_ATTEMPTS", 4)
-    server.proxy.fail_next(10, 503)
+def test_retries_stop_at_the_deadline(server, monkeypatch):
+    monkeypatch.setattr(gcs, "GCS_RETRY_DEADLINE_S", 0.3)
+    monkeypatch.setattr(gcs, "GCS_RETRY_BASE_S", 0.02)
+    monkeypatch.setattr(gcs, "GCS_RETRY_CAP_S", 0.05)
+    server.proxy.fail_for(30, 503)
     store = gcs.GCSFiles(BUCKET, "ds/train/", None, 1)
-    with pytest.raises(
-        gcs.GCSError,
-        match=re.escape("gs://byol-test/ds/train/cat/c1.png: still failing after 4 attempts"),
-    ) as error:
+    started = time.monotonic()
+    with pytest.raises(gcs.GCSError, match=r"cat/c1.png: still failing after \d+ attempts in") as e:
         store.read("cat/c1.png")
-    assert error.value.status == 503 and len(server.proxy.requests) == 4
+    assert e.value.status == 503 and e.value.transient
+    assert "(retry deadline 0.3 s)" in str(e.value) and time.monotonic() - started < 2
+
+
+def test_a_throttling_episode_longer_than_the_old_retry_budget_is_survived(server, monkeypatch):
+    """Six attempts with backoff from 0.1 s (the old budget) sleep 3.1 s at most; 503s for 4 s
+    used to kill the loader worker. With the deadline the read waits the episode out."""
+    monkeypatch.setattr(gcs, "GCS_RETRY_BASE_S", 0.1)
+    monkeypatch.setattr(gcs, "GCS_RETRY_CAP_S", 0.5)
+    store = gcs.GCSFiles(BUCKET, "ds/train/", None, 1)
+    server.proxy.fail_for(4.0, 503)
+    started = time.monotonic()
+    assert store.read("cat/c1.png") == TREE["cat/c1.png"]
+    attempts = len(object_requests(server.proxy, "ds/train/cat/c1.png"))
+    print(f"503s for 4 s: read after {attempts} requests in {time.monotonic() - started:.1f} s")
+    assert time.monotonic() - started >= 4.0 and attempts > 6
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_image_unreadable_past_the_deadline_is_skipped_or_refused(server, monkeypatch, strict):
+    monkeypatch.setattr(gcs, "GCS_RETRY_DEADLINE_S", 0.3)
+    server.proxy.fail_for(30, 503, path_contains="ds/train/cat/c1.png")
+    source = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", None, data_config(), CountingShare())
+    dataset = train_dataset(source, strict)
+    items = [(i, 0) for i in range(len(source))]
+    if strict:
+        with pytest.raises(data.CorruptImageError, match="gs://byol-test/ds/train/cat/c1.png"):
+            dataset.__getitems__(items[: source.names.index("cat/corrupt.png")])
+        return
+    flagged = [int(item["corrupt"]) for item in dataset.__getitems__(items)]
+    unreadable = {source.names.index("cat/c1.png"), source.names.index("cat/corrupt.png")}
+    assert flagged == [int(i in unreadable) for i in range(len(source))]
 
 
 def test_not_found_fails_fast(server):
