@@ -1,31 +1,42 @@
 #!/usr/bin/env bash
-# Determined runs this in every task container before the trial starts. It installs, at the
-# versions pinned in requirements.txt, only the packages the image lacks: Determined's PyTorch
-# images bring their own CUDA builds of torch and torchvision and the determined package, which
-# must not be replaced. Idempotent; prints nothing when there is nothing to do.
+# Determined runs this in every task container before the trial starts. It compares the image's
+# packages with requirements.txt: a pin the image lacks, or has older than the `>= X` minimum
+# noted beside it, is installed at the pinned version. torch, torchvision and determined are the
+# image's own builds (CUDA, the cluster's version) and are never replaced: if one is too old the
+# hook stops with one line naming the image to use. Idempotent; prints nothing when all is well.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-missing=$(python3 - <<'PY'
+to_install=$(python3 - <<'PY'
 import importlib.metadata as metadata
 import re
+import sys
 
-PROVIDED_BY_IMAGE = {"torch", "torchvision", "determined"}
+from packaging.version import Version
+
+FROM_THE_IMAGE = {"torch", "torchvision", "determined"}
+IMAGE = "an image (environment.image) that has it, as Determined's PyTorch images do"
 for line in open("requirements.txt"):
-    requirement = line.split("#", 1)[0].strip()
-    if not requirement:
+    pin, _, note = line.partition("#")
+    if not pin.strip():
         continue
-    name = re.split(r"[=<>!~ ]", requirement, maxsplit=1)[0]
-    if name.lower() in PROVIDED_BY_IMAGE:
-        continue
+    name, version = pin.strip().split("==")
+    minimum = re.match(r"\s*>=\s*([\w.]+)", note)
+    minimum = Version(minimum.group(1) if minimum else version)
     try:
-        metadata.version(name)
+        have = Version(metadata.version(name))
     except metadata.PackageNotFoundError:
-        print(requirement)
+        have = None
+    if have is not None and have >= minimum:
+        continue
+    if name.lower() in FROM_THE_IMAGE:
+        found = f"has {name} {have}" if have else f"lacks {name}"
+        sys.exit(f"error: this image {found}; BYOL needs {name} >= {minimum}: use {IMAGE}")
+    print(pin.strip())
 PY
 )
 
-if [ -n "$missing" ]; then
+if [ -n "$to_install" ]; then
   # shellcheck disable=SC2086  # one requirement per word
-  python3 -m pip install --quiet --no-input --disable-pip-version-check $missing
+  python3 -m pip install --quiet --no-input --disable-pip-version-check $to_install
 fi

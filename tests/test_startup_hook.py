@@ -1,4 +1,5 @@
-"""startup-hook.sh installs exactly the pinned packages the image lacks, and nothing else."""
+"""startup-hook.sh installs the pins an image lacks or has too old, never replaces the image's
+torch, torchvision or determined, and says which image to use when those are too old."""
 
 import os
 import shutil
@@ -6,22 +7,24 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
-# Stands in for python3: runs scripts with the real interpreter and records pip installs.
-PYTHON_SHIM = f"""#!/bin/sh
+# Stands in for python3: runs scripts with the image's interpreter and records pip installs.
+PYTHON_SHIM = """#!/bin/sh
 if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "$@" >> "$PIP_LOG"; exit 0; fi
-exec {sys.executable} "$@"
+exec {python} "$@"
 """
 
 
-def run_hook(tmp_path, requirements):
+def run_hook(tmp_path, requirements, python=sys.executable):
     shutil.copy(os.path.join(ROOT, "startup-hook.sh"), tmp_path / "startup-hook.sh")
     (tmp_path / "requirements.txt").write_text(requirements)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     shim = bin_dir / "python3"
-    shim.write_text(PYTHON_SHIM)
+    shim.write_text(PYTHON_SHIM.format(python=python))
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     env = dict(
         os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PIP_LOG=str(tmp_path / "pip.log")
@@ -40,7 +43,7 @@ def run_hook(tmp_path, requirements):
 def test_installs_only_missing_pins_and_never_the_images_torch(tmp_path):
     result, pip_log = run_hook(
         tmp_path,
-        "# pins\ntorch==9.9.9\ndetermined==0.38.1\nPyYAML==6.0.4\n"
+        "# pins\ntorch==9.9.9  # >= 2.4\ndetermined==0.38.1\nPyYAML==6.0.4\n"
         "surely-not-installed-package==1.2.3  # comment\n",
     )
     assert result.returncode == 0, result.stderr
@@ -59,3 +62,64 @@ def test_installs_only_missing_pins_and_never_the_images_torch(tmp_path):
 def test_nothing_to_do_is_silent(tmp_path):
     result, pip_log = run_hook(tmp_path, open(os.path.join(ROOT, "requirements.txt")).read())
     assert result.returncode == 0 and pip_log == "" and result.stdout == "" and result.stderr == ""
+
+
+@pytest.fixture(scope="module")
+def older_image(tmp_path_factory):
+    """A Python environment like an older Determined image: a real numpy 1.26.4 (installed
+    from PyPI), packaging (every Determined image has it), and torch 2.1's package metadata
+    (a real torch 2.1 is not installable here; the hook reads only the metadata)."""
+    root = tmp_path_factory.mktemp("older-image")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "env")], check=True)
+    (site,) = (root / "env" / "lib").glob("python3*/site-packages")
+    installed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(site),
+            "numpy==1.26.4",
+            "packaging==26.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if installed.returncode != 0:
+        pytest.skip(
+            f"cannot install numpy 1.26.4 from the package index: {installed.stderr[-300:]}"
+        )
+    torch_info = site / "torch-2.1.0.dist-info"
+    torch_info.mkdir()
+    (torch_info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.1.0\n")
+    return root / "env" / "bin" / "python"
+
+
+def test_an_older_numpy_is_upgraded_to_the_pin(tmp_path, older_image):
+    python = str(older_image)
+    version = subprocess.run(
+        [python, "-c", "import numpy; print(numpy.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert version == "1.26.4"
+    result, pip_log = run_hook(
+        tmp_path, "numpy==2.4.6  # >= 2.0\nPyYAML==6.0.4  # >= 5.1\n", python
+    )
+    assert result.returncode == 0, result.stderr
+    assert pip_log.split()[-2:] == ["numpy==2.4.6", "PyYAML==6.0.4"]  # too old, and missing
+
+
+def test_a_too_old_torch_stops_with_one_line_naming_the_image(tmp_path, older_image):
+    requirements = open(os.path.join(ROOT, "requirements.txt")).read()
+    result, pip_log = run_hook(tmp_path, requirements, str(older_image))
+    assert result.returncode != 0 and pip_log == "" and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: this image has torch 2.1.0; BYOL needs torch >= 2.4: use an image "
+        "(environment.image) that has it, as Determined's PyTorch images do"
+    ]
