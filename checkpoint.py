@@ -32,6 +32,17 @@ def write_marker(checkpoint_dir: str, description: Dict[str, Any]) -> None:
         json.dump(dict(description, trial=TRIAL_SPEC), f, indent=2)
 
 
+def stored_config(path: str) -> Dict[str, Any]:
+    """The experiment config a checkpoint was trained with (Determined's load_data.json), with
+    the trial's own hyperparameter values where it has them."""
+    with open(os.path.join(path, "load_data.json")) as f:
+        load_data = json.load(f)
+    config = dict(load_data.get("experiment_config") or {})
+    if isinstance(load_data.get("hparams"), dict):
+        config["hyperparameters"] = load_data["hparams"]
+    return config
+
+
 def check(path: str) -> str:
     """Refuse anything but a complete checkpoint of this trial, before any work starts; returns
     the absolute path."""

@@ -9,13 +9,14 @@ One training step (BYOL paper, Section 3.1):
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
 import os
 import pathlib
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -367,7 +368,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="where local checkpoints go (keep it out of the source tree's .detignore-d paths)",
     )
     parser.add_argument(
-        "--resume", metavar="CHECKPOINT", help="continue from this checkpoint directory"
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue from this checkpoint directory, with the config it was trained with "
+        "(plus --set values); a config or --set that changes the result is refused",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue even though the config changes the result",
     )
     return parser.parse_args(argv)
 
@@ -387,7 +396,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         run_on_cluster(info)
         return
     args = parse_args(argv)
-    if args.config is None:
+    if args.config is None and args.resume is None:
         sys.exit(
             "error: give an experiment config yaml, e.g. python model_def.py const-cifar10.yaml"
         )
@@ -472,8 +481,35 @@ def check_writable_directory(path: str, what: str) -> None:
         raise utils.ConfigError(f"{what} {path!r}: {existing!r} is not writable")
 
 
+def resumed_config(
+    args: argparse.Namespace, resume: Optional[str]
+) -> Tuple[Dict[str, Any], List[str]]:
+    """The run's config: the yaml (or, resuming without one, the checkpoint's own config) with
+    the --set values, data paths absolute; and, resuming, what it changes in the checkpoint's
+    config that alters the result (refused unless --allow-config-change)."""
+    stored = checkpoint.stored_config(resume) if resume else None
+    if args.config is not None:
+        config = utils.load_config(args.config, args.overrides)
+    else:
+        config = copy.deepcopy(stored)
+        for override in args.overrides:
+            utils.apply_override(config, override)
+    utils.absolute_data_paths(config)
+    if stored is None:
+        return config, []
+    utils.absolute_data_paths(stored)
+    changes = utils.result_changes(stored, config)
+    if changes and not args.allow_config_change:
+        raise utils.ConfigError(
+            f"--resume {resume}: the config differs from the checkpoint's in what it computes: "
+            f"{'; '.join(changes)}. Resume without those changes, or pass --allow-config-change"
+        )
+    return config, changes
+
+
 def run_locally(args: argparse.Namespace) -> None:
-    config = utils.load_config(args.config, args.overrides)
+    resume = checkpoint.check(args.resume) if args.resume else None
+    config, changes = resumed_config(args, resume)
     distributed = None
     slots = 1
     if "WORLD_SIZE" in os.environ:  # started by torchrun
@@ -483,7 +519,6 @@ def run_locally(args: argparse.Namespace) -> None:
         slots = distributed.size
     # Validate everything a user wrote before any data is downloaded or model built.
     experiment = utils.parse_experiment_config(config, slots)
-    resume = checkpoint.check(args.resume) if args.resume else None
     checkpoint_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir))
     check_writable_directory(checkpoint_dir, "--checkpoint-dir")
     # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
@@ -502,6 +537,14 @@ def run_locally(args: argparse.Namespace) -> None:
         context._core.train._tbd_directory = pathlib.Path(tensorboard_dir)
         trial = BYOLTrial(context, experiment)
         lengths = training_lengths(trial)
+        if changes and context.distributed.rank == 0:
+            logger.warning(
+                "resuming with a changed config (%s): the LR and EMA schedules now span %d "
+                "steps (%d epochs)",
+                "; ".join(changes),
+                trial.total_steps,
+                trial.hp.epochs,
+            )
         if context.distributed.rank == 0:
             logger.info(
                 "training %d steps (%d epochs x %d batches of %d); checkpoints under %s; "

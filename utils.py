@@ -41,6 +41,73 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     return config
 
 
+# Config values a resumed run may change without altering what it computes (how often it
+# validates, checkpoints and reports; how it reads data; what validation measures). Everything
+# else (the schedules' length, the batch, the data, augmentation, model, optimiser) is refused.
+FREE_ON_RESUME = (
+    "name",
+    "description",
+    "labels",
+    "resources",
+    "max_restarts",
+    "checkpoint_storage",
+    "checkpoint_policy",
+    "searcher",
+    "min_validation_period",
+    "min_checkpoint_period",
+    "scheduling_unit",
+    "perform_initial_validation",
+    "data.num_workers",
+    "data.gcs_concurrency",
+    "data.cache_dir",
+    "data.strict_images",
+    "data.download_dir",
+    "hyperparameters.augment_on",
+    "hyperparameters.validate_with_classifier",
+    "hyperparameters.classifier_",
+    "hyperparameters.knn_",
+    "hyperparameters.collapse_std_threshold",
+)
+
+
+def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def result_changes(stored: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """'path: old -> new' for each value that differs between a checkpoint's config and the
+    config of a run resuming it, leaving out what FREE_ON_RESUME allows to change."""
+    old_values, new_values = _flatten(stored), _flatten(new)
+    changes = []
+    for path in sorted(set(old_values) | set(new_values)):
+        if path.startswith(FREE_ON_RESUME) or path.split(".")[0] in FREE_ON_RESUME:
+            continue
+        old, value = old_values.get(path, "(unset)"), new_values.get(path, "(unset)")
+        if _yaml_number(old) != _yaml_number(value):
+            changes.append(f"{path}: {old!r} -> {value!r}")
+    return changes
+
+
+DATA_PATHS = ("train_dir", "test_dir", "unlabeled_dir", "download_dir", "cache_dir")
+
+
+def absolute_data_paths(config: Dict[str, Any]) -> None:
+    """Local data paths as absolute paths, so the config stored with each checkpoint works from
+    any directory (evaluate_result.py, --resume); gs:// urls stay as they are."""
+    section = config.get("data") or {}
+    for key in DATA_PATHS:
+        value = section.get(key)
+        if isinstance(value, str) and value and not value.startswith("gs://"):
+            section[key] = os.path.abspath(os.path.expanduser(value))
+
+
 def add_set_option(parser: Any, example: str) -> None:
     """The `--set DOTTED.PATH=VALUE` option (repeatable) of the commands that read a config."""
     parser.add_argument(

@@ -299,3 +299,60 @@ def test_a_run_shows_progress_and_summaries_and_writes_tensorboard_beside_checkp
         )
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [p.split("  loss")[0] for p in progress] == ["step 6/6  epoch 2/2"]
+
+
+def test_resume_takes_the_checkpoints_own_config_and_refuses_a_changed_result(
+    tmp_path, image_folder, caplog
+):
+    config = tiny_config(tmp_path)
+    train(config, tmp_path / "ckpt", *folder_overrides(image_folder))
+    epoch_one = checkpoints_by_step(tmp_path / "ckpt")[3][0]
+
+    # The checkpoint alone: its own config, data paths and all, from another directory.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    with caplog.at_level("INFO"):
+        model_def.main(["--resume", str(epoch_one), "--checkpoint-dir", str(tmp_path / "alone")])
+    os.chdir(ROOT)
+    assert sorted(checkpoints_by_step(tmp_path / "alone")) == [6]
+
+    # A --set that changes what the run computes is refused, naming each difference.
+    with pytest.raises(SystemExit) as refused:
+        model_def.main(
+            [
+                "--resume",
+                str(epoch_one),
+                "--checkpoint-dir",
+                str(tmp_path / "no"),
+                "--set",
+                "hyperparameters.epochs=3",
+                "--set",
+                "hyperparameters.augmentation.flip_prob=0.0",
+                "--set",
+                "data.num_workers=1",
+            ]
+        )
+    assert str(refused.value.code) == (
+        f"error: --resume {epoch_one}: the config differs from the checkpoint's in what it "
+        f"computes: hyperparameters.augmentation.flip_prob: 0.5 -> 0.0; "
+        f"hyperparameters.epochs: 2 -> 3. Resume without those changes, or pass "
+        f"--allow-config-change"
+    )
+    assert not (tmp_path / "no").exists()
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        model_def.main(
+            [
+                "--resume",
+                str(epoch_one),
+                "--checkpoint-dir",
+                str(tmp_path / "longer"),
+                "--set",
+                "hyperparameters.epochs=3",
+                "--allow-config-change",
+            ]
+        )
+    assert "the LR and EMA schedules now span 9 steps (3 epochs)" in caplog.text
+    assert sorted(checkpoints_by_step(tmp_path / "longer")) == [6, 9]
