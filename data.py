@@ -45,9 +45,18 @@ UNLABELED = -1
 
 
 class CorruptImageError(ValueError):
-    def __init__(self, name: str, reason: str):
-        super().__init__(f"{name}: not a decodable image ({reason})")
+    """An image that cannot be read. In a loader worker, strict mode raises it; PyTorch re-raises
+    it in the training process as CorruptImageError(the worker's whole traceback), whose last
+    line is the original message: `one_line` gives that."""
+
+    def __init__(self, name: str, reason: Optional[str] = None):
+        super().__init__(name if reason is None else f"{name}: not a decodable image ({reason})")
         self.name = name
+
+    @property
+    def one_line(self) -> str:
+        last = str(self).strip().splitlines()[-1]
+        return last.split("CorruptImageError: ", 1)[-1]
 
 
 class ArraySource:

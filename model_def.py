@@ -73,6 +73,17 @@ class BYOLTrial(pytorch.PyTorchTrial):
         self.total_steps = self.hp.epochs * self.batches_per_epoch
         self.warmup_steps = int(round(self.hp.warmup_epochs * self.batches_per_epoch))
         self.corrupt_log = data.CorruptImageLog(self.data_config.strict_images)
+        self.num_workers = self.data_config.num_workers
+        cores = len(os.sched_getaffinity(0))
+        if self.num_workers > cores:
+            if self.context.distributed.rank == 0:
+                logger.info(
+                    "data.num_workers=%d is more than the %d cores here: using %d loader workers",
+                    self.num_workers,
+                    cores,
+                    cores,
+                )
+            self.num_workers = cores
         # One augmentation for the run: it plans the crops in the loader and makes the views
         # there (augment_on: loader) or on the device.
         self.augment = TwoViewAugmentation(self.hp.augmentation, *self.splits.normalization)
@@ -181,9 +192,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
             dataset,
             batch_sampler=self.train_sampler,
             collate_fn=dataset.collate,
-            num_workers=self.data_config.num_workers,
+            num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=self.data_config.num_workers > 0,
+            persistent_workers=self.num_workers > 0,
         )
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
@@ -203,8 +214,8 @@ class BYOLTrial(pytorch.PyTorchTrial):
             return pytorch.DataLoader(
                 dataset,
                 batch_size=self.context.get_per_slot_batch_size(),
-                num_workers=self.data_config.num_workers,
-                persistent_workers=self.data_config.num_workers > 0,  # they keep the crops
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,  # they keep the crops
             )
         # Without labels, validation scores the BYOL loss on held-out images with fixed views.
         dataset = data.TrainImages(self.splits.test, self.augment, self.run.seed, self.corrupt_log)
@@ -219,8 +230,8 @@ class BYOLTrial(pytorch.PyTorchTrial):
             dataset,
             batch_sampler=sampler,
             collate_fn=dataset.collate,
-            num_workers=self.data_config.num_workers,
-            persistent_workers=self.data_config.num_workers > 0,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def get_batch_length(self, batch: Dict[str, torch.Tensor]) -> int:
@@ -404,6 +415,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         run_locally(args)
     except utils.ConfigError as e:
         sys.exit(f"error: {e}")
+    except data.CorruptImageError as e:  # data.strict_images: true
+        sys.exit(f"error: {e.one_line} (data.strict_images is true: fix or remove the image)")
 
 
 def training_lengths(trial: BYOLTrial) -> Dict[str, Any]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from determined import pytorch
 
-from probe import probe_metrics
+from probe import SPLIT_TEST, probe_metrics
 from utils import ProbeConfig, format_duration
 
 logger = logging.getLogger("byol")
@@ -37,6 +37,7 @@ class LinearProbeReducer(pytorch.MetricReducer):
     ):
         self.num_classes, self.probe, self.seed, self.device = num_classes, probe, seed, device
         self.distributed = distributed
+        self.said_knn_clipped = False
         self.reset()
 
     def reset(self) -> None:
@@ -71,6 +72,14 @@ class LinearProbeReducer(pytorch.MetricReducer):
         features, labels, splits = (
             torch.from_numpy(t[first]).to(self.device) for t in (features, labels, splits)
         )
+        labeled = int((splits != SPLIT_TEST).sum())
+        if self.probe.knn_k > labeled and not self.said_knn_clipped:
+            self.said_knn_clipped = True
+            logger.info(
+                "knn_k=%d is more than the %d labeled images: the kNN uses all of them",
+                self.probe.knn_k,
+                labeled,
+            )
         started = time.time()
         metrics = probe_metrics(features, labels, splits, self.num_classes, self.probe, self.seed)
         logger.info(

@@ -25,11 +25,30 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last
+    one silently, so a pasted second `learning_rate:` would win unnoticed)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"key {key!r} appears twice in one mapping: lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1}"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Read an experiment config yaml and apply `DOTTED.PATH=VALUE` overrides in order."""
     try:
         with open(path) as f:
-            config = yaml.safe_load(f)
+            config = yaml.load(f, Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path!r}: {e}") from None
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except yaml.YAMLError as e:

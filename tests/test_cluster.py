@@ -108,7 +108,7 @@ def test_a_trial_lives_its_life_on_the_cluster_path(uninterrupted):
     training = trial.reported("training")
     assert sorted(training) == [1, 2, 3, 4, 5, 6]
     # The resolved value reached the schedule: tau at step 0 is tau_base (the paper's formula).
-    assert training[1]["tau"] == config["hyperparameters"]["tau_base"] == 0.996
+    assert training[1]["tau"] == config["hyperparameters"]["tau_base"] == 0.99
     validation = trial.reported("validation")
     assert sorted(validation) == [3, 6]
     for metrics in validation.values():

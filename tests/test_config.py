@@ -234,3 +234,66 @@ def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_any_work(tmp_
         f"not a directory"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "file"]
+
+
+def test_a_key_written_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    path = tiny_config(tmp_path)
+    text = open(path).read().replace("hyperparameters:\n", "hyperparameters:\n  epochs: 7\n", 1)
+    open(path, "w").write(text)
+    lines = text.splitlines()
+    first = lines.index("  epochs: 7") + 1
+    second = (
+        next(i for i, line in enumerate(lines) if line.startswith("  epochs: ") and i + 1 != first)
+        + 1
+    )
+    assert run([path]) == (
+        f"error: config file {str(path)!r}: key 'epochs' appears twice in one mapping: "
+        f"lines {first} and {second}"
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_in_strict_mode_is_one_line(tmp_path, image_folder, workers):
+    bad = image_folder / "train" / "cat" / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    message = run(
+        [
+            tiny_config(tmp_path),
+            *folder_overrides(image_folder),
+            "--set",
+            "data.strict_images=true",
+            "--set",
+            f"data.num_workers={workers}",
+            "--checkpoint-dir",
+            tmp_path / "ckpt",
+        ]
+    )
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"error: {bad}: not a decodable image (")
+    assert message.endswith("(data.strict_images is true: fix or remove the image)")
+
+
+def test_knn_k_above_the_labeled_images_and_too_many_workers_are_said_once(
+    tmp_path, image_folder, caplog
+):
+    with caplog.at_level("INFO"):
+        model_def.main(
+            [
+                str(tiny_config(tmp_path, knn_k=500)),
+                *map(str, folder_overrides(image_folder)),
+                "--set",
+                "data.num_workers=64",
+                "--checkpoint-dir",
+                str(tmp_path / "ckpt"),
+            ]
+        )
+    said = [r.getMessage() for r in caplog.records if r.name == "byol"]
+    cores = len(os.sched_getaffinity(0))
+    assert (
+        said.count(
+            f"data.num_workers=64 is more than the {cores} cores here: using {cores} loader workers"
+        )
+        == 1
+    )
+    # 24 training images, 3 held out of the probe's fit: 21 + 3 labeled images for the kNN.
+    assert said.count("knn_k=500 is more than the 24 labeled images: the kNN uses all of them") == 1
