@@ -517,3 +517,36 @@ def test_in_cluster_mode_reports_the_result_as_validation_metrics(trained):
         "classifier_lr_0.1_test_accuracy" in metrics
         and result["checkpoint"]["uuid"] == trained.uuid
     )
+
+
+def test_the_readme_backbone_snippet_runs_as_written_and_matches_evaluation(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """The README's Python block, pasted as it is next to an export and an image, gives the
+    features the package's own evaluation pipeline gives (data.center_crop, device.Normalize)."""
+    import re
+
+    import device
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "preprocess" in b]
+    run(
+        ["--checkpoint", trained.checkpoint, "--export", tmp_path / "backbone.pt", "--export-only"],
+        capsys,
+    )
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+
+    info = json.loads((tmp_path / "backbone.json").read_text())
+    crop = data.center_crop(Image.open(tmp_path / "image.png").convert("RGB"), info["image_size"])
+    normalize = device.Normalize(
+        info["normalization"]["mean"], info["normalization"]["std"], torch.device("cpu")
+    )
+    ckpt = evaluate_result.open_checkpoint(str(trained.checkpoint))
+    ours, _ = evaluate_result.load_backbone(ckpt, evaluate_result.hparams_of(ckpt))
+    with torch.no_grad():
+        expected = ours(normalize(crop[None]))
+    torch.testing.assert_close(namespace["features"], expected, rtol=0, atol=1e-5)
