@@ -8,7 +8,7 @@ pixel operations equal torchvision's functional ops (tests compare the pixels).
 """
 
 import math
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -161,14 +161,14 @@ def sample_view_params(u: torch.Tensor, aug: Augmentation, view: int) -> ViewPar
     col = lambda name, n=1: u[:, _SLOTS[name] : _SLOTS[name] + n]
     jitter_on = col("jitter_apply")[:, 0] < aug.jitter_prob
     f = col("jitter_factors", 4)
-    strengths = torch.tensor(
-        [aug.brightness, aug.contrast, aug.saturation], device=u.device, dtype=u.dtype
-    )
-    factors = 1 - strengths + 2 * strengths * f[:, :3]  # U[1 - s, 1 + s]
-    hue = -aug.hue + 2 * aug.hue * f[:, 3:]  # U[-h, h]
-    jitter = torch.cat([factors, hue], dim=1)
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=u.device, dtype=u.dtype)
-    jitter = torch.where(jitter_on[:, None], jitter, identity)
+    # U[1 - s, 1 + s] for brightness, contrast, saturation; U[-h, h] for hue. Python numbers
+    # only: no tensor is made from host values (no host-to-device copy on a GPU).
+    strengths = (aug.brightness, aug.contrast, aug.saturation)
+    factors = torch.stack([1 - s + 2 * s * f[:, i] for i, s in enumerate(strengths)], dim=1)
+    hue = -aug.hue + 2 * aug.hue * f[:, 3:]
+    # Samples without jitter get identity factors (1, 1, 1) and no hue shift (0).
+    on = jitter_on[:, None]
+    jitter = torch.cat([torch.where(on, factors, 1.0), torch.where(on, hue, 0.0)], dim=1)
     lo, hi = aug.blur_sigma
     sigma = lo + (hi - lo) * col("blur_sigma")[:, 0]
     blur_on = col("blur_apply")[:, 0] < spec.blur_prob
@@ -216,8 +216,8 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     )
     v = maxc
     # HSV -> RGB via the k-formula: channel c = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) % 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
+    # with n = 5, 3, 1 for r, g, b.
+    k = torch.stack([torch.remainder(n + 6.0 * h, 6.0) for n in (5.0, 3.0, 1.0)], dim=1)
     weight = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * weight
 
@@ -297,8 +297,12 @@ class TwoViewAugmentation:
         self.aug = aug
         self.size = aug.image_size
         self.blur_kernel_size = blur_kernel_size(aug.image_size)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._statistics: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self):
+        # Loader workers get their own copies of the statistics (never a GPU tensor).
+        return dict(self.__dict__, _statistics={})
 
     def view_uniforms(self, keys: torch.Tensor, view: int) -> torch.Tensor:
         return uniforms(keys, SLOTS_PER_VIEW, stream=view)
@@ -330,9 +334,13 @@ class TwoViewAugmentation:
         x = torch.where(p.gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
         x = gaussian_blur(x, p.blur_sigma, self.blur_kernel_size)
         x = torch.where(p.solarize.view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        mean, std = self.statistics(x.device)
+        return (x - mean) / std
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> normalised float, for evaluation."""
-        x = images.float() / 255.0
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+    def statistics(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The normalisation's mean and std on `device`, copied there once."""
+        if device not in self._statistics:
+            self._statistics[device] = tuple(
+                torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (self.mean, self.std)
+            )
+        return self._statistics[device]

@@ -182,3 +182,22 @@ def test_large_images_are_cropped_in_the_loader_and_finished_in_batch():
     batch = dataset.collate(items)
     views = augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))(batch["image"], batch["key"])
     assert views.shape == (6, 3, 24, 24) and torch.isfinite(views).all()
+
+
+def test_an_augmentation_call_makes_no_tensor_from_host_values(monkeypatch):
+    """On a GPU a tensor made from Python values is a host-to-device copy (and a sync): after
+    its first call on a device, the augmentation makes none, for either input layout."""
+    aug = utils._parse_augmentation(utils._Reader({"image_size": 16}, "augmentation"))
+    transform = augment.TwoViewAugmentation(aug, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    keys = augment.sample_keys(0, 0, torch.arange(6))
+    uncropped = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
+    cropped = torch.randint(0, 256, (6, 2, 3, 16, 16), dtype=torch.uint8)
+    first = transform(uncropped, keys)  # copies the normalisation statistics once
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was made from host values")
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, refuse)
+    assert torch.equal(transform(uncropped, keys), first)
+    assert transform(cropped, keys).shape == (12, 3, 16, 16)
