@@ -554,6 +554,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             seed,
         )
         self.batches_per_epoch = num_samples // global_batch
+        # The one place the global batch is split (parse_hparams checks that it splits evenly).
+        self.per_slot_batch = global_batch // slots
         self.fixed_epoch = fixed_epoch
         self.epoch = 0
 
@@ -566,7 +568,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         else:
             epoch, self.epoch = self.epoch, self.epoch + 1
         order = epoch_permutation(self.seed, epoch, self.num_samples)
-        per_slot = self.global_batch // self.slots
+        per_slot = self.per_slot_batch
         for start in range(0, self.batches_per_epoch * self.global_batch, per_slot):
             yield [(i, epoch) for i in order[start : start + per_slot]]
 

@@ -55,6 +55,7 @@ from probe import (
     SPLIT_HOLDOUT,
     SPLIT_TEST,
     LinearHeads,
+    chosen_head,
     standardization,
     standardize,
     train_heads_on_features,
@@ -435,14 +436,14 @@ def score_heads(
     lrs: Sequence[float],
     top5: bool,
 ) -> Dict[str, Any]:
-    """Per-LR held-out and test accuracy; the LR with the best held-out accuracy is chosen
-    (ties go to the first, the smallest LR: the in-training probe's rule)."""
+    """Per-LR held-out and test accuracy; the LR is chosen as the in-training probe chooses it
+    (probe.chosen_head)."""
     accuracy = lambda split, k: (
         heads.correct(split[0], split[1], k=k).float() / max(1, len(split[1]))
     ).tolist()
     held_top1, test_top1 = accuracy(held, 1), accuracy(test, 1)
     test_top5 = accuracy(test, 5) if top5 else None
-    best = max(range(len(lrs)), key=lambda i: (held_top1[i], -i))
+    best = chosen_head(held_top1)
     classifiers = []
     for i, lr in enumerate(lrs):
         row = {"lr": lr, "holdout_accuracy": held_top1[i], "test_accuracy": test_top1[i]}

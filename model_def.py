@@ -32,7 +32,8 @@ import utils
 from augment import TwoViewAugmentation
 from backbone import build_backbone
 from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
-from reducers import LinearProbeReducer, Progress, TrainingMetricsReducer
+from progress import Progress
+from reducers import LinearProbeReducer, TrainingMetricsReducer
 
 logger = logging.getLogger("byol")
 
@@ -213,7 +214,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
             )
             return pytorch.DataLoader(
                 dataset,
-                batch_size=self.context.get_per_slot_batch_size(),
+                batch_size=self.train_sampler.per_slot_batch,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,  # they keep the crops
             )
@@ -221,7 +222,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         dataset = data.TrainImages(self.splits.test, self.augment, self.run.seed, self.corrupt_log)
         sampler = data.EpochBatchSampler(
             len(self.splits.test),
-            self.context.get_per_slot_batch_size(),
+            self.train_sampler.per_slot_batch,
             1,
             self.run.seed,
             fixed_epoch=-1,

@@ -126,6 +126,12 @@ def knn_accuracy(
     return correct / max(1, len(test_features))
 
 
+def chosen_head(holdout_accuracies: Sequence[float]) -> int:
+    """The head (learning rate) with the best held-out accuracy; ties go to the first, the
+    smallest LR."""
+    return max(range(len(holdout_accuracies)), key=lambda i: (holdout_accuracies[i], -i))
+
+
 def probe_metrics(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -146,7 +152,7 @@ def probe_metrics(
     )
     held_acc = heads.correct(held_x, labels[held]).float() / max(1, int(held.sum()))
     test_acc = heads.correct(test_x, labels[test]).float() / max(1, int(test.sum()))
-    best = int(torch.argmax(held_acc))  # ties go to the smallest LR
+    best = chosen_head(held_acc.tolist())
     metrics = {
         "holdout_accuracy": float(held_acc[best]),
         "test_accuracy": float(test_acc[best]),

@@ -20,7 +20,7 @@ import torch
 from determined import pytorch
 
 from probe import SPLIT_TEST, probe_metrics
-from utils import ProbeConfig, format_duration
+from utils import ProbeConfig
 
 logger = logging.getLogger("byol")
 
@@ -143,44 +143,3 @@ class TrainingMetricsReducer(pytorch.MetricReducer):
                 self.collapse_threshold,
             )
         return metrics
-
-
-class Progress:
-    """The progress line a user watches: step, epoch, loss, images/s and ETA, at least every
-    `every_s` seconds and at each epoch's end, on the chief, whatever the reporting period.
-    Reading the loss is the only host sync it adds, at most once per line."""
-
-    def __init__(
-        self,
-        total_steps: int,
-        batches_per_epoch: int,
-        global_batch_size: int,
-        enabled: bool,
-        every_s: float = 30.0,
-    ):
-        self.total_steps, self.batches_per_epoch = total_steps, batches_per_epoch
-        self.global_batch_size, self.enabled, self.every_s = global_batch_size, enabled, every_s
-        self.since: Optional[Tuple[float, int]] = None  # (time, steps done) of the last line
-
-    def step_done(self, steps_done: int, loss: torch.Tensor) -> None:
-        if not self.enabled:
-            return
-        now = time.time()
-        if self.since is None:  # the first step of this run (a resumed run starts mid-way)
-            self.since = (now, steps_done - 1)
-        last_time, last_steps = self.since
-        epoch_end = steps_done % self.batches_per_epoch == 0
-        if now - last_time < self.every_s and not epoch_end and steps_done < self.total_steps:
-            return
-        seconds_per_step = (now - last_time) / max(1, steps_done - last_steps)
-        logger.info(
-            "step %d/%d  epoch %d/%d  loss %.4f  %.0f images/s  ETA %s",
-            steps_done,
-            self.total_steps,
-            -(-steps_done // self.batches_per_epoch),
-            -(-self.total_steps // self.batches_per_epoch),
-            float(loss),
-            self.global_batch_size / max(seconds_per_step, 1e-9),
-            format_duration((self.total_steps - steps_done) * seconds_per_step),
-        )
-        self.since = (now, steps_done)
