@@ -46,6 +46,28 @@ def validation_metrics(caplog):
     return found
 
 
+def assert_resuming_step_4_reproduces(reference, config, folder, extra, checkpoint_dir):
+    """Resume today's code from the step-4 checkpoint of `reference` ({step: [dirs]}; step 4 is
+    mid-epoch 2 at 3 steps an epoch): steps 5 and 6 equal the reference's bit for bit, weights,
+    momentum and learning rate."""
+    train(config, checkpoint_dir, *folder_overrides(folder), *extra, "--resume", reference[4][0])
+    resumed = checkpoints_by_step(checkpoint_dir)
+    assert sorted(resumed) == [5, 6]
+    for step in (5, 6):
+        a, b = load_state(reference[step][0]), load_state(resumed[step][0])
+        for name, tensor in a["models_state_dict"][0].items():
+            assert torch.equal(tensor, b["models_state_dict"][0][name]), (step, name)
+        for x, y in zip(
+            a["optimizers_state_dict"][0]["state"].values(),
+            b["optimizers_state_dict"][0]["state"].values(),
+        ):
+            assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+        assert (
+            a["optimizers_state_dict"][0]["param_groups"][0]["lr"]
+            == b["optimizers_state_dict"][0]["param_groups"][0]["lr"]
+        )
+
+
 def test_training_validates_checkpoints_and_resumes(tmp_path, image_folder, caplog):
     # 24 images, batch 8: 3 steps per epoch, 2 epochs; validate and checkpoint every epoch.
     config = tiny_config(tmp_path)
@@ -81,30 +103,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, image_folder):
     train(config, tmp_path / "full", *folder_overrides(image_folder), *every_step)
     full = checkpoints_by_step(tmp_path / "full")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
-    # Step 4 is mid-epoch 2 (3 steps per epoch).
-    train(
-        config,
-        tmp_path / "resumed",
-        *folder_overrides(image_folder),
-        *every_step,
-        "--resume",
-        full[4][0],
-    )
-    resumed = checkpoints_by_step(tmp_path / "resumed")
-    assert sorted(resumed) == [5, 6]
-    for step in (5, 6):
-        a, b = load_state(full[step][0]), load_state(resumed[step][0])
-        for name, tensor in a["models_state_dict"][0].items():
-            assert torch.equal(tensor, b["models_state_dict"][0][name]), name
-        for x, y in zip(
-            a["optimizers_state_dict"][0]["state"].values(),
-            b["optimizers_state_dict"][0]["state"].values(),
-        ):
-            assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
-        assert (
-            a["optimizers_state_dict"][0]["param_groups"][0]["lr"]
-            == b["optimizers_state_dict"][0]["param_groups"][0]["lr"]
-        )
+    assert_resuming_step_4_reproduces(full, config, image_folder, every_step, tmp_path / "resumed")
     # The target moved by EMA and differs from the online network.
     weights = load_state(full[6][0])["models_state_dict"][0]
     assert not torch.equal(
@@ -234,19 +233,7 @@ def test_checkpoints_written_before_the_split_resume_exactly_and_evaluate(tmp_pa
     by_old = checkpoints_by_step(tmp_path / "old")
     assert sorted(by_old) == [1, 2, 3, 4, 5, 6]
 
-    train(
-        config,
-        tmp_path / "new",
-        *folder_overrides(image_folder),
-        *every_step,
-        "--resume",
-        by_old[4][0],
-    )
-    by_new = checkpoints_by_step(tmp_path / "new")
-    for step in (5, 6):
-        a, b = load_state(by_old[step][0]), load_state(by_new[step][0])
-        for name, tensor in a["models_state_dict"][0].items():
-            assert torch.equal(tensor, b["models_state_dict"][0][name]), (step, name)
+    assert_resuming_step_4_reproduces(by_old, config, image_folder, every_step, tmp_path / "new")
 
     ckpt = evaluate_result.open_checkpoint(str(by_old[6][0]))
     exported = tmp_path / "backbone.pt"
