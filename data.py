@@ -10,10 +10,14 @@ Data flow:
 
 import bisect
 import functools
+import hashlib
 import io
 import logging
 import os
+import shutil
+import tempfile
 import threading
+import weakref
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -354,18 +358,56 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> Tuple[np.nd
 
 
 class CorruptImageLog:
-    """Logs each corrupt image once per process and counts them."""
+    """Logs each corrupt image once per run and counts them. The loader workers get copies of
+    this object; they share a directory of markers (one empty file per image already logged,
+    created atomically), so an image met in every epoch by any worker is logged once."""
 
     def __init__(self, strict: bool):
         self.strict, self.seen, self.lock = strict, set(), threading.Lock()
+        self.markers = tempfile.mkdtemp(prefix="byol-corrupt-images-")
+        weakref.finalize(self, shutil.rmtree, self.markers, ignore_errors=True)
+
+    def __getstate__(self):
+        return {"strict": self.strict, "markers": self.markers}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, seen=set(), lock=threading.Lock())
 
     def report(self, error: CorruptImageError) -> None:
         if self.strict:
             raise error
         with self.lock:
-            if error.name not in self.seen:
-                self.seen.add(error.name)
-                logger.warning("skipping corrupt image %s", error)
+            if error.name in self.seen:
+                return
+            self.seen.add(error.name)
+        marker = os.path.join(self.markers, hashlib.sha256(error.name.encode()).hexdigest())
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:  # another process of this run logged it
+            return
+        except OSError:  # no marker directory (e.g. removed): log rather than stay silent
+            pass
+        logger.warning("skipping corrupt image %s", error)
+
+
+def verify_local_images(source, limit: int = 100_000) -> None:
+    """With data.strict_images, a local folder of at most `limit` images is checked before
+    training (PIL's verify: headers and, for PNG, checksums; no full decode), so a corrupt file
+    stops the run at once instead of mid-epoch. Remote and larger sources are checked as read."""
+    parts = source.parts if isinstance(source, ConcatSource) else [source]
+    for part in parts:
+        if not isinstance(part, FileSource) or not isinstance(part.store, LocalFiles):
+            continue
+        if len(part) > limit:
+            continue
+        for name in part.names:
+            path = os.path.join(part.store.root, name)
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                reason = str(e).split(" <")[0]
+                raise CorruptImageError(path, reason) from None
 
 
 class TrainImages(torch.utils.data.Dataset):

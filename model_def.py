@@ -74,6 +74,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
         self.total_steps = self.hp.epochs * self.batches_per_epoch
         self.warmup_steps = int(round(self.hp.warmup_epochs * self.batches_per_epoch))
         self.corrupt_log = data.CorruptImageLog(self.data_config.strict_images)
+        if self.data_config.strict_images:
+            for source in (self.splits.byol_train, self.splits.test):
+                data.verify_local_images(source)
         self.num_workers = self.data_config.num_workers
         cores = len(os.sched_getaffinity(0))
         if self.num_workers > cores:

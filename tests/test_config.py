@@ -271,6 +271,8 @@ def test_a_corrupt_image_in_strict_mode_is_one_line(tmp_path, image_folder, work
     assert len(message.splitlines()) == 1
     assert message.startswith(f"error: {bad}: not a decodable image (")
     assert message.endswith("(data.strict_images is true: fix or remove the image)")
+    # Checked before training: not one step, not one checkpoint.
+    assert list((tmp_path / "ckpt" / "determined").iterdir()) == []
 
 
 def test_knn_k_above_the_labeled_images_and_too_many_workers_are_said_once(

@@ -295,3 +295,27 @@ def test_two_processes_download_once_and_probe_on_the_chief(tmp_path, cifar10_mi
         assert before_training_two[name] == pytest.approx(value, abs=1e-6), name
     # Training logs come from the chief alone: one progress line per epoch.
     assert len(re.findall(r"step 5/5  epoch 1/1", two)) == 1
+
+
+def test_a_corrupt_image_is_logged_once_per_run_whatever_the_workers_and_epochs(
+    tmp_path, image_folder
+):
+    """Two loader workers, two epochs and two validations meet the same corrupt training image:
+    it is skipped and counted every time, and logged once."""
+    (image_folder / "train" / "cat" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    log = run_training(
+        tiny_config(tmp_path, epochs=2),
+        tmp_path / "ckpt",
+        image_folder,
+        extra=["--set", "data.num_workers=2"],
+    )
+    assert log.count("skipping corrupt image") == 1 and "bad.png" in log
+    import augment
+    import data
+
+    # Counted each time it is drawn: 3 batches of 8 of the 25 images per epoch.
+    names, _, _ = data.scan_class_folder(str(image_folder / "train"))
+    bad = names.index("cat/bad.png")
+    drawn = sum(bad in augment.epoch_permutation(0, epoch, 25)[:24] for epoch in (0, 1))
+    counted = sum(m["corrupt_images"] for m in reported(log, "training").values())
+    assert drawn >= 1 and counted == drawn
