@@ -390,6 +390,22 @@ class CorruptImageLog:
         logger.warning("skipping corrupt image %s", error)
 
 
+def loader_workers(requested: int, announce: bool = True) -> int:
+    """data.num_workers, lowered to the cores this process may use, said once in one line
+    (instead of torch's warning at every loader)."""
+    cores = len(os.sched_getaffinity(0))
+    if requested <= cores:
+        return requested
+    if announce:
+        logger.info(
+            "data.num_workers=%d is more than the %d cores here: using %d loader workers",
+            requested,
+            cores,
+            cores,
+        )
+    return cores
+
+
 def verify_local_images(source, limit: int = 100_000) -> None:
     """With data.strict_images, a local folder of at most `limit` images is checked before
     training (PIL's verify: headers and, for PNG, checksums; no full decode), so a corrupt file

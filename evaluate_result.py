@@ -567,6 +567,7 @@ def evaluate(
     held_source = data.Subset(splits.labeled_train, held_idx)
     size = hp.augmentation.image_size
     corrupt_log = data.CorruptImageLog(data_config.strict_images)
+    workers = data.loader_workers(data_config.num_workers)
 
     backbone, feature_dim = load_backbone(ckpt, hp)
     mean, std = normalization(ckpt)
@@ -582,7 +583,7 @@ def evaluate(
         [(fit_source, SPLIT_FIT), (held_source, SPLIT_HOLDOUT), (splits.test, SPLIT_TEST)],
         size,
         batch_size,
-        data_config.num_workers,
+        workers,
         corrupt_log,
     )
     (fit_x, fit_y), (held_x, held_y), (test_x, test_y) = (
@@ -610,7 +611,7 @@ def evaluate(
             epochs,
             batch_size,
             seed,
-            data_config.num_workers,
+            workers,
             on_epoch,
         )
     else:

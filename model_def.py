@@ -77,17 +77,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
         if self.data_config.strict_images:
             for source in (self.splits.byol_train, self.splits.test):
                 data.verify_local_images(source)
-        self.num_workers = self.data_config.num_workers
-        cores = len(os.sched_getaffinity(0))
-        if self.num_workers > cores:
-            if self.context.distributed.rank == 0:
-                logger.info(
-                    "data.num_workers=%d is more than the %d cores here: using %d loader workers",
-                    self.num_workers,
-                    cores,
-                    cores,
-                )
-            self.num_workers = cores
+        self.num_workers = data.loader_workers(
+            self.data_config.num_workers, announce=self.context.distributed.rank == 0
+        )
         # One augmentation for the run: it plans the crops in the loader and makes the views
         # there (augment_on: loader) or on the device.
         self.augment = TwoViewAugmentation(self.hp.augmentation, *self.splits.normalization)
