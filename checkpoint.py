@@ -34,7 +34,12 @@ def write_marker(checkpoint_dir: str, description: Dict[str, Any]) -> None:
 
 def stored_config(path: str) -> Dict[str, Any]:
     """The experiment config a checkpoint was trained with (Determined's load_data.json), with
-    the trial's own hyperparameter values where it has them."""
+    the trial's own hyperparameter values where it has them (a cluster config may hold search
+    spaces there). A new dict on every call: callers may change it."""
+    if not os.path.isfile(os.path.join(path, "load_data.json")):
+        raise utils.ConfigError(
+            f"checkpoint {path!r} has no load_data.json: its experiment config is unknown"
+        )
     with open(os.path.join(path, "load_data.json")) as f:
         load_data = json.load(f)
     config = dict(load_data.get("experiment_config") or {})

@@ -147,19 +147,11 @@ def online_backbone_state(
 def open_checkpoint(
     path: str, overrides: Sequence[str] = (), data_section: Optional[Dict[str, Any]] = None
 ) -> Checkpoint:
-    """Validate and read a checkpoint directory. The experiment config comes from its
-    load_data.json with the trial's own hyperparameter values (a cluster config may hold search
-    spaces there); `data_section` replaces the config's data section (the evaluation task's
+    """Validate and read a checkpoint directory. The experiment config is the one it was
+    trained with (checkpoint.stored_config); `data_section` replaces the config's data section (the evaluation task's
     own, on a cluster); `overrides` (--set) are applied last."""
     path = validate_checkpoint_path(path)
-    if not os.path.isfile(os.path.join(path, "load_data.json")):
-        raise utils.ConfigError(
-            f"checkpoint {path!r} has no load_data.json: its experiment config is unknown"
-        )
-    load_data = _read_json(os.path.join(path, "load_data.json"))
-    config = copy.deepcopy(load_data.get("experiment_config") or {})
-    if isinstance(load_data.get("hparams"), dict):
-        config["hyperparameters"] = copy.deepcopy(load_data["hparams"])
+    config = checkpoint.stored_config(path)
     if data_section is not None:
         config["data"] = copy.deepcopy(data_section)
     for override in overrides:
@@ -407,9 +399,8 @@ def train_heads_augmented(
             features = (features_of(batch["image"][valid]) - mean) / std
             heads.set_progress((epoch * len(sampler) + i) / total)
             if len(features):
-                with (
-                    torch.enable_grad()
-                ):  # callers may run under no_grad (as Determined's validation)
+                # Callers may run under no_grad (as Determined's validation does).
+                with torch.enable_grad():
                     heads.train_step(features, batch["label"][valid].to(device))
         elapsed = time.time() - start
         logger.info(

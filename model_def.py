@@ -546,15 +546,15 @@ def run_locally(args: argparse.Namespace) -> None:
         context._core.train._tbd_directory = pathlib.Path(tensorboard_dir)
         trial = BYOLTrial(context, experiment)
         lengths = training_lengths(trial)
-        if changes and context.distributed.rank == 0:
-            logger.warning(
-                "resuming with a changed config (%s): the LR and EMA schedules now span %d "
-                "steps (%d epochs)",
-                "; ".join(changes),
-                trial.total_steps,
-                trial.hp.epochs,
-            )
         if context.distributed.rank == 0:
+            if changes:
+                logger.warning(
+                    "resuming with a changed config (%s): the LR and EMA schedules now span %d "
+                    "steps (%d epochs)",
+                    "; ".join(changes),
+                    trial.total_steps,
+                    trial.hp.epochs,
+                )
             logger.info(
                 "training %d steps (%d epochs x %d batches of %d); checkpoints under %s; "
                 "TensorBoard: tensorboard --logdir %s",

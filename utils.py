@@ -278,7 +278,7 @@ class _Reader:
         self.raw, self.where, self.read = raw, where, set()
 
     def _name(self, key: str) -> str:
-        return f"{self.where}.{key}"
+        return f"{self.where}.{key}" if self.where else key
 
     def get(self, key: str, default: Any = dataclasses.MISSING) -> Any:
         self.read.add(key)
@@ -496,12 +496,11 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """The whole experiment config, typed; `raw` is kept only to be stored with checkpoints."""
+    """The whole experiment config, typed."""
 
     hparams: HParams
     data: DataConfig
     run: RunConfig
-    raw: Dict[str, Any]
 
 
 # What a searcher or `checkpoint_policy: best` may choose by, per validation mode (with its
@@ -584,33 +583,19 @@ def check_metric(searcher: Searcher, hp: HParams) -> None:
 def parse_run_config(raw: Dict[str, Any]) -> RunConfig:
     """The top-level keys of the experiment config that drive the run. Unset keys take the
     master's defaults, except the periods, which default to every epoch."""
-    policy = raw.get("checkpoint_policy", "best")
-    if policy not in CHECKPOINT_POLICIES:
-        raise ConfigError(
-            f"checkpoint_policy={policy!r} is not one of: {', '.join(CHECKPOINT_POLICIES)}"
-        )
-    reporting = raw.get("scheduling_unit", 100)
-    if isinstance(reporting, bool) or not isinstance(reporting, int) or reporting < 1:
-        raise ConfigError(f"scheduling_unit={reporting!r} must be an integer >= 1")
-    seed = (raw.get("reproducibility") or {}).get("experiment_seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"reproducibility.experiment_seed={seed!r} must be an integer >= 0")
-    initial_validation = raw.get("perform_initial_validation", False)
-    if not isinstance(initial_validation, bool):
-        raise ConfigError(
-            f"perform_initial_validation={initial_validation!r} must be true or false"
-        )
+    r = _Reader(raw, "")
+    reproducibility = _Reader(raw.get("reproducibility") or {}, "reproducibility")
     return RunConfig(
-        initial_validation=initial_validation,
+        initial_validation=r.boolean("perform_initial_validation", False),
         validation_period=_length(
             raw.get("min_validation_period"), "min_validation_period", {"epochs": 1}
         ),
         checkpoint_period=_length(
             raw.get("min_checkpoint_period"), "min_checkpoint_period", {"epochs": 1}
         ),
-        reporting_period=reporting,
-        seed=seed,
-        checkpoint_policy=policy,
+        reporting_period=r.integer("scheduling_unit", 100),
+        seed=reproducibility.integer("experiment_seed", 0, minimum=0),
+        checkpoint_policy=r.choice("checkpoint_policy", CHECKPOINT_POLICIES, "best"),
         searcher=_parse_searcher(raw.get("searcher")),
     )
 
@@ -621,7 +606,7 @@ def parse_experiment_config(raw: Dict[str, Any], slots: int = 1) -> ExperimentCo
     hp = parse_hparams(raw.get("hyperparameters") or {}, slots)
     run = parse_run_config(raw)
     check_searcher(run.searcher, hp)
-    return ExperimentConfig(hp, parse_data_config(raw.get("data")), run, raw)
+    return ExperimentConfig(hp, parse_data_config(raw.get("data")), run)
 
 
 def parse_data_config(raw: Optional[Dict[str, Any]]) -> DataConfig:
