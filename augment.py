@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 
-from utils import Augmentation
+from config import Augmentation
 
 # ----------------------------------------------------------------------------------------------
 # Counter-based random numbers: uniform(key, slot) is a pure function, on any device.

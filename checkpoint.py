@@ -1,19 +1,23 @@
-"""What makes a directory a complete BYOL checkpoint, and what loading one needs.
+"""BYOL checkpoints: what makes a directory a complete one, and reading one back.
 
 A checkpoint is Determined's (state_dict.pth, load_data.json, metadata.json, code/) plus
 byol_checkpoint.json, written last and atomically: a directory without it was cut off mid-save.
-Both the trial (which writes checkpoints and resumes from them) and evaluate_result.py (which
-reads them) use this module, so neither imports the other.
+The trial writes checkpoints and resumes from them; the evaluation and the export read the
+online backbone out of them (`read`, `load_backbone`). Both use this module, so neither imports
+the other.
 """
 
+import copy
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 import utils
+from backbone import build_backbone
+from config import ConfigError, HParams, apply_override, parse_hparams
 
 MARKER = "byol_checkpoint.json"
 TRIAL_SPEC = "model_def:BYOLTrial"
@@ -37,7 +41,7 @@ def stored_config(path: str) -> Dict[str, Any]:
     the trial's own hyperparameter values where it has them (a cluster config may hold search
     spaces there). A new dict on every call: callers may change it."""
     if not os.path.isfile(os.path.join(path, "load_data.json")):
-        raise utils.ConfigError(
+        raise ConfigError(
             f"checkpoint {path!r} has no load_data.json: its experiment config is unknown"
         )
     with open(os.path.join(path, "load_data.json")) as f:
@@ -48,27 +52,164 @@ def stored_config(path: str) -> Dict[str, Any]:
     return config
 
 
-def check(path: str) -> str:
+def _check(path: str) -> str:
     """Refuse anything but a complete checkpoint of this trial, before any work starts; returns
     the absolute path."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
-        raise utils.ConfigError(f"checkpoint {path!r} does not exist or is not a directory")
+        raise ConfigError(f"checkpoint {path!r} does not exist or is not a directory")
     load_data = os.path.join(path, "load_data.json")
     if not any(
         os.path.exists(os.path.join(path, f)) for f in ("load_data.json", "state_dict.pth", MARKER)
     ):
-        raise utils.ConfigError(
+        raise ConfigError(
             f"{path!r} is not a Determined checkpoint (no state_dict.pth, load_data.json or {MARKER})"
         )
     if os.path.isfile(load_data):
         with open(load_data) as f:
             spec = json.load(f).get("trial_cls_spec")
         if spec != TRIAL_SPEC:
-            raise utils.ConfigError(f"checkpoint {path!r} belongs to {spec!r}, not {TRIAL_SPEC}")
+            raise ConfigError(f"checkpoint {path!r} belongs to {spec!r}, not {TRIAL_SPEC}")
     if not all(os.path.isfile(os.path.join(path, f)) for f in (MARKER, "metadata.json")):
-        raise utils.ConfigError(
+        raise ConfigError(
             f"checkpoint {path!r} is incomplete (no {MARKER}: the save was cut off); "
             f"use an earlier checkpoint"
         )
     return path
+
+
+# Wrappers whose prefix ends up in saved keys: DistributedDataParallel ("module.") in a
+# multi-slot run, torch.compile's OptimizedModule ("_orig_mod.").
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_BACKBONE_PREFIX = "online_backbone."
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _subdirs(path: str) -> List[str]:
+    try:
+        return [e.path for e in os.scandir(path) if e.is_dir()]
+    except OSError:
+        return []
+
+
+def _checkpoints_below(path: str) -> List[str]:
+    """Complete checkpoints one or two levels below `path` (a --checkpoint-dir or its
+    determined/ folder), newest first: what a user most likely meant."""
+    candidates = [d for child in _subdirs(path) for d in [child] + _subdirs(child)]
+    found = [d for d in candidates if os.path.isfile(os.path.join(d, MARKER))]
+    return sorted(found, key=os.path.getmtime, reverse=True)
+
+
+def check(path: str) -> str:
+    """Refuse anything but a complete checkpoint of this trial, before any work starts, with a
+    hint when the path holds checkpoints further down; returns the absolute path."""
+    try:
+        return _check(path)
+    except ConfigError as error:
+        full = os.path.abspath(os.path.expanduser(path))
+        below = _checkpoints_below(full) if os.path.isdir(full) else []
+        if below:
+            raise ConfigError(
+                f"{error}; it holds checkpoints, e.g. the newest: {below[0]}"
+            ) from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------
+# Reading a checkpoint: its config, hyperparameters and online backbone
+# ------------------------------------------------------------------------------------------
+
+
+class Checkpoint(NamedTuple):
+    path: str
+    uuid: str
+    steps_completed: Optional[int]
+    config: Dict[str, Any]  # the experiment config, hyperparameters = the trial's own values
+    marker: Dict[str, Any]  # byol_checkpoint.json
+    backbone_state: Dict[str, torch.Tensor]  # online backbone, torchvision resnet keys, no fc
+
+
+def online_backbone_state(
+    model_state: Dict[str, torch.Tensor], where: str
+) -> Dict[str, torch.Tensor]:
+    """The online backbone's weights out of the BYOL network's state dict, with torchvision's
+    resnet key names (conv1.weight, layer1.0.bn1.running_mean, ...). Copies are made so an
+    export does not serialise storage shared with the rest of the checkpoint."""
+    out = {}
+    for key, value in model_state.items():
+        while key.startswith(_WRAPPER_PREFIXES):  # each prefix is one dotted component
+            key = key.split(".", 1)[1]
+        if key.startswith(_BACKBONE_PREFIX):
+            out[key[len(_BACKBONE_PREFIX) :]] = value.detach().clone().contiguous()
+    if not out:
+        raise ConfigError(f"{where} holds no {_BACKBONE_PREFIX}* weights: not a BYOL network")
+    return out
+
+
+def read(
+    path: str, overrides: Sequence[str] = (), data_section: Optional[Dict[str, Any]] = None
+) -> Checkpoint:
+    """Validate and read a checkpoint directory. The experiment config is the one it was
+    trained with (stored_config); `data_section` replaces its data section (the evaluation
+    task's own, on a cluster); `overrides` (--set) are applied last."""
+    path = check(path)
+    config = stored_config(path)
+    if data_section is not None:
+        config["data"] = copy.deepcopy(data_section)
+    for override in overrides:
+        apply_override(config, override)
+    marker = _read_json(os.path.join(path, MARKER))
+    steps = _read_json(os.path.join(path, "metadata.json")).get("steps_completed")
+
+    weights = os.path.join(path, "state_dict.pth")
+    if not os.path.isfile(weights):
+        raise ConfigError(
+            f"checkpoint {path!r} has no state_dict.pth (not a PyTorchTrial checkpoint)"
+        )
+    # The safe globals above allow the NumPy types of Determined's RNG state.
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        model_state = state["models_state_dict"][0]
+    except (KeyError, IndexError, TypeError):
+        raise ConfigError(
+            f"{weights!r} holds no models_state_dict: not a PyTorchTrial checkpoint"
+        ) from None
+    return Checkpoint(
+        path=path,
+        uuid=os.path.basename(path),
+        steps_completed=steps,
+        config=config,
+        marker=marker,
+        backbone_state=online_backbone_state(model_state, weights),
+    )
+
+
+def hparams_of(ckpt: Checkpoint) -> HParams:
+    """The hyperparameters the checkpoint was trained with, typed."""
+    return parse_hparams(ckpt.config.get("hyperparameters", {}), 1)
+
+
+def load_backbone(ckpt: Checkpoint, hp: HParams) -> Tuple[torch.nn.Module, int]:
+    """The online backbone with the checkpoint's weights, frozen, in eval mode."""
+    # No pretrained_weights: the checkpoint's weights replace them, and the file need not
+    # exist on this machine.
+    backbone, feature_dim = build_backbone(hp.backbone_name, hp.cifar_stem, None)
+    try:
+        backbone.load_state_dict(ckpt.backbone_state, strict=True)
+    except RuntimeError as e:
+        details = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ConfigError(
+            f"the checkpoint's backbone weights do not fit {hp.backbone_name} "
+            f"(cifar_stem={hp.cifar_stem}): {details[:300]}"
+        ) from None
+    return backbone.eval().requires_grad_(False), feature_dim
+
+
+def normalization(ckpt: Checkpoint) -> Tuple[List[float], List[float]]:
+    """The normalisation the backbone was trained with (recorded in byol_checkpoint.json)."""
+    norm = ckpt.marker["normalization"]
+    return list(norm["mean"]), list(norm["std"])

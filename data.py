@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 import gcs
 from augment import TwoViewAugmentation, crop_resize_pil, epoch_permutation, item_keys
-from utils import ConfigError, DataConfig
+from config import ConfigError, DataConfig
 
 logger = logging.getLogger("byol.data")
 

@@ -1,6 +1,6 @@
 """How a batch meets the device: precision, memory format and normalised network inputs.
 
-One home for the rules that the trial (model_def.py) and the evaluation (evaluate_result.py)
+One home for the rules that the trial (model_def.py) and the evaluation (linear_eval.py)
 share, so that features in training and in evaluation come out of the same pipeline.
 """
 
@@ -8,6 +8,8 @@ import contextlib
 from typing import Iterator, Optional, Sequence
 
 import torch
+
+from config import ConfigError
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -47,3 +49,12 @@ class Normalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float() / 255.0
         return memory_format((x - self.mean) / self.std, self.device)
+
+
+def resolve(name: Optional[str]) -> torch.device:
+    """--device: the named device, or CUDA when there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
+    return torch.device(name)

@@ -18,7 +18,8 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from utils import ConfigError, atomic_write
+from config import ConfigError
+from utils import atomic_write
 
 logger = logging.getLogger("byol.gcs")
 

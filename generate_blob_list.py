@@ -19,7 +19,8 @@ from typing import List, Optional, Sequence
 
 import data
 import gcs
-from utils import ConfigError, atomic_write, format_table
+from config import ConfigError
+from utils import atomic_write, format_table
 
 
 class Failure(Exception):

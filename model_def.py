@@ -31,6 +31,17 @@ import optim
 import utils
 from augment import TwoViewAugmentation
 from backbone import build_backbone
+from config import (
+    ConfigError,
+    ExperimentConfig,
+    Length,
+    absolute_data_paths,
+    add_set_option,
+    apply_override,
+    load_config,
+    parse_experiment_config,
+    result_changes,
+)
 from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
 from progress import Progress
 from reducers import LinearProbeReducer, TrainingMetricsReducer
@@ -39,9 +50,7 @@ logger = logging.getLogger("byol")
 
 
 class BYOLTrial(pytorch.PyTorchTrial):
-    def __init__(
-        self, context: pytorch.PyTorchTrialContext, config: utils.ExperimentConfig
-    ) -> None:
+    def __init__(self, context: pytorch.PyTorchTrialContext, config: ExperimentConfig) -> None:
         self.context = context
         self.hp, self.data_config, self.run = config.hparams, config.data, config.run
         self.slots = context.distributed.get_size()
@@ -62,7 +71,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         )
         self.num_classes = len(self.splits.labeled_train.classes)
         if self.hp.validate_with_classifier and self.num_classes < 2:
-            raise utils.ConfigError(
+            raise ConfigError(
                 f"the labeled training images have {self.num_classes} class(es) "
                 f"({self.splits.labeled_train.classes}); the linear probe needs at least 2. "
                 f"Add class folders or set hyperparameters.validate_with_classifier=false"
@@ -101,7 +110,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         )
         if self.hp.sync_batchnorm and self.slots > 1:
             if not self.on_cuda:
-                raise utils.ConfigError(
+                raise ConfigError(
                     "hyperparameters.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does "
                     "not run on CPU processes; set it to false for CPU multi-process training"
                 )
@@ -161,14 +170,14 @@ class BYOLTrial(pytorch.PyTorchTrial):
         if distributed.local_rank == 0:
             try:
                 dataset = open_dataset(True)
-            except utils.ConfigError as error:
+            except ConfigError as error:
                 distributed.broadcast_local(str(error))
                 raise
             distributed.broadcast_local(None)
             return dataset
         error = distributed.broadcast_local(None)
         if error is not None:
-            raise utils.ConfigError(error)
+            raise ConfigError(error)
         return open_dataset(False)
 
     def run_on_chief(self, fn):
@@ -368,7 +377,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "config", nargs="?", help="experiment config yaml (not needed on a cluster)"
     )
-    utils.add_set_option(parser, "hyperparameters.global_batch_size=128")
+    add_set_option(parser, "hyperparameters.global_batch_size=128")
     parser.add_argument(
         "--checkpoint-dir",
         default="checkpoints-byol",
@@ -409,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         )
     try:
         run_locally(args)
-    except utils.ConfigError as e:
+    except ConfigError as e:
         sys.exit(f"error: {e}")
     except data.CorruptImageError as e:  # data.strict_images: true
         sys.exit(f"error: {e.one_line} (data.strict_images is true: fix or remove the image)")
@@ -419,7 +428,7 @@ def training_lengths(trial: BYOLTrial) -> Dict[str, Any]:
     """The Trainer's lengths from the typed config. The run is `epochs` long, in Determined's
     epochs (what searcher.time_metric: epochs counts); a period of 0 means never."""
 
-    def period(length: utils.Length) -> Optional[pytorch.Batch]:
+    def period(length: Length) -> Optional[pytorch.Batch]:
         batches = length.batches(trial.batches_per_epoch)
         return pytorch.Batch(batches) if batches > 0 else None
 
@@ -437,7 +446,7 @@ def run_on_cluster(info) -> None:
     of the experiment config as the user wrote it, and the trial's own seed."""
     raw = dict(info.trial._config, hyperparameters=info.trial.hparams)
     with pytorch.init(hparams=info.trial.hparams, exp_conf=info.trial._config) as context:
-        config = utils.parse_experiment_config(raw, context.distributed.get_size())
+        config = parse_experiment_config(raw, context.distributed.get_size())
         config = dataclasses.replace(
             config, run=dataclasses.replace(config.run, seed=info.trial.trial_seed)
         )
@@ -479,17 +488,6 @@ def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, Any], resume: Opti
     ).run()
 
 
-def check_writable_directory(path: str, what: str) -> None:
-    """Refuse, before any work, a path that is not (and cannot become) a writable directory."""
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise utils.ConfigError(f"{what} {path!r}: {existing!r} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise utils.ConfigError(f"{what} {path!r}: {existing!r} is not writable")
-
-
 def resumed_config(
     args: argparse.Namespace, resume: Optional[str]
 ) -> Tuple[Dict[str, Any], List[str]]:
@@ -498,18 +496,18 @@ def resumed_config(
     config that alters the result (refused unless --allow-config-change)."""
     stored = checkpoint.stored_config(resume) if resume else None
     if args.config is not None:
-        config = utils.load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides)
     else:
         config = copy.deepcopy(stored)
         for override in args.overrides:
-            utils.apply_override(config, override)
-    utils.absolute_data_paths(config)
+            apply_override(config, override)
+    absolute_data_paths(config)
     if stored is None:
         return config, []
-    utils.absolute_data_paths(stored)
-    changes = utils.result_changes(stored, config)
+    absolute_data_paths(stored)
+    changes = result_changes(stored, config)
     if changes and not args.allow_config_change:
-        raise utils.ConfigError(
+        raise ConfigError(
             f"--resume {resume}: the config differs from the checkpoint's in what it computes: "
             f"{'; '.join(changes)}. Resume without those changes, or pass --allow-config-change"
         )
@@ -527,9 +525,8 @@ def run_locally(args: argparse.Namespace) -> None:
         distributed = core.DistributedContext.from_torch_distributed()
         slots = distributed.size
     # Validate everything a user wrote before any data is downloaded or model built.
-    experiment = utils.parse_experiment_config(config, slots)
-    checkpoint_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir))
-    check_writable_directory(checkpoint_dir, "--checkpoint-dir")
+    experiment = parse_experiment_config(config, slots)
+    checkpoint_dir = utils.writable_directory(args.checkpoint_dir, "--checkpoint-dir")
     # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
     os.makedirs(os.path.join(checkpoint_dir, "determined"), exist_ok=True)
     os.environ["XDG_DATA_HOME"] = checkpoint_dir

@@ -1,20 +1,20 @@
 """The linear probe and the kNN classifier on frozen features.
 
 Used during training (reducers.LinearProbeReducer, on features of the validation images) and by
-evaluate_result.py. Features are standardised with the fit split's mean/std (an invertible
+the offline evaluation (linear_eval.py): both train, score and choose heads here. Features are standardised with the fit split's mean/std (an invertible
 affine map: the probe stays linear in the backbone features, and SGD is far less sensitive to the
 learning rate); one linear head per learning rate is trained on the same batches; the LR is
 chosen on held-out training images.
 """
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import ProbeConfig
+from config import ProbeConfig
 
 SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST = 0, 1, 2
 
@@ -132,6 +132,54 @@ def chosen_head(holdout_accuracies: Sequence[float]) -> int:
     return max(range(len(holdout_accuracies)), key=lambda i: (holdout_accuracies[i], -i))
 
 
+def score_heads(
+    heads: LinearHeads,
+    held: Tuple[torch.Tensor, torch.Tensor],
+    test: Tuple[torch.Tensor, torch.Tensor],
+    lrs: Sequence[float],
+    top5: bool = False,
+) -> Dict[str, Any]:
+    """Per-LR held-out and test accuracy (top-5 too when asked), and the head whose held-out
+    accuracy is best (chosen_head): the one rule of both validation and linear_eval.py."""
+    accuracy = lambda split, k: (
+        heads.correct(split[0], split[1], k=k).float() / max(1, len(split[1]))
+    ).tolist()
+    held_top1, test_top1 = accuracy(held, 1), accuracy(test, 1)
+    test_top5 = accuracy(test, 5) if top5 else None
+    best = chosen_head(held_top1)
+    classifiers = []
+    for i, lr in enumerate(lrs):
+        row = {"lr": lr, "holdout_accuracy": held_top1[i], "test_accuracy": test_top1[i]}
+        if top5:
+            row["test_top5_accuracy"] = test_top5[i]
+        classifiers.append(row)
+    result = {
+        "classifiers": classifiers,
+        "chosen_lr": lrs[best],
+        "holdout_accuracy": held_top1[best],
+        "test_accuracy": test_top1[best],
+    }
+    if top5:
+        result["test_top5_accuracy"] = test_top5[best]
+    return result
+
+
+def flat_metrics(result: Dict[str, Any]) -> Dict[str, float]:
+    """score_heads' result as flat metrics, named as validation reports them to Determined."""
+    metrics = {
+        "test_accuracy": result["test_accuracy"],
+        "holdout_accuracy": result["holdout_accuracy"],
+        "classifier_best_lr": result["chosen_lr"],
+    }
+    if "test_top5_accuracy" in result:
+        metrics["test_top5_accuracy"] = result["test_top5_accuracy"]
+    for row in result["classifiers"]:
+        for name in ("holdout_accuracy", "test_accuracy", "test_top5_accuracy"):
+            if name in row:
+                metrics[f"classifier_lr_{row['lr']:g}_{name}"] = row[name]
+    return metrics
+
+
 def probe_metrics(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -144,23 +192,13 @@ def probe_metrics(
     holds each image's SPLIT_*): the linear probe's held-out and test accuracy for the LR chosen
     on held-out images, every LR's accuracies, and the kNN accuracy of test against the labeled
     training images."""
-    lrs = probe.lrs
     fit, held, test = (splits == s for s in (SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST))
     fit_x, held_x, test_x = standardize(features[fit], features[held], features[test])
     heads = train_heads_on_features(
-        fit_x, labels[fit], num_classes, lrs, probe.epochs, probe.batch_size, seed
+        fit_x, labels[fit], num_classes, probe.lrs, probe.epochs, probe.batch_size, seed
     )
-    held_acc = heads.correct(held_x, labels[held]).float() / max(1, int(held.sum()))
-    test_acc = heads.correct(test_x, labels[test]).float() / max(1, int(test.sum()))
-    best = chosen_head(held_acc.tolist())
-    metrics = {
-        "holdout_accuracy": float(held_acc[best]),
-        "test_accuracy": float(test_acc[best]),
-        "classifier_best_lr": float(lrs[best]),
-    }
-    for lr, h, t in zip(lrs, held_acc.tolist(), test_acc.tolist()):
-        metrics[f"classifier_lr_{lr:g}_holdout_accuracy"] = h
-        metrics[f"classifier_lr_{lr:g}_test_accuracy"] = t
+    scores = score_heads(heads, (held_x, labels[held]), (test_x, labels[test]), probe.lrs)
+    metrics = flat_metrics(scores)
     labeled = splits != SPLIT_TEST
     metrics["knn_accuracy"] = knn_accuracy(
         features[labeled],

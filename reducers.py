@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from determined import pytorch
 
+from config import ProbeConfig
 from probe import SPLIT_TEST, probe_metrics
-from utils import ProbeConfig
 
 logger = logging.getLogger("byol")
 

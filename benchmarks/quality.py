@@ -26,11 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import byol  # noqa: E402
+import checkpoint  # noqa: E402
 import data  # noqa: E402
-import evaluate_result  # noqa: E402
+import linear_eval  # noqa: E402
 import model_def  # noqa: E402
 import utils  # noqa: E402
 from backbone import build_backbone  # noqa: E402
+from config import HParams, load_config, parse_data_config, parse_hparams  # noqa: E402
 from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST, probe_metrics  # noqa: E402
 
 SETTINGS = {
@@ -69,7 +71,7 @@ def overrides(folder: str, settings: dict, epochs: int, workers: int = 1) -> lis
     return out
 
 
-def seconds_per_step(hp: utils.HParams, image_size: int) -> float:
+def seconds_per_step(hp: HParams, image_size: int) -> float:
     """Time a few real training steps (both views, online + target, LARS, EMA) on random data."""
     backbone, dim = build_backbone(hp.backbone_name, hp.cifar_stem)
     net = byol.BYOLNetwork(backbone, dim, hp.projector_hidden_dim, hp.projection_dim)
@@ -89,8 +91,8 @@ def seconds_per_step(hp: utils.HParams, image_size: int) -> float:
 
 def probe(backbone, parts, hp, normalization, num_classes, device):
     """kNN and linear-probe test accuracy of a backbone's centre-crop features."""
-    features_of = evaluate_result.FrozenBackbone(backbone.eval(), *normalization, device, None)
-    by_split = evaluate_result.extract_features(
+    features_of = linear_eval.FrozenBackbone(backbone.eval(), *normalization, device, None)
+    by_split = linear_eval.extract_features(
         features_of, parts, hp.augmentation.image_size, 256, 1, data.CorruptImageLog(False)
     )
     features, labels, splits = (
@@ -127,9 +129,9 @@ def main():
     settings = {} if args.epochs else SETTINGS
     workers = min(8, len(os.sched_getaffinity(0))) if args.epochs else 1
 
-    config = utils.load_config(config_path, overrides(folder, settings, 1)[1::2])
-    hp = utils.parse_hparams(config["hyperparameters"])
-    splits = data.build_splits("image_folder", utils.parse_data_config(config["data"]))
+    config = load_config(config_path, overrides(folder, settings, 1)[1::2])
+    hp = parse_hparams(config["hyperparameters"])
+    splits = data.build_splits("image_folder", parse_data_config(config["data"]))
     steps_per_epoch = len(splits.byol_train) // hp.global_batch_size
     if args.epochs:
         epochs = args.epochs
@@ -192,7 +194,7 @@ def main():
         os.path.join(final, "state_dict.pth"), map_location="cpu", weights_only=True
     )["models_state_dict"][0]
     trained, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
-    trained.load_state_dict(evaluate_result.online_backbone_state(state, final))
+    trained.load_state_dict(checkpoint.online_backbone_state(state, final))
     torch.manual_seed(0)  # the same initialisation the run started from
     random_init, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
 

@@ -37,6 +37,7 @@ import byol  # noqa: E402
 import optim  # noqa: E402
 import utils  # noqa: E402
 from backbone import build_backbone  # noqa: E402
+from config import load_config, parse_experiment_config  # noqa: E402
 
 BATCH = 64
 IMAGE = 32
@@ -62,7 +63,7 @@ def make_trial(folder, checkpoint_dir):
 
     import model_def
 
-    config = utils.load_config(
+    config = load_config(
         os.path.join(ROOT, "const-cifar10.yaml"),
         [
             "hyperparameters.dataset_name=image_folder",
@@ -78,7 +79,7 @@ def make_trial(folder, checkpoint_dir):
     context_manager = pytorch.init(hparams=config["hyperparameters"], exp_conf=config)
     context = context_manager.__enter__()
     torch.manual_seed(0)
-    return model_def.BYOLTrial(context, utils.parse_experiment_config(config)), config
+    return model_def.BYOLTrial(context, parse_experiment_config(config)), config
 
 
 def write_folder(root, per_class=64, classes=4, test_per_class=16):

@@ -10,7 +10,7 @@ from torchvision import transforms
 
 import augment
 import data
-import utils
+from config import _parse_augmentation, _Reader
 
 N = 4000
 
@@ -18,7 +18,7 @@ N = 4000
 def augmentation(**overrides):
     raw = {"image_size": 32}
     raw.update(overrides)
-    return utils._parse_augmentation(utils._Reader(raw, "augmentation"))
+    return _parse_augmentation(_Reader(raw, "augmentation"))
 
 
 def test_splitmix64_matches_the_reference_on_int64_tensors():
@@ -187,7 +187,7 @@ def test_large_images_are_cropped_in_the_loader_and_finished_in_batch():
 def test_an_augmentation_call_makes_no_tensor_from_host_values(monkeypatch):
     """On a GPU a tensor made from Python values is a host-to-device copy (and a sync): after
     its first call on a device, the augmentation makes none, for either input layout."""
-    aug = utils._parse_augmentation(utils._Reader({"image_size": 16}, "augmentation"))
+    aug = _parse_augmentation(_Reader({"image_size": 16}, "augmentation"))
     transform = augment.TwoViewAugmentation(aug, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     keys = augment.sample_keys(0, 0, torch.arange(6))
     uncropped = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import model_def
-import utils
+from config import ConfigError, apply_override, load_config, parse_experiment_config, parse_hparams
 from conftest import folder_overrides, tiny_config
 
 
@@ -87,14 +87,12 @@ def test_batch_that_cannot_be_split_over_slots_is_refused():
         open(os.path.join(model_def.__file__.rsplit("/", 1)[0], "const-cifar10.yaml"))
     )["hyperparameters"]
     raw["global_batch_size"] = 10
-    with pytest.raises(
-        utils.ConfigError, match="global_batch_size=10 cannot be split over 4 slots"
-    ):
-        utils.parse_hparams(raw, slots=4)
+    with pytest.raises(ConfigError, match="global_batch_size=10 cannot be split over 4 slots"):
+        parse_hparams(raw, slots=4)
     raw["global_batch_size"] = 6
-    with pytest.raises(utils.ConfigError, match="at least 2 images per slot"):
-        utils.parse_hparams(raw, slots=6)
-    assert utils.parse_hparams(raw, slots=3).global_batch_size == 6
+    with pytest.raises(ConfigError, match="at least 2 images per slot"):
+        parse_hparams(raw, slots=6)
+    assert parse_hparams(raw, slots=3).global_batch_size == 6
 
 
 def test_malformed_yaml_and_missing_config(tmp_path):
@@ -176,8 +174,8 @@ def test_shipped_configs_parse():
         ("distributed-stl10.yaml", 8),
         ("distributed-imagenet.yaml", 64),
     ):
-        config = utils.load_config(os.path.join(root, name))
-        experiment = utils.parse_experiment_config(config, slots=slots)
+        config = load_config(os.path.join(root, name))
+        experiment = parse_experiment_config(config, slots=slots)
         assert config["resources"]["slots_per_trial"] == slots
         hp = experiment.hparams
         assert hp.augmentation.view1.blur_prob == 1.0 and hp.augmentation.view2.solarize_prob == 0.2
@@ -186,14 +184,14 @@ def test_shipped_configs_parse():
 
 def test_a_search_must_train_as_long_as_the_searcher_counts():
     path = os.path.join(os.path.dirname(model_def.__file__), "search-cifar10.yaml")
-    config = utils.load_config(path, ["hyperparameters.epochs=7"])
+    config = load_config(path, ["hyperparameters.epochs=7"])
     config["hyperparameters"].update(learning_rate=1.0, weight_decay=1e-5, tau_base=0.99)  # sampled
     with pytest.raises(
-        utils.ConfigError, match=r"searcher.max_time=100 must equal hyperparameters.epochs=7"
+        ConfigError, match=r"searcher.max_time=100 must equal hyperparameters.epochs=7"
     ):
-        utils.parse_experiment_config(config)
+        parse_experiment_config(config)
     config["hyperparameters"]["epochs"] = 100
-    assert utils.parse_experiment_config(config).run.searcher.time_metric == "epochs"
+    assert parse_experiment_config(config).run.searcher.time_metric == "epochs"
 
 
 def test_failed_dataset_download_names_the_directory(tmp_path, monkeypatch):
@@ -214,25 +212,33 @@ def test_failed_dataset_download_names_the_directory(tmp_path, monkeypatch):
 def test_exponent_numbers_without_a_dot_are_numbers():
     """PyYAML reads `1e-5` as a string (YAML 1.1); users mean the number."""
     config = {"hyperparameters": {"weight_decay": 1.0}}
-    utils.apply_override(config, "hyperparameters.weight_decay=1e-5")
+    apply_override(config, "hyperparameters.weight_decay=1e-5")
     raw = yaml.safe_load(
         open(os.path.join(os.path.dirname(model_def.__file__), "const-cifar10.yaml"))
     )["hyperparameters"]
     raw["weight_decay"] = config["hyperparameters"]["weight_decay"]
-    assert utils.parse_hparams(raw).weight_decay == 1e-5
+    assert parse_hparams(raw).weight_decay == 1e-5
     raw["weight_decay"] = "lots"
-    with pytest.raises(utils.ConfigError, match="weight_decay='lots' must be a number"):
-        utils.parse_hparams(raw)
+    with pytest.raises(ConfigError, match="weight_decay='lots' must be a number"):
+        parse_hparams(raw)
 
 
-def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize(
+    "where, reason",
+    [
+        ("under a file", "Not a directory"),
+        # Containers run as root, where os.access says yes to everything; /proc refuses mkdir.
+        ("/proc/forbidden-dir", "No such file or directory"),
+    ],
+)
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path, where, reason
+):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    message = run([tiny_config(tmp_path), "--checkpoint-dir", not_a_dir / "ckpt"])
-    assert message == (
-        f"error: --checkpoint-dir {str(not_a_dir / 'ckpt')!r}: {str(not_a_dir)!r} is a file, "
-        f"not a directory"
-    )
+    path = not_a_dir / "ckpt" if where == "under a file" else where
+    message = run([tiny_config(tmp_path), "--checkpoint-dir", path])
+    assert message == f"error: --checkpoint-dir {str(path)!r} is not a writable directory: {reason}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "file"]
 
 

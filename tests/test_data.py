@@ -8,12 +8,12 @@ from PIL import Image
 import augment
 import data
 import probe
-import utils
+from config import ConfigError, _parse_augmentation, _Reader, parse_data_config
 from conftest import CLASSES, write_cifar10, write_stl10
 
 
 def data_config(**kw):
-    return utils.parse_data_config(kw)
+    return parse_data_config(kw)
 
 
 def test_cifar10_python_batches(tmp_path, no_md5):
@@ -85,7 +85,7 @@ def test_every_global_batch_holds_the_same_images_for_any_slot_count():
     assert len(first_epoch) == 48  # a permutation, 2 images dropped
     assert [i for i, _ in one[0]] != [i for i, _ in one[6]]  # reshuffled per epoch
     assert {e for _, e in one[6]} == {1}
-    with pytest.raises(utils.ConfigError, match="fewer than one global batch"):
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
         data.EpochBatchSampler(5, 8, 1, seed=0)
 
 
@@ -98,7 +98,7 @@ def test_corrupt_image_is_skipped_logged_once_and_counted(image_folder, caplog):
     )
     source = splits.byol_train
     index = source.names.index("cat/004.png")
-    aug = utils._parse_augmentation(utils._Reader({"image_size": 16}, "augmentation"))
+    aug = _parse_augmentation(_Reader({"image_size": 16}, "augmentation"))
     # Not fixed-size arrays: crops happen in the loader.
     dataset = data.TrainImages(
         source,

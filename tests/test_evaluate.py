@@ -22,10 +22,12 @@ from PIL import Image
 import backbone
 import byol
 import checkpoint
+import cluster_eval
 import data
 import evaluate_result
+import linear_eval
 import model_def
-import utils
+from config import parse_data_config, parse_hparams
 from conftest import CLASSES, ROOT, folder_overrides, tiny_config, write_image_folder
 
 CHECKER = os.path.join(ROOT, "..", "shared", "tools", "expconf", "check.py")
@@ -182,14 +184,14 @@ def test_augmented_evaluation_writes_evaluation_json_beside_the_checkpoint(train
 def test_augmented_crops_are_deterministic_and_agree_between_arrays_and_files(trained):
     """Arrays are cropped as a batch (roi_align), files one by one (PIL): same boxes, same flips."""
     files = data.open_folder(
-        str(trained.folder / "train"), None, utils.parse_data_config({}), data.run_here
+        str(trained.folder / "train"), None, parse_data_config({}), data.run_here
     )
     images = np.stack(
         [np.asarray(Image.open(trained.folder / "train" / n).convert("RGB")) for n in files.names]
     )
     arrays = data.ArraySource(images, files.labels, files.classes)
     log = data.CorruptImageLog(strict=True)
-    make = lambda source: evaluate_result.AugmentedImages(
+    make = lambda source: linear_eval.AugmentedImages(
         source, 16, (0.2, 1.0), (3 / 4, 4 / 3), 0, log
     )
     items = [(i, 0) for i in range(len(files))]
@@ -223,7 +225,7 @@ def test_export_loads_into_torchvision_and_matches_the_online_backbone(trained, 
     assert tuple(model.conv1.weight.shape) == (64, 3, 3, 3)
 
     # The trial's own network, restored from the checkpoint, computes the same features.
-    hp = utils.parse_hparams(yaml.safe_load(open(trained.config))["hyperparameters"])
+    hp = parse_hparams(yaml.safe_load(open(trained.config))["hyperparameters"])
     online, dim = backbone.build_backbone("resnet18", True)
     network = byol.BYOLNetwork(online, dim, hp.projector_hidden_dim, hp.projection_dim)
     network.load_state_dict(load_model_state(trained.checkpoint))
@@ -259,8 +261,8 @@ def test_checkpoint_with_ddp_prefixed_keys_loads(trained, tmp_path):
         f"module.{k}": v for k, v in state["models_state_dict"][0].items()
     }
     torch.save(state, copy / "state_dict.pth")
-    plain = evaluate_result.open_checkpoint(str(trained.checkpoint)).backbone_state
-    wrapped = evaluate_result.open_checkpoint(str(copy)).backbone_state
+    plain = checkpoint.read(str(trained.checkpoint)).backbone_state
+    wrapped = checkpoint.read(str(copy)).backbone_state
     assert plain.keys() == wrapped.keys() and all(torch.equal(plain[k], wrapped[k]) for k in plain)
 
 
@@ -321,8 +323,16 @@ def test_wrong_path_and_foreign_checkpoints_are_refused(trained, tmp_path):
     message = error_of(["--checkpoint", trained.root / "ckpt", *epochs])
     assert "is not a Determined checkpoint" in message and str(trained.checkpoint) in message
 
-    assert "cannot write" in error_of(
-        ["--checkpoint", trained.checkpoint, *epochs, "--output", tmp_path / "no" / "dir.json"]
+    # Output places are checked before the evaluation, by the rule --checkpoint-dir follows.
+    (tmp_path / "file").write_text("")
+    output = tmp_path / "file" / "result.json"
+    assert error_of(["--checkpoint", trained.checkpoint, *epochs, "--output", output]) == (
+        f"error: --output {str(output.parent)!r} is not a writable directory: File exists"
+    )
+    export = "/proc/forbidden-dir/backbone.pt"  # refused even to root
+    assert error_of(["--checkpoint", trained.checkpoint, "--export", export, "--export-only"]) == (
+        "error: --export '/proc/forbidden-dir' is not a writable directory: "
+        "No such file or directory"
     )
 
 
@@ -346,7 +356,7 @@ def test_evaluation_experiment_config(name, tmp_path):
     original = original_config(name)
     before = json.dumps(original, sort_keys=True)
     hparams = dict(original["hyperparameters"], epochs=5)
-    config = evaluate_result.evaluation_experiment_config(
+    config = cluster_eval.evaluation_experiment_config(
         original,
         "0f1e2d3c-uuid",
         80,
@@ -392,7 +402,7 @@ def test_evaluation_experiment_config(name, tmp_path):
     assert config["hyperparameters"] == hparams
     for kept in ("data", "checkpoint_storage", "reproducibility", "max_restarts"):
         assert config[kept] == original[kept]
-    augmented = evaluate_result.evaluation_experiment_config(original, "u", 80, augment=True)
+    augmented = cluster_eval.evaluation_experiment_config(original, "u", 80, augment=True)
     assert "--no-augment" not in augmented["entrypoint"]
     assert augmented["hyperparameters"] == original["hyperparameters"]
 
@@ -545,8 +555,8 @@ def test_the_readme_backbone_snippet_runs_as_written_and_matches_evaluation(
     normalize = device.Normalize(
         info["normalization"]["mean"], info["normalization"]["std"], torch.device("cpu")
     )
-    ckpt = evaluate_result.open_checkpoint(str(trained.checkpoint))
-    ours, _ = evaluate_result.load_backbone(ckpt, evaluate_result.hparams_of(ckpt))
+    ckpt = checkpoint.read(str(trained.checkpoint))
+    ours, _ = checkpoint.load_backbone(ckpt, checkpoint.hparams_of(ckpt))
     with torch.no_grad():
         expected = ours(normalize(crop[None]))
     torch.testing.assert_close(namespace["features"], expected, rtol=0, atol=1e-5)

@@ -23,7 +23,7 @@ import augment  # noqa: E402
 import data  # noqa: E402
 import gcs  # noqa: E402
 import generate_blob_list  # noqa: E402
-import utils  # noqa: E402
+from config import ConfigError, DataConfig, _parse_augmentation, _Reader, parse_data_config
 from gcs_server import FakeGCS  # noqa: E402
 
 BUCKET = "byol-test"
@@ -95,7 +95,7 @@ def env(server, monkeypatch):
     server.proxy.clear()
 
 
-def data_config(**overrides) -> utils.DataConfig:
+def data_config(**overrides) -> DataConfig:
     raw = {
         "train_dir": f"gs://{BUCKET}/ds/train",
         "test_dir": f"gs://{BUCKET}/ds/test",
@@ -103,7 +103,7 @@ def data_config(**overrides) -> utils.DataConfig:
         "gcs_concurrency": 4,
     }
     raw.update(overrides)
-    return utils.parse_data_config(raw)
+    return parse_data_config(raw)
 
 
 class CountingShare:
@@ -317,7 +317,7 @@ def test_build_splits_reads_gcs_folders(server):
 def test_open_errors_name_the_value(url, blob_list, overrides, message):
     # replace(), not parse_data_config: open_gcs_folder must also refuse what a parser let by.
     config = dataclasses.replace(data_config(), **overrides)
-    with pytest.raises(utils.ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         data.open_gcs_folder(url, blob_list, config, CountingShare())
 
 
@@ -330,7 +330,7 @@ def test_every_process_raises_when_the_chief_fails():
         return answers[-1]  # ...and every process gets the same answer
 
     for _ in range(2):
-        with pytest.raises(utils.ConfigError, match="not found"):
+        with pytest.raises(ConfigError, match="not found"):
             data.open_gcs_folder("gs://missing-bucket/x", None, data_config(), two_process_share)
     assert all(isinstance(a, str) for a in answers)
 
@@ -341,7 +341,7 @@ def test_every_process_raises_when_the_chief_fails():
 
 
 def train_dataset(source, strict: bool) -> data.TrainImages:
-    aug = utils._parse_augmentation(utils._Reader({"image_size": 16}, "augmentation"))
+    aug = _parse_augmentation(_Reader({"image_size": 16}, "augmentation"))
     return data.TrainImages(
         source,
         augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),

@@ -70,16 +70,14 @@ def first_step_loss(config_path, folder, slots):
     import augment
     import byol
     import data
-    import utils
     from backbone import build_backbone
+    from config import load_config, parse_data_config, parse_hparams
 
-    config = utils.load_config(str(config_path))
-    hp = utils.parse_hparams(config["hyperparameters"], slots)
+    config = load_config(str(config_path))
+    hp = parse_hparams(config["hyperparameters"], slots)
     splits = data.build_splits(
         "image_folder",
-        utils.parse_data_config(
-            {"train_dir": str(folder / "train"), "test_dir": str(folder / "test")}
-        ),
+        parse_data_config({"train_dir": str(folder / "train"), "test_dir": str(folder / "test")}),
     )
     torch.manual_seed(0)  # what model_def.run_locally does before building the trial
     backbone, dim = build_backbone(hp.backbone_name, hp.cifar_stem)

@@ -3,9 +3,8 @@ class is planted (one dimension per class): the outcome is known before the prob
 
 import torch
 
-import evaluate_result
 import probe
-import utils
+from config import ProbeConfig
 
 
 def planted_features(per_class: int, seed: int, classes: int = 3, dim: int = 8):
@@ -18,7 +17,7 @@ def planted_features(per_class: int, seed: int, classes: int = 3, dim: int = 8):
 
 
 # A learning rate too small to move the heads (1e-7) and one that learns (0.1).
-SETTINGS = utils.ProbeConfig(
+SETTINGS = ProbeConfig(
     lrs=(1e-7, 0.1), epochs=20, batch_size=16, holdout_fraction=0.1, knn_k=5, knn_temperature=0.1
 )
 
@@ -41,9 +40,7 @@ def test_evaluation_chooses_the_same_lr_and_reports_the_same_accuracy():
     )
     fit_x, held_x, test_x = probe.standardize(fit_x, held_x, test_x)
     heads = probe.train_heads_on_features(fit_x, fit_y, 3, SETTINGS.lrs, 20, 16, seed=0)
-    result = evaluate_result.score_heads(
-        heads, (held_x, held_y), (test_x, test_y), SETTINGS.lrs, False
-    )
+    result = probe.score_heads(heads, (held_x, held_y), (test_x, test_y), SETTINGS.lrs, False)
     assert result["chosen_lr"] == 0.1
     assert result["holdout_accuracy"] == 1.0 and result["test_accuracy"] == 1.0
 
