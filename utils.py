@@ -535,6 +535,14 @@ def _parse_searcher(raw: Any) -> Searcher:
     raw = raw if raw is not None else {"name": "single"}
     if not isinstance(raw, dict):
         raise ConfigError(f"searcher must be a mapping, got {raw!r}")
+    if raw.get("max_length") is not None:
+        # A trial here trains hyperparameters.epochs whatever max_length says; Determined 0.38's
+        # ASHA reads a trial's length from the validation metric that time_metric names.
+        raise ConfigError(
+            f"searcher.max_length={raw['max_length']!r} is deprecated in Determined 0.38 and not "
+            f"used (a trial trains hyperparameters.epochs): remove it; for ASHA set "
+            f"searcher.max_time (= hyperparameters.epochs) and searcher.time_metric: epochs"
+        )
     return Searcher(
         name=raw.get("name", "single"),
         metric=raw.get("metric"),
