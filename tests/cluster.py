@@ -345,13 +345,13 @@ class Cluster:
                         pool.map(lambda c: c.communicate(timeout=timeout)[0], self.containers)
                     )
             finally:
-                self.kill_container()
+                self.kill_containers()
         return [
             subprocess.CompletedProcess(c.args, c.returncode, log)
             for c, log in zip(self.containers, logs)
         ]
 
-    def kill_container(self) -> None:
+    def kill_containers(self) -> None:
         """What a lost node does to a trial: every process of its containers dies at once
         (torchrun starts its workers in sessions of their own, so walk the process tree)."""
         for container in self.containers:

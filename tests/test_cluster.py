@@ -280,7 +280,7 @@ def test_a_crashed_trial_restarts_from_its_latest_checkpoint(tmp_path, image_fol
 
     def die_after_first_checkpoint(cluster, call):
         if call.route == "post_ReportCheckpoint":
-            cluster.kill_container()
+            cluster.kill_containers()
 
     with Cluster(tmp_path) as cluster:
         cluster.on_call = die_after_first_checkpoint
