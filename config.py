@@ -490,6 +490,7 @@ class RunConfig:
     checkpoint_policy: str
     searcher: Searcher
     initial_validation: bool  # perform_initial_validation: validate before the first step
+    profiling: bool  # profiling.enabled: Determined's system-metrics profiler (cluster only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,6 +534,14 @@ def _parse_searcher(raw: Any) -> Searcher:
     raw = raw if raw is not None else {"name": "single"}
     if not isinstance(raw, dict):
         raise ConfigError(f"searcher must be a mapping, got {raw!r}")
+    if raw.get("max_length") is not None:
+        # A trial here trains hyperparameters.epochs whatever max_length says; Determined 0.38's
+        # ASHA reads a trial's length from the validation metric that time_metric names.
+        raise ConfigError(
+            f"searcher.max_length={raw['max_length']!r} is deprecated in Determined 0.38 and not "
+            f"used (a trial trains hyperparameters.epochs): remove it; for ASHA set "
+            f"searcher.max_time (= hyperparameters.epochs) and searcher.time_metric: epochs"
+        )
     return Searcher(
         name=raw.get("name", "single"),
         metric=raw.get("metric"),
@@ -595,6 +604,7 @@ def parse_run_config(raw: Dict[str, Any]) -> RunConfig:
         seed=reproducibility.integer("experiment_seed", 0, minimum=0),
         checkpoint_policy=r.choice("checkpoint_policy", CHECKPOINT_POLICIES, "best"),
         searcher=_parse_searcher(raw.get("searcher")),
+        profiling=_Reader(raw.get("profiling") or {}, "profiling").boolean("enabled", False),
     )
 
 

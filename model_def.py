@@ -18,6 +18,7 @@ import pathlib
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+import determined as det
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -45,12 +46,19 @@ from config import (
 from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
 from progress import Progress
 from reducers import LinearProbeReducer, TrainingMetricsReducer
+from searcher_stop import SearcherStop
 
 logger = logging.getLogger("byol")
 
 
 class BYOLTrial(pytorch.PyTorchTrial):
-    def __init__(self, context: pytorch.PyTorchTrialContext, config: ExperimentConfig) -> None:
+    def __init__(
+        self,
+        context: pytorch.PyTorchTrialContext,
+        config: ExperimentConfig,
+        trial_id: Optional[int] = None,
+    ) -> None:
+        """`trial_id`: the trial's id on a cluster, where its searcher may stop it; None locally."""
         self.context = context
         self.hp, self.data_config, self.run = config.hparams, config.data, config.run
         self.slots = context.distributed.get_size()
@@ -59,6 +67,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         # Batches are copied by to_device() below, asynchronously from pinned memory;
         # Determined's automatic copy would block.
         context.experimental.disable_auto_to_device()
+        self.searcher_stop = SearcherStop(context._core, trial_id)
         self._build_data()
         self._build_network()
         self._build_optimizer()
@@ -263,6 +272,14 @@ class BYOLTrial(pytorch.PyTorchTrial):
     ) -> Dict[str, Any]:
         step = batch_idx  # optimizer steps completed before this one
 
+        if self.searcher_stop.stop_requested():
+            if self.context.distributed.rank == 0:
+                logger.info("the searcher stopped this trial after step %d: exiting", step)
+            # Determined's own exit, as for a preemption: a checkpoint unless the latest is of
+            # this step, then exit 0. (set_stop_requested would be read only at the next
+            # reporting boundary, after up to scheduling_unit more batches.)
+            raise pytorch._ShouldExit()
+
         # Learning rate of this step: linear warmup, then half a cosine (optim.py).
         lr = optim.learning_rate_at(
             step, self.total_steps, self.warmup_steps, self.hp.peak_learning_rate
@@ -319,7 +336,11 @@ class BYOLTrial(pytorch.PyTorchTrial):
         return {}
 
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
-        return {"checkpoint_marker": CheckpointMarker(self), "summary": ValidationSummary(self)}
+        return {
+            "checkpoint_marker": CheckpointMarker(self),
+            "summary": ValidationSummary(self),
+            "searcher_stop": SearcherStopCheck(self),
+        }
 
 
 class NonFiniteLossError(RuntimeError):
@@ -339,6 +360,17 @@ class ValidationSummary(pytorch.PyTorchCallback):
             return
         shown = ", ".join(f"{n} {float(metrics[n]):.4f}" for n in self.NAMES if n in metrics)
         logger.info("validation at step %d: %s", self.trial.steps_done, shown)
+
+
+class SearcherStopCheck(pytorch.PyTorchCallback):
+    """After each validation (on every slot), the next batch first asks whether the searcher
+    stopped the trial: the validation reaches the master after this callback returns."""
+
+    def __init__(self, trial: BYOLTrial):
+        self.trial = trial
+
+    def on_validation_end(self, metrics: Dict[str, Any]) -> None:
+        self.trial.searcher_stop.validated()
 
 
 class CheckpointMarker(pytorch.PyTorchCallback):
@@ -443,20 +475,30 @@ def training_lengths(trial: BYOLTrial) -> Dict[str, Any]:
 def run_on_cluster(info) -> None:
     """The trial as the master started it: resolved hyperparameters from `info.trial.hparams`
     (the expanded config holds them in the master's {type: const, val: ...} form), the rest
-    of the experiment config as the user wrote it, and the trial's own seed."""
+    of the experiment config as the user wrote it, and the trial's own seed. A config error
+    ends the trial as Determined's invalid hyperparameters: reported to the master, exit 0, so
+    the master neither restarts it (max_restarts) nor counts it in the search."""
     raw = dict(info.trial._config, hyperparameters=info.trial.hparams)
     with pytorch.init(hparams=info.trial.hparams, exp_conf=info.trial._config) as context:
-        config = parse_experiment_config(raw, context.distributed.get_size())
-        config = dataclasses.replace(
-            config, run=dataclasses.replace(config.run, seed=info.trial.trial_seed)
-        )
-        trial = BYOLTrial(context, config)
-        pytorch.Trainer(trial, context).fit(
-            **training_lengths(trial),
-            checkpoint_policy=config.run.checkpoint_policy,
-            step_zero_validation=config.run.initial_validation,
-            latest_checkpoint=info.latest_checkpoint,
-        )
+        try:
+            config = parse_experiment_config(raw, context.distributed.get_size())
+            config = dataclasses.replace(
+                config, run=dataclasses.replace(config.run, seed=info.trial.trial_seed)
+            )
+            trial = BYOLTrial(context, config, info.trial.trial_id)
+            pytorch.Trainer(trial, context).fit(
+                **training_lengths(trial),
+                checkpoint_policy=config.run.checkpoint_policy,
+                step_zero_validation=config.run.initial_validation,
+                latest_checkpoint=info.latest_checkpoint,
+                # As Determined's harness passes it for a Trainer (exec/harness.py).
+                profiling_enabled=config.run.profiling,
+            )
+        except ConfigError as e:
+            if context.distributed.rank == 0:
+                logger.error("invalid config: %s", e)
+            # core.Context.__exit__ reports EarlyExitReason.INVALID_HP and exits with 0.
+            raise det.InvalidHP(str(e)) from None
 
 
 def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, Any], resume: Optional[str]) -> None:
@@ -526,6 +568,8 @@ def run_locally(args: argparse.Namespace) -> None:
         slots = distributed.size
     # Validate everything a user wrote before any data is downloaded or model built.
     experiment = parse_experiment_config(config, slots)
+    if experiment.run.profiling:
+        logger.warning("profiling.enabled: Determined's profiler runs on a cluster only; ignored")
     checkpoint_dir = utils.writable_directory(args.checkpoint_dir, "--checkpoint-dir")
     # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
     os.makedirs(os.path.join(checkpoint_dir, "determined"), exist_ok=True)

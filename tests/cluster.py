@@ -16,13 +16,23 @@ How each piece mirrors Determined 0.38.1:
     (downloads the model definition from the master, writes the info files), the package's
     startup-hook.sh sourced, rendezvous through the master, then `determined.exec.launch`, which
     runs the config's own `entrypoint` unchanged.
+  - A trial of several containers (resources.slots_per_trial over several agents) starts one
+    container per agent, each with its own DET_RESOURCES_ID; the master's rendezvous
+    (master/internal/task/rendezvous.go) answers once every container has asked, with every
+    container's address (chief first) and the asking container's rank.
+  - The searcher's word reaches a trial as the master gives it in 0.38.1: ASHA's stop only sets
+    the trial's state to STOPPING_COMPLETED (master/internal/trial.go, PatchSearcherState), which
+    GET /api/v1/trials/{id} returns; no preemption is sent for it (`transition` signals the
+    allocation only for STOPPING_CANCELED, STOPPING_KILLED and STOPPING_ERROR).
   - What a container mounts is redirected by a `sitecustomize` on the subprocess's PYTHONPATH:
     the info files (/run/determined/info/*.json), the shared_fs mount (/determined_shared_fs) and
     the model copy (/run/determined/train/model) point into the test's temp dir, so nothing on
-    this machine's /run is touched.
+    this machine's /run is touched; the launcher's pid_server socket (/tmp/pid_server-ALLOCATION)
+    goes into a /tmp of the container's own, as each container has one.
 """
 
 import base64
+import concurrent.futures
 import contextlib
 import copy
 import io
@@ -33,6 +43,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -60,6 +71,18 @@ if "STANDIN_CONTAINER" in os.environ:
         _cls._to_file.__defaults__ = (_path,)
     common_constants.SHARED_FS_CONTAINER_PATH = os.environ["STANDIN_SHARED_FS"]
     constants.MANAGED_TRAINING_MODEL_COPY = os.path.join(_root, "run", "model")
+
+    from determined import ipc
+
+    _read_pid_server_addr = ipc.read_pid_server_addr
+
+    def _container_tmp(addr):
+        addr = _read_pid_server_addr(addr)
+        if isinstance(addr, str) and addr.startswith("/tmp/"):
+            return os.path.join(os.environ["STANDIN_TMP"], addr[len("/tmp/"):])
+        return addr
+
+    ipc.read_pid_server_addr = _container_tmp
 '''
 
 # master/static/srv/entrypoint.sh, less task-setup.sh's log links and pip install of the wheel
@@ -147,6 +170,25 @@ def context_tgz(files: List[bindings.v1File]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+class Rendezvous:
+    """One allocation's rendezvous (master/internal/task/rendezvous.go): every container waits
+    until all have asked; each is answered with its resources' rank."""
+
+    def __init__(self, resources_ids: List[str]):
+        self.resources_ids = resources_ids  # in rank order
+        self.asked: List[str] = []
+        self.ready = threading.Condition()
+
+    def join(self, resources_id: str, timeout: float = 600) -> int:
+        rank = self.resources_ids.index(resources_id)  # unknown resources: refused
+        with self.ready:
+            self.asked.append(resources_id)
+            self.ready.notify_all()
+            if not self.ready.wait_for(lambda: len(self.asked) >= len(self.resources_ids), timeout):
+                raise TimeoutError(f"rendezvous: {self.asked} of {self.resources_ids} asked")
+        return rank
+
+
 class Trial:
     """The master's record of one trial."""
 
@@ -157,6 +199,9 @@ class Trial:
         self.progress: List[float] = []
         self.checkpoints: List[bindings.v1Checkpoint] = []
         self.preempt = threading.Event()
+        # The master's trial state (master/pkg/model: ACTIVE, STOPPING_COMPLETED, ...).
+        self.state = "ACTIVE"
+        self.early_exits: List[bindings.v1TrialEarlyExitExitedReason] = []
 
     def reported(self, group: str) -> Dict[int, Dict[str, Any]]:
         return {m["steps"]: m["metrics"] for m in self.metrics if m["group"] == group}
@@ -175,7 +220,9 @@ class Cluster:
         self.experiments: Dict[int, Dict[str, Any]] = {}
         self.trials: Dict[int, Trial] = {}
         self.allocations: Dict[str, Trial] = {}
-        self.slots: Dict[str, int] = {}
+        self.slots: Dict[str, int] = {}  # per container of an allocation
+        self.rendezvous: Dict[str, "Rendezvous"] = {}
+        self.containers: List[subprocess.Popen] = []
         # Called with each recorded call; may set a trial's preemption flag (tests steer here).
         self.on_call: Callable[["Cluster", Call], None] = lambda cluster, call: None
         self.master = MasterStandIn(self)
@@ -220,8 +267,10 @@ class Cluster:
         latest_checkpoint: Optional[str] = None,
         steps_completed: int = 0,
         timeout: float = 600,
-    ) -> subprocess.CompletedProcess:
-        """One run of the trial in one container with `slots` slots; returns when it exits."""
+        containers: int = 1,
+    ) -> List[subprocess.CompletedProcess]:
+        """One run of the trial: `containers` containers (one per agent) of `slots` slots each,
+        started together; returns each container's exit and log once all have exited."""
         trial.run_id += 1
         trial.preempt.clear()
         experiment = self.experiments[trial.experiment_id]
@@ -229,69 +278,94 @@ class Cluster:
         allocation_id = f"{task_id}.{trial.run_id}"
         self.allocations[allocation_id] = trial
         self.slots[allocation_id] = slots
-        container = self.tmp / f"container-{trial.id}-{trial.run_id}"
-        (container / "run" / "info").mkdir(parents=True)
-        workdir = container / "workdir"
-        workdir.mkdir()
-        env = {
-            "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
-            "HOME": str(container),
-            "PYTHONPATH": str(self.site),
-            "STANDIN_CONTAINER": str(container),
-            "STANDIN_SHARED_FS": str(self.storage),
-            # Set by the agent for a docker container.
-            "DET_MASTER": self.master.url,
-            "DET_CLUSTER_ID": "standin-cluster",
-            "DET_AGENT_ID": "agent-0",
-            "DET_SLOT_IDS": json.dumps(list(range(slots))),
-            "DET_RESOURCES_TYPE": "docker-container",
-            # Set by the master's task spec (master/pkg/tasks/task.go, task_trial.go).
-            "DET_TASK_ID": task_id,
-            "DET_ALLOCATION_ID": allocation_id,
-            "DET_RESOURCES_ID": f"resources-{allocation_id}",
-            "DET_CONTAINER_ID": f"container-{allocation_id}",
-            "DET_SESSION_TOKEN": "allocation-token",
-            "DET_USER_TOKEN": "user-token",
-            "DET_USER": "determined",
-            "DET_WORKDIR": str(workdir),
-            "DET_RUN_DIR": str(container / "run"),
-            "DET_USE_TLS": "false",
-            "DET_TASK_TYPE": "TRIAL",
-            "DET_EXPERIMENT_ID": str(trial.experiment_id),
-            "DET_TRIAL_ID": str(trial.id),
-            "DET_TRIAL_RUN_ID": str(trial.run_id),
-            "DET_TRIAL_SEED": str(trial.seed),
-            "DET_EXPERIMENT_CONFIG": json.dumps(experiment["config"]),
-            "DET_HPARAMS": json.dumps(trial.hparams),
-            "DET_STEPS_COMPLETED": str(steps_completed),
-            # Each container has its own network namespace; here they share one.
-            "C10D_PORT": str(free_port()),
-            "OMP_NUM_THREADS": "1",
-        }
-        if latest_checkpoint is not None:
-            env["DET_LATEST_CHECKPOINT"] = latest_checkpoint
-        self.container = subprocess.Popen(
-            ["bash", "-c", ENTRYPOINT_SH],
-            cwd=workdir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-            log, _ = self.container.communicate(timeout=timeout)
-        finally:
-            self.kill_container()
-        return subprocess.CompletedProcess(self.container.args, self.container.returncode, log)
+        resources_ids = [f"resources-{rank}" for rank in range(containers)]
+        self.rendezvous[allocation_id] = Rendezvous(resources_ids)
+        # The chief container's c10d port; in one network namespace the others reach it there.
+        c10d_port = str(free_port())
+        with contextlib.ExitStack() as stack:
+            self.containers = []
+            for rank in range(containers):
+                container = self.tmp / f"container-{trial.id}-{trial.run_id}-{rank}"
+                (container / "run" / "info").mkdir(parents=True)
+                workdir = container / "workdir"
+                workdir.mkdir()
+                env = {
+                    "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+                    "HOME": str(container),
+                    "PYTHONPATH": str(self.site),
+                    "STANDIN_CONTAINER": str(container),
+                    "STANDIN_SHARED_FS": str(self.storage),
+                    # A short path: a unix socket's path may not exceed 107 bytes.
+                    "STANDIN_TMP": stack.enter_context(
+                        tempfile.TemporaryDirectory(prefix="standin-")
+                    ),
+                    # Set by the agent for a docker container.
+                    "DET_MASTER": self.master.url,
+                    "DET_CLUSTER_ID": "standin-cluster",
+                    "DET_AGENT_ID": f"agent-{rank}",
+                    "DET_SLOT_IDS": json.dumps(list(range(slots))),
+                    "DET_RESOURCES_TYPE": "docker-container",
+                    # Set by the master's task spec (master/pkg/tasks/task.go, task_trial.go).
+                    "DET_TASK_ID": task_id,
+                    "DET_ALLOCATION_ID": allocation_id,
+                    "DET_RESOURCES_ID": resources_ids[rank],
+                    "DET_CONTAINER_ID": f"container-{allocation_id}-{rank}",
+                    "DET_SESSION_TOKEN": "allocation-token",
+                    "DET_USER_TOKEN": "user-token",
+                    "DET_USER": "determined",
+                    "DET_WORKDIR": str(workdir),
+                    "DET_RUN_DIR": str(container / "run"),
+                    "DET_USE_TLS": "false",
+                    "DET_TASK_TYPE": "TRIAL",
+                    "DET_EXPERIMENT_ID": str(trial.experiment_id),
+                    "DET_TRIAL_ID": str(trial.id),
+                    "DET_TRIAL_RUN_ID": str(trial.run_id),
+                    "DET_TRIAL_SEED": str(trial.seed),
+                    "DET_EXPERIMENT_CONFIG": json.dumps(experiment["config"]),
+                    "DET_HPARAMS": json.dumps(trial.hparams),
+                    "DET_STEPS_COMPLETED": str(steps_completed),
+                    "C10D_PORT": c10d_port,
+                    "OMP_NUM_THREADS": "1",
+                }
+                if latest_checkpoint is not None:
+                    env["DET_LATEST_CHECKPOINT"] = latest_checkpoint
+                self.containers.append(
+                    subprocess.Popen(
+                        ["bash", "-c", ENTRYPOINT_SH],
+                        cwd=workdir,
+                        env=env,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    )
+                )
+            try:
+                with concurrent.futures.ThreadPoolExecutor(containers) as pool:
+                    logs = list(
+                        pool.map(lambda c: c.communicate(timeout=timeout)[0], self.containers)
+                    )
+            finally:
+                self.kill_containers()
+        return [
+            subprocess.CompletedProcess(c.args, c.returncode, log)
+            for c, log in zip(self.containers, logs)
+        ]
 
-    def kill_container(self) -> None:
-        """What a lost node does to a trial: every process of the container dies at once
+    def kill_containers(self) -> None:
+        """What a lost node does to a trial: every process of its containers dies at once
         (torchrun starts its workers in sessions of their own, so walk the process tree)."""
-        with contextlib.suppress(psutil.NoSuchProcess):
-            root = psutil.Process(self.container.pid)
-            for process in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
+        for container in self.containers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                root = psutil.Process(container.pid)
+                for process in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
+
+    # ---- the searcher's side -------------------------------------------------------------------
+
+    def searcher_stops(self, trial: Trial) -> None:
+        """ASHA stops the trial, as PatchSearcherState does in 0.38.1: the state only."""
+        trial.state = "STOPPING_COMPLETED"
 
     # ---- the master's REST handlers, named after the bindings ----------------------------------
 
@@ -351,8 +425,15 @@ class Cluster:
     def get_AllocationRendezvousInfo(
         self, call: Call
     ) -> bindings.v1AllocationRendezvousInfoResponse:
-        slots = self.slots[call.params["allocationId"]]
-        info = bindings.v1RendezvousInfo(addresses=["127.0.0.1"], rank=0, slots=[slots])
+        """A long poll, answered once every container of the allocation has asked: each
+        container's address (the chief's first) and the asking container's rank."""
+        allocation_id = call.params["allocationId"]
+        rendezvous = self.rendezvous[allocation_id]
+        rank = rendezvous.join(call.params["resourcesId"])
+        count = len(rendezvous.resources_ids)
+        info = bindings.v1RendezvousInfo(
+            addresses=["127.0.0.1"] * count, rank=rank, slots=[self.slots[allocation_id]] * count
+        )
         return bindings.v1AllocationRendezvousInfoResponse(rendezvousInfo=info)
 
     def post_RunPrepareForReporting(self, call: Call) -> bindings.v1RunPrepareForReportingResponse:
@@ -376,11 +457,24 @@ class Cluster:
                 id=trial.id,
                 restarts=trial.run_id - 1,
                 startTime="2026-11-28T00:00:00Z",
-                state=bindings.trialv1State.RUNNING,
+                state=self._trial_state(trial),
                 totalBatchesProcessed=0,
                 latestValidation=latest,
             )
         )
+
+    @staticmethod
+    def _trial_state(trial: Trial) -> bindings.trialv1State:
+        """GetTrial's state: the stored one as 'STATE_' || state (proto_get_trials_plus.sql),
+        an ACTIVE trial shown by its allocation's state (enrichTrialState): RUNNING here."""
+        if trial.state == "ACTIVE":
+            return bindings.trialv1State.RUNNING
+        return bindings.trialv1State("STATE_" + trial.state)
+
+    def post_ReportTrialSearcherEarlyExit(self, call: Call) -> None:
+        """The master notes the reason (trial.go, SetUserInitiatedEarlyExit); after the
+        container exits with 0 the trial is completed, never restarted."""
+        self.trials[int(call.params["trialId"])].early_exits.append(call.body.reason)
 
     def post_PostTrialRunnerMetadata(self, call: Call) -> None:
         return None

@@ -4,15 +4,19 @@ Determined's real harness talking to a loopback master stand-in built from its o
 bindings (tests/master_standin.py). Every assertion is on what that stand-in received or on the
 files in the cluster's shared_fs checkpoint storage."""
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 import yaml
+from determined.common.api import bindings
 
 import checkpoint  # noqa: F401  (lets torch.load read Determined's NumPy RNG state)
 from cluster import SCHEMAS, Cluster
@@ -47,7 +51,8 @@ def experiment_config(tmp_path, folder, name="const-cifar10.yaml", **hparams):
 
 
 def run(cluster, trial, slots=1, **kwargs):
-    result = cluster.launch(trial, slots, **kwargs)
+    """One run of the trial in one container."""
+    (result,) = cluster.launch(trial, slots, **kwargs)
     assert cluster.master.refused == [], cluster.master.refused
     return result
 
@@ -126,13 +131,32 @@ def test_a_trial_lives_its_life_on_the_cluster_path(uninterrupted):
     assert trial.progress[-1] == 1.0 and trial.progress == sorted(trial.progress)
 
 
+@pytest.fixture(scope="module")
+def one_container(tmp_path_factory):
+    """const-cifar10.yaml (shrunk) as one trial in one container: `one_container(slots)` runs
+    it once per slot count and returns (cluster, trial, result, image folder)."""
+    from conftest import write_image_folder
+
+    runs = {}
+    with contextlib.ExitStack() as stack:
+
+        def run_with(slots):
+            if slots not in runs:
+                tmp = tmp_path_factory.mktemp(f"one_container_{slots}_slots")
+                folder = write_image_folder(tmp / "images")
+                cluster = stack.enter_context(Cluster(tmp))
+                experiment_id = cluster.create_experiment(experiment_config(tmp, folder))
+                trial = cluster.add_trial(experiment_id)
+                runs[slots] = cluster, trial, run(cluster, trial, slots=slots), folder
+            return runs[slots]
+
+        yield run_with
+
+
 @pytest.mark.multiprocess
-def test_two_slots_on_the_cluster_path(tmp_path, image_folder, uninterrupted):
+def test_two_slots_on_the_cluster_path(one_container, uninterrupted):
     """The launcher starts two workers (torch.distributed, gloo); the chief reports."""
-    with Cluster(tmp_path) as cluster:
-        experiment_id = cluster.create_experiment(experiment_config(tmp_path, image_folder))
-        trial = cluster.add_trial(experiment_id)
-        result = run(cluster, trial, slots=2)
+    _, trial, result, _ = one_container(2)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "[rank=1]" in result.stdout
     one = uninterrupted[3]
@@ -144,6 +168,66 @@ def test_two_slots_on_the_cluster_path(tmp_path, image_folder, uninterrupted):
     )
     assert [c.metadata["steps_completed"] for c in trial.checkpoints] == [3, 6]
     assert trial.progress[-1] == 1.0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("slots", [1, 2], ids=["2x1", "2x2"])
+def test_two_containers_join_through_the_rendezvous_and_train_as_one(one_container, slots):
+    """Two agents with `slots` slots each: each container asks the master's rendezvous, learns
+    both addresses and its own rank, and runs determined.launch.torch_distributed (torchrun
+    with --nnodes 2); the result is that of one container with all the slots, weights and
+    optimizer. With profiling.enabled, Determined's profiler reports each agent's system
+    metrics."""
+    single_cluster, single_trial, _, folder = one_container(2 * slots)
+    tmp = folder.parent / f"two_containers_{slots}_slots"
+    tmp.mkdir()
+    profiled_agents = set()
+    both_profiled = threading.Event()
+
+    def hold_until_both_agents_profiled(cluster, call):
+        # The profiler runs in the first process of each container and ships one report per
+        # ten 1-second samples: the chief's first progress report waits for both, so a fast
+        # run cannot end before them.
+        if call.route == "post_ReportTrialMetrics" and call.body.group == "cpu":
+            profiled_agents.update(call.body.metrics.metrics.avgMetrics)
+            if profiled_agents >= {"agent-0", "agent-1"}:
+                both_profiled.set()
+        if call.route == "post_ReportTrialProgress":
+            both_profiled.wait(timeout=120)
+
+    with Cluster(tmp) as cluster:
+        cluster.on_call = hold_until_both_agents_profiled
+        config = experiment_config(tmp, folder)
+        config["resources"]["slots_per_trial"] = 2 * slots
+        config["profiling"] = {"enabled": True}
+        assert validation_errors(config) == []
+        experiment_id = cluster.create_experiment(config)
+        trial = cluster.add_trial(experiment_id)
+        results = cluster.launch(trial, slots=slots, containers=2)
+        assert cluster.master.refused == [], cluster.master.refused
+    for result in results:
+        assert result.returncode == 0, result.stdout[-4000:]
+    rendezvous = {
+        call.params["resourcesId"]: call
+        for call in cluster.master.called("get_AllocationRendezvousInfo")
+    }
+    assert sorted(rendezvous) == ["resources-0", "resources-1"]
+    # Each container's rank reached torchrun: the chief's workers are the first ranks.
+    for container, result in enumerate(results):
+        ranks = {int(r) for r in re.findall(r"^\[rank=(\d+)\]", result.stdout, re.M)}
+        assert ranks == set(range(container * slots, (container + 1) * slots))
+    assert sorted(trial.reported("training")) == [1, 2, 3, 4, 5, 6]
+    assert [c.metadata["steps_completed"] for c in trial.checkpoints] == [3, 6]
+    assert profiled_agents == {"agent-0", "agent-1"}
+    assert "cpu" not in {m["group"] for m in single_trial.metrics}  # profiling is off there
+    difference = largest_difference(
+        final_state(cluster, trial), final_state(single_cluster, single_trial)
+    )
+    print(
+        f"2 containers x {slots} slot(s) vs 1 container x {2 * slots} slots: "
+        f"largest difference {difference}"
+    )
+    assert difference <= 1e-6
 
 
 def test_preemption_checkpoints_exits_and_resumes_to_the_same_weights(
@@ -196,7 +280,7 @@ def test_a_crashed_trial_restarts_from_its_latest_checkpoint(tmp_path, image_fol
 
     def die_after_first_checkpoint(cluster, call):
         if call.route == "post_ReportCheckpoint":
-            cluster.kill_container()
+            cluster.kill_containers()
 
     with Cluster(tmp_path) as cluster:
         cluster.on_call = die_after_first_checkpoint
@@ -220,34 +304,86 @@ def test_a_crashed_trial_restarts_from_its_latest_checkpoint(tmp_path, image_fol
     )
 
 
-def test_a_search_trial_trains_with_sampled_values_and_stops_when_the_searcher_says(
-    tmp_path, image_folder
-):
+@pytest.mark.multiprocess
+def test_a_search_trial_that_asha_stops_trains_no_further_batch(tmp_path, image_folder):
+    """search-cifar10.yaml shrunk, two slots: ASHA stops the trial at its first validation the
+    way a 0.38.1 master does (the state only, no preemption). The chief asks for its trial's
+    state after the validation; both slots end before the next batch, with a checkpoint."""
     shipped = yaml.safe_load(open(os.path.join(ROOT, "search-cifar10.yaml")))
     assert validation_errors(shipped) == []
     assert shipped["searcher"]["max_time"] == shipped["hyperparameters"]["epochs"]
     config = experiment_config(tmp_path, image_folder, "search-cifar10.yaml", epochs=2)
     config["searcher"]["max_time"] = 2
+    # No checkpoint by policy or period: the one checkpoint is the stop's own.
+    config["checkpoint_policy"] = "none"
+    config["min_checkpoint_period"] = {"epochs": 0}
     sampled = {"learning_rate": 0.37, "weight_decay": 3e-5, "tau_base": 0.975}
 
-    def early_stop_at_first_rung(cluster, call):
-        # ASHA stops a trial by ending its allocation: the trial sees a preemption signal.
+    def asha_stops_at_first_rung(cluster, call):
+        # The master's searcher decides while it handles the validation report
+        # (ReportTrialMetrics -> TrialReportValidation -> PatchSearcherState), before answering.
         if call.route == "post_ReportTrialMetrics" and call.body.group == "validation":
-            cluster.trials[call.body.metrics.trialId].preempt.set()
+            cluster.searcher_stops(cluster.trials[call.body.metrics.trialId])
 
     with Cluster(tmp_path) as cluster:
-        cluster.on_call = early_stop_at_first_rung
+        cluster.on_call = asha_stops_at_first_rung
         experiment_id = cluster.create_experiment(config)
         trial = cluster.add_trial(experiment_id, sampled)
-        result = run(cluster, trial)
+        result = run(cluster, trial, slots=2)
     assert result.returncode == 0, result.stdout[-4000:]
+    # No preemption was sent: every long poll answered false, none acknowledged.
+    polls = cluster.master.called("get_AllocationPreemptionSignal")
+    assert polls and not cluster.master.called("post_AckAllocationPreemptionSignal")
+    stop = next(
+        i
+        for i, c in enumerate(cluster.master.calls)
+        if c.route == "post_ReportTrialMetrics" and c.body.group == "validation"
+    )
+    after_stop = [
+        c.route for c in cluster.master.calls[stop:] if c.route != "get_AllocationPreemptionSignal"
+    ]
+    print("routes from the validation ASHA stops at:\n  " + "\n  ".join(after_stop))
+    # The report, set_status("training"), the question, set_status("checkpointing"), the
+    # checkpoint: no training metrics after the question.
+    assert after_stop == [
+        "post_ReportTrialMetrics",
+        "post_PostTrialRunnerMetadata",
+        "get_GetTrial",
+        "post_PostTrialRunnerMetadata",
+        "post_ReportCheckpoint",
+    ]
     training, validation = trial.reported("training"), trial.reported("validation")
     assert training[1]["tau"] == 0.975  # tau at step 0 is the sampled tau_base
     assert sorted(training) == [1, 2, 3] and sorted(validation) == [3]
     assert validation[3]["epochs"] == 1  # the time_metric ASHA reads
+    # Progress by epochs (max_length is 2 epochs): reported after each of the 3 batches.
+    assert trial.progress == [0.0, 0.0, 0.5]
+    assert [c.metadata["steps_completed"] for c in trial.checkpoints] == [3]
     last = trial.checkpoints[-1]
     load_data = json.loads((cluster.storage / last.uuid / "load_data.json").read_text())
     assert {k: load_data["hparams"][k] for k in sampled} == sampled
+    assert "the searcher stopped this trial after step 3" in result.stdout
+
+
+def test_a_config_error_on_a_cluster_fails_once_as_invalid_hyperparameters(tmp_path, image_folder):
+    """A legacy searcher.max_length (which the master still accepts) is refused in the trial:
+    Determined's InvalidHP path reports the early exit and exits 0, so the master completes the
+    trial instead of restarting it (trial.go, handleAllocationExit: an early exit counts only
+    after a clean exit; a failed exit is restarted max_restarts times)."""
+    config = experiment_config(tmp_path, image_folder)
+    config["searcher"]["max_length"] = {"epochs": 2}
+    assert validation_errors(config) == []
+    with Cluster(tmp_path) as cluster:
+        experiment_id = cluster.create_experiment(config)
+        trial = cluster.add_trial(experiment_id)
+        result = run(cluster, trial)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert trial.early_exits == [bindings.v1TrialEarlyExitExitedReason.INVALID_HP]
+    assert trial.metrics == [] and trial.checkpoints == []
+    (line,) = [line for line in result.stdout.splitlines() if "invalid config" in line]
+    assert "searcher.max_length={'epochs': 2}" in line
+    assert "searcher.max_time" in line and "searcher.time_metric: epochs" in line
+    assert "Traceback" not in result.stdout
 
 
 def test_evaluate_result_launches_the_evaluation_of_the_best_checkpoint(uninterrupted, tmp_path):
