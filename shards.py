@@ -43,9 +43,11 @@ SHARD_LANES = 64
 # order, so even one shard mixes the classes), but keeps more shards live per reader (memory
 # without data.cache_dir, open files with it). 4 shards of 256 MB: 1 GB per lane.
 SHARD_WINDOW = 4
-# Shards a process keeps in memory when there is no data.cache_dir, beyond those the current
-# batch needs: one window plus the next shard.
-SHARDS_IN_MEMORY = SHARD_WINDOW + 1
+# Shards a process keeps in memory when there is no data.cache_dir: a lane's block (about
+# SHARD_WINDOW shards, plus the partial ones at its ends) and the next block's first shards.
+# Shards dropped are fetched again when needed: a process reading many lanes (few slots, large
+# global batch), or reading in a random order, should have data.cache_dir.
+SHARDS_IN_MEMORY = 2 * SHARD_WINDOW
 
 
 class MissingShardError(RuntimeError):
@@ -162,8 +164,8 @@ class GCSShards:
 
     With data.cache_dir the shard lands on local disk (the GCSFiles cache) and members are read
     from there by offset; a lock file per shard makes the loader processes of a machine fetch it
-    once between them. Without a cache each process keeps the shards it needs in memory
-    (SHARDS_IN_MEMORY besides the current batch's), and each loader worker fetches its own."""
+    once between them. Without a cache each process keeps up to SHARDS_IN_MEMORY shards in
+    memory, and each loader worker fetches its own."""
 
     def __init__(self, bucket: str, prefix: str, cache_dir: Optional[str], concurrency: int):
         self.files = gcs.GCSFiles(bucket, prefix, cache_dir, concurrency)
@@ -194,10 +196,14 @@ class GCSShards:
         path = self._cache_path(shard)
         if path is None:
             return self._download(shard)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         # "%lock-" is no percent-encoding of a name, so no object is ever cached at that path.
         lock_path = os.path.join(os.path.dirname(path), "%lock-" + os.path.basename(path))
-        with open(lock_path, "a") as lock:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            lock = open(lock_path, "a")
+        except OSError:  # no usable cache: GCSFiles.read warns once and reads without it
+            return self._download(shard)
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be fetching it right now
             try:
                 if os.path.exists(path):
@@ -241,7 +247,7 @@ class GCSShards:
                     failed[shard] = data
                 elif data is not None and not (path_of[shard] and os.path.exists(path_of[shard])):
                     self._memory[shard] = data  # no cache, or the cache could not be written
-            while len(self._memory) > SHARDS_IN_MEMORY + len(shards):
+            while len(self._memory) > max(SHARDS_IN_MEMORY, len(shards)):
                 self._memory.popitem(last=False)
         return failed
 
@@ -301,35 +307,42 @@ class ShardSource:
     def load_many(self, indices: Sequence[int]) -> List[object]:
         """Decoded images in the order of `indices`; a corrupt member, or one whose shard is still
         unreadable at the retry deadline, comes back as a CorruptImageError in its place."""
-        from data import CorruptImageError, decode_image  # here: data imports this module
-
         by_shard: Dict[int, List[int]] = collections.defaultdict(list)
         for j, index in enumerate(indices):
             by_shard[int(self.shard_of[index])].append(j)
-        failed = self.store.fetch_many([self.shard_names[s] for s in by_shard])
         out: List[object] = [None] * len(indices)
-        for shard, positions in by_shard.items():
-            name = self.shard_names[shard]
-            if name in failed:
-                for j in positions:
-                    out[j] = CorruptImageError(
-                        self.member_name(indices[j]), f"unreadable: {failed[name]}"
-                    )
-                continue
-            ranges = [
-                (int(self.offsets[indices[j]]), int(self.lengths[indices[j]])) for j in positions
-            ]
-            for j, blob in zip(
-                positions, self.store.read_members(name, self.shard_sizes[shard], ranges)
-            ):
-                if isinstance(blob, gcs.GCSError):
-                    out[j] = CorruptImageError(self.member_name(indices[j]), f"unreadable: {blob}")
-                    continue
-                try:
-                    out[j] = decode_image(blob, self.member_name(indices[j]))
-                except CorruptImageError as e:
-                    out[j] = e
+        touched = list(by_shard)
+        # A few shards at a time, so that a batch spread over many shards (one process reading
+        # many lanes, or a random order) holds at most SHARDS_IN_MEMORY of them.
+        for start in range(0, len(touched), SHARDS_IN_MEMORY):
+            group = touched[start : start + SHARDS_IN_MEMORY]
+            failed = self.store.fetch_many([self.shard_names[s] for s in group])
+            for shard in group:
+                self._cut(shard, by_shard[shard], indices, failed, out)
         return out
+
+    def _cut(self, shard: int, positions, indices, failed, out: List[object]) -> None:
+        """Decodes the members at `positions` of the batch from one fetched shard into `out`."""
+        from data import CorruptImageError, decode_image  # here: data imports this module
+
+        name = self.shard_names[shard]
+        if name in failed:
+            for j in positions:
+                out[j] = CorruptImageError(
+                    self.member_name(indices[j]), f"unreadable: {failed[name]}"
+                )
+            return
+        ranges = [(int(self.offsets[indices[j]]), int(self.lengths[indices[j]])) for j in positions]
+        for j, blob in zip(
+            positions, self.store.read_members(name, self.shard_sizes[shard], ranges)
+        ):
+            if isinstance(blob, gcs.GCSError):
+                out[j] = CorruptImageError(self.member_name(indices[j]), f"unreadable: {blob}")
+                continue
+            try:
+                out[j] = decode_image(blob, self.member_name(indices[j]))
+            except CorruptImageError as e:
+                out[j] = e
 
 
 def parse_index(raw: bytes, where: str) -> dict:

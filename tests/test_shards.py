@@ -412,18 +412,36 @@ def test_make_shards_reads_and_writes_gcs_and_the_blob_list_gives_the_same_shard
     assert not any(m in ("POST", "PUT") and "shard-" in p for m, p in server.proxy.requests)
 
 
-def test_training_reads_one_request_per_shard_not_per_image(gcs_env, gcs_shards):
+def test_each_slot_fetches_its_own_shards_once_not_one_request_per_image(gcs_env, gcs_shards):
+    """Four slots, each a process of its own with no cache: every slot fetches each shard it
+    needs once, and the slots together fetch each shard once but for the few at the boundaries
+    between their lanes."""
     server = gcs_env
     url = f"gs://{BUCKET}/shards/train/index.json"
-    source = data.open_folder(url, None, data_config(), data.run_here)
-    dataset = train_dataset(source)
-    sampler = data.EpochBatchSampler(len(source), 8, 1, seed=0, order=data.epoch_order(source, 8))
-    batches = [dataset.__getitems__(batch) for batch in sampler]
-    assert sum(len(b) for b in batches) == len(source) // 8 * 8
-    names = [s["name"] for s in gcs_shards["shards"]]
-    assert shard_gets(server.proxy, "shards/train/") == {n: 1 for n in names}  # each shard once
-    assert len(server.proxy.requests) == 1 + len(names)  # plus the index; no per-image request
-    print(f"{len(source)} images, {len(server.proxy.requests)} requests")
+    slots, fetched, images = 4, {}, 0
+    for slot in range(slots):
+        source = data.open_folder(url, None, data_config(), data.run_here)  # a fresh process
+        dataset = train_dataset(source)
+        sampler = data.EpochBatchSampler(
+            len(source), 8, slots, seed=0, order=data.epoch_order(source, 8)
+        )
+        server.proxy.clear()
+        mine = list(sampler)[slot::slots]  # Determined's round-robin share of slot `slot`
+        images += sum(len(dataset.__getitems__(batch)) for batch in mine)
+        gets = shard_gets(server.proxy, "shards/train/")
+        drawn = {i for batch in mine for i, _ in batch}
+        corrupt = source.names.index(CORRUPT)
+        if corrupt in drawn:  # replaced by the next image, which may open the next shard
+            drawn.add((corrupt + 1) % len(source))
+        needed = {source.shard_names[source.shard_of[i]] for i in drawn}
+        assert gets == {name: 1 for name in needed}  # each once, only its own
+        assert len(server.proxy.requests) == len(needed)  # nothing per image
+        for name in gets:
+            fetched[name] = fetched.get(name, 0) + 1
+    assert images == len(source) // 8 * 8
+    assert len(fetched) <= len(gcs_shards["shards"])
+    assert sum(fetched.values()) <= len(fetched) + slots - 1
+    print(f"{images} images, {sum(fetched.values())} shard requests, {len(fetched)} shards")
 
 
 def test_a_transient_shard_failure_is_retried(gcs_env, gcs_shards):
