@@ -13,9 +13,9 @@ the reading threads for one GIL. The emulator serves one request at a time, whic
 concurrent figures; a real bucket serves many at once. The byte reads fetch only bytes (no
 decoding, no cache).
 
-The loader runs (--images) time one loader process (this one, no workers) doing what a training
-loader worker does for a batch: read, decode, and both views' crops at --crop-size (TrainImages,
-the sampler's order), with no cache. They print images/s per loader process and the requests
+The loader runs (--images) time one loader process (this one, no workers, one torch thread as
+in a DataLoader worker) doing what a training loader worker does for a batch: read, decode, and
+both views' crops at --crop-size (TrainImages, the sampler's order), with no cache. They print images/s per loader process and the requests
 the proxy counted per 1000 images. --upscale-to re-encodes every image as a JPEG (quality 90)
 upscaled to that short side first: ImageNet-sized test images from small ones.
 """
@@ -38,7 +38,7 @@ from gcs_server import FakeGCSProcess  # noqa: E402
 
 # `data`, `gcs` and the rest (and torch with them) are imported in main(): the server's child
 # process re-imports this file and needs none of it.
-data = gcs = augment = make_shards = utils = None
+data = gcs = augment = make_shards = torch = utils = None
 
 BUCKET = "bench"
 PREFIX = "images/"
@@ -78,23 +78,25 @@ def upscaled_jpeg(content: bytes, short_side: int) -> bytes:
 
 
 def loader_pass(path: str, args: argparse.Namespace, server):
-    """(best images/s, requests per 1000 images) of one loader process going through every
-    image of the folder or shard index at `path` once per pass, in the training sampler's order
-    and batches: read, decode, both crops."""
+    """(best images/s, requests per 1000 images) of a loader process going through every image
+    of the folder or shard index at `path` in the training sampler's order and batches: read,
+    decode, both crops. Each pass is a fresh process's view (nothing kept from the last one);
+    opening it (listing the folder, reading the index) is neither timed nor counted."""
     config = utils.parse_data_config({"gcs_concurrency": args.concurrency})
-    source = data.open_folder(path, None, config, data.run_here)  # lists or reads the index
     aug = utils._parse_augmentation(utils._Reader({"image_size": args.crop_size}, "augmentation"))
-    dataset = data.TrainImages(
-        source,
-        augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
-        seed=0,
-        corrupt_log=data.CorruptImageLog(False),
-    )
-    sampler = data.EpochBatchSampler(
-        len(source), args.batch, 1, seed=0, order=data.epoch_order(source, args.batch)
-    )
+    torch.set_num_threads(1)  # as in a DataLoader worker, where PyTorch sets one thread
     best, requests, images = 0.0, 0, 0
     for _ in range(args.repeats):
+        source = data.open_folder(path, None, config, data.run_here)
+        dataset = data.TrainImages(
+            source,
+            augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
+            seed=0,
+            corrupt_log=data.CorruptImageLog(False),
+        )
+        sampler = data.EpochBatchSampler(
+            len(source), args.batch, 1, seed=0, order=data.epoch_order(source, args.batch)
+        )
         before = server.request_count()
         started = time.perf_counter()
         count = sum(len(dataset.__getitems__(items)) for items in sampler)
@@ -118,7 +120,9 @@ def measure(names, concurrency: int, batch: int, repeats: int) -> float:
 
 
 def main() -> None:
-    global data, gcs, augment, make_shards, utils
+    global data, gcs, augment, make_shards, torch, utils
+    import torch
+
     import augment
     import data
     import gcs
