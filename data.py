@@ -1,7 +1,8 @@
 """Image sources, dataset splits, the torch datasets and the epoch sampler.
 
 Data flow:
-  image source (CIFAR-10 / STL-10 arrays, an image folder, a gs:// prefix read through gcs.py)
+  image source (CIFAR-10 / STL-10 arrays, an image folder, a gs:// prefix read through gcs.py,
+  tar shards read through shards.py)
     -> TrainImages: uint8 images + a per-sample random key (no float work in the loader)
     -> augment.TwoViewAugmentation: batched two-view augmentation, on the training device or in
        the loader workers (`augment_on`), with the same code either way.
@@ -26,6 +27,7 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 
 import gcs
+import shards
 from augment import TwoViewAugmentation, crop_resize_pil, epoch_permutation, item_keys
 from config import ConfigError, DataConfig
 
@@ -327,10 +329,16 @@ def download(dataset_class, root: str, first_on_machine: Callable, **kwargs):
     return first_on_machine(open_dataset)
 
 
-def open_folder(
-    path: str, blob_list: Optional[str], data: DataConfig, share: Callable
-) -> FileSource:
-    """A labeled `<class>/<image>` folder, local or `gs://bucket/prefix`."""
+def open_folder(path: str, blob_list: Optional[str], data: DataConfig, share: Callable):
+    """A labeled `<class>/<image>` folder, local or `gs://bucket/prefix`, or a shard set's
+    index (*.json, local or gs://) written by make_shards.py."""
+    if shards.is_shard_index(path):
+        if blob_list is not None:
+            raise ConfigError(
+                f"{path!r} is a shard index, which lists its images itself; a blob list "
+                f"({blob_list!r}) is only for a folder of images: leave it out"
+            )
+        return shards.open_shards(path, data, share)
     if path.startswith("gs://"):
         return open_gcs_folder(path, blob_list, data, share)
     names, labels, classes = scan_class_folder(path)
@@ -590,7 +598,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     by (seed, epoch). Each epoch yields `global batches x slots` per-slot batches, so Determined's
     round-robin sharding hands slot r the r-th piece of every global batch: global batch k holds
     the same images whatever the slot count. Every pass over the sampler is the next epoch,
-    unless `fixed_epoch` is given: then every pass repeats that epoch (validation views)."""
+    unless `fixed_epoch` is given: then every pass repeats that epoch (validation views).
+    `order(seed, epoch)` gives the epoch's order (see epoch_order); a permutation by default."""
 
     def __init__(
         self,
@@ -599,6 +608,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         slots: int,
         seed: int,
         fixed_epoch: Optional[int] = None,
+        order: Optional[Callable[[int, int], Sequence[int]]] = None,
     ):
         if num_samples < global_batch:
             raise ConfigError(
@@ -615,6 +625,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         # The one place the global batch is split (parse_hparams checks that it splits evenly).
         self.per_slot_batch = global_batch // slots
         self.fixed_epoch = fixed_epoch
+        self.order = order or functools.partial(epoch_permutation, count=num_samples)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -625,10 +636,18 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             epoch = self.fixed_epoch
         else:
             epoch, self.epoch = self.epoch, self.epoch + 1
-        order = epoch_permutation(self.seed, epoch, self.num_samples)
+        order = self.order(self.seed, epoch)
         per_slot = self.per_slot_batch
         for start in range(0, self.batches_per_epoch * self.global_batch, per_slot):
             yield [(i, epoch) for i in order[start : start + per_slot]]
+
+
+def epoch_order(source, global_batch: int) -> Optional[Callable[[int, int], Sequence[int]]]:
+    """The sampler's epoch order for `source`: a shard set's keeps each slot on a few whole
+    shards (shards.shard_epoch_order); None (a plain permutation) for every other source."""
+    if isinstance(source, shards.ShardSource):
+        return functools.partial(source.epoch_order, global_batch=global_batch)
+    return None
 
 
 def class_folder_names(

@@ -86,7 +86,11 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 f"Add class folders or set hyperparameters.validate_with_classifier=false"
             )
         self.train_sampler = data.EpochBatchSampler(
-            len(self.splits.byol_train), self.hp.global_batch_size, self.slots, self.run.seed
+            len(self.splits.byol_train),
+            self.hp.global_batch_size,
+            self.slots,
+            self.run.seed,
+            order=data.epoch_order(self.splits.byol_train, self.hp.global_batch_size),
         )
         self.batches_per_epoch = self.train_sampler.batches_per_epoch
         self.total_steps = self.hp.epochs * self.batches_per_epoch
@@ -239,6 +243,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
             1,
             self.run.seed,
             fixed_epoch=-1,
+            order=data.epoch_order(self.splits.test, self.train_sampler.per_slot_batch),
         )
         return pytorch.DataLoader(
             dataset,

@@ -240,7 +240,8 @@ def _serve_in_child(latency_s: float, conn) -> None:
     with FakeGCS(latency_s) as gcs:
         conn.send((gcs.host, gcs.emulator_port))
         try:
-            conn.recv()  # until the parent says stop (or goes away)
+            while conn.recv() == "count":  # until the parent says stop (or goes away)
+                conn.send(len(gcs.proxy.requests))
         except EOFError:
             pass
 
@@ -266,6 +267,11 @@ class FakeGCSProcess:
     def __exit__(self, *exc) -> None:
         self._conn.send("stop")
         self._process.join(10)
+
+    def request_count(self) -> int:
+        """Requests the proxy has seen so far (the set-up client's bypass it)."""
+        self._conn.send("count")
+        return self._conn.recv()
 
     def client(self):
         return emulator_client(self.emulator_port)
