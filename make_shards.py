@@ -32,7 +32,8 @@ import numpy as np
 import data
 import gcs
 import shards
-from utils import ConfigError, atomic_write, format_duration
+from config import ConfigError
+from utils import atomic_write, format_duration
 
 INDEX_NAME = "index.json"
 # Images read at once per shard being written (concurrently from GCS).

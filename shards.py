@@ -25,7 +25,7 @@ import torch
 
 import gcs
 from augment import epoch_permutation, sample_keys
-from utils import ConfigError, DataConfig
+from config import ConfigError, DataConfig
 
 logger = logging.getLogger("byol.shards")
 

@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from config import _parse_augmentation, _Reader, parse_data_config  # noqa: E402
 from gcs_server import FakeGCSProcess  # noqa: E402
 
 # `data`, `gcs` and the rest (and torch with them) are imported in main(): the server's child
@@ -82,8 +83,8 @@ def loader_pass(path: str, args: argparse.Namespace, server):
     of the folder or shard index at `path` in the training sampler's order and batches: read,
     decode, both crops. Each pass is a fresh process's view (nothing kept from the last one);
     opening it (listing the folder, reading the index) is neither timed nor counted."""
-    config = utils.parse_data_config({"gcs_concurrency": args.concurrency})
-    aug = utils._parse_augmentation(utils._Reader({"image_size": args.crop_size}, "augmentation"))
+    config = parse_data_config({"gcs_concurrency": args.concurrency})
+    aug = _parse_augmentation(_Reader({"image_size": args.crop_size}, "augmentation"))
     torch.set_num_threads(1)  # as in a DataLoader worker, where PyTorch sets one thread
     best, requests, images = 0.0, 0, 0
     for _ in range(args.repeats):

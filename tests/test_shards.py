@@ -24,7 +24,7 @@ import data  # noqa: E402
 import gcs  # noqa: E402
 import make_shards  # noqa: E402
 import shards  # noqa: E402
-import utils  # noqa: E402
+from config import ConfigError, DataConfig, _parse_augmentation, _Reader, parse_data_config
 from gcs_server import FakeGCS  # noqa: E402
 
 BUCKET = "byol-shards"
@@ -68,14 +68,14 @@ def tree(tmp_path):
     return write_tree(tmp_path / "images")
 
 
-def data_config(**overrides) -> utils.DataConfig:
+def data_config(**overrides) -> DataConfig:
     raw = {"num_workers": 0, "gcs_concurrency": 4}
     raw.update(overrides)
-    return utils.parse_data_config(raw)
+    return parse_data_config(raw)
 
 
 def train_dataset(source, strict=False) -> data.TrainImages:
-    aug = utils._parse_augmentation(utils._Reader({"image_size": 16}, "augmentation"))
+    aug = _parse_augmentation(_Reader({"image_size": 16}, "augmentation"))
     return data.TrainImages(
         source,
         augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
@@ -256,7 +256,7 @@ def test_a_missing_or_cut_local_shard_fails_at_open_with_its_name(tree, tmp_path
 def test_a_wrong_index_is_one_line(tree, tmp_path, content, blob_list, message):
     path = tmp_path / "index.json"
     path.write_text(content if content is not None else "{}")
-    with pytest.raises(utils.ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         data.open_folder(str(path), blob_list, data_config(), data.run_here)
 
 
@@ -514,7 +514,7 @@ def test_a_missing_shard_fails_with_its_name(gcs_env, gcs_shards):
     ):
         source.load_many([0] + first)
     with pytest.raises(
-        utils.ConfigError, match=re.escape(f"gs://{BUCKET}/shards/none/index.json: not found (404)")
+        ConfigError, match=re.escape(f"gs://{BUCKET}/shards/none/index.json: not found (404)")
     ):
         data.open_folder(
             f"gs://{BUCKET}/shards/none/index.json", None, data_config(), data.run_here
