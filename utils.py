@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -232,7 +232,7 @@ class HParams:
     augmentation: Augmentation
     augment_on: str
     precision: str
-    compile: bool
+    compile: Union[bool, str]  # true, false or "auto" (device.compiles)
     sync_batchnorm: bool
     validate_with_classifier: bool
     probe: "ProbeConfig"
@@ -288,10 +288,12 @@ class _Reader:
             raise ConfigError(f"{self._name(key)} is required but missing")
         return default
 
-    def choice(self, key: str, allowed: Sequence[str], default: Any = dataclasses.MISSING) -> str:
+    def choice(self, key: str, allowed: Sequence[Any], default: Any = dataclasses.MISSING) -> Any:
         value = self.get(key, default)
-        if value not in allowed:
-            raise ConfigError(f"{self._name(key)}={value!r} is not one of: {', '.join(allowed)}")
+        # Compared with their types, so YAML's 1 is not `true`; booleans shown as YAML writes them.
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            shown = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
+            raise ConfigError(f"{self._name(key)}={value!r} is not one of: {shown}")
         return value
 
     def boolean(self, key: str, default: Any = dataclasses.MISSING) -> bool:
@@ -444,7 +446,7 @@ def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
         augmentation=_parse_augmentation(r.sub("augmentation")),
         augment_on=r.choice("augment_on", AUGMENT_PLACES, "auto"),
         precision=r.choice("precision", PRECISIONS, "auto"),
-        compile=r.boolean("compile", False),
+        compile=r.choice("compile", ("auto", True, False), "auto"),
         sync_batchnorm=r.boolean("sync_batchnorm", False),
         validate_with_classifier=r.boolean("validate_with_classifier", True),
         probe=ProbeConfig(
