@@ -3,11 +3,13 @@ backbone + projector). Loss and EMA step are pure functions of tensors (BYOL pap
 2006.07733, Sections 3.1 and 3.2)."""
 
 import copy
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from optim import where_each
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -48,13 +50,22 @@ class BYOLNetwork(nn.Module):
         return list(self.target_backbone.parameters()) + list(self.target_projector.parameters())
 
     @torch.no_grad()
-    def update_target(self, tau: float) -> None:
-        ema_update_(self.target_parameters(), self.online_parameters(), tau)
+    def update_target(self, tau: float, apply: Optional[torch.Tensor] = None) -> None:
+        ema_update_(self.target_parameters(), self.online_parameters(), tau, apply)
 
 
 @torch.no_grad()
-def ema_update_(target: List[torch.Tensor], online: List[torch.Tensor], tau: float) -> None:
-    """target <- tau * target + (1 - tau) * online, as one fused multi-tensor op."""
+def ema_update_(
+    target: List[torch.Tensor],
+    online: List[torch.Tensor],
+    tau: float,
+    apply: Optional[torch.Tensor] = None,
+) -> None:
+    """target <- tau * target + (1 - tau) * online, as one fused multi-tensor op. With `apply`
+    (a 0-dim bool on the device, never read on the host) the step happens only where it is
+    true: otherwise the target moves towards itself, which leaves it exactly as it was."""
+    if apply is not None:
+        online = where_each(apply, online, target)
     torch._foreach_lerp_(target, online, 1.0 - tau)
 
 

@@ -9,7 +9,7 @@ any model is built. Nothing else in the package reads the raw dict.
 import dataclasses
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -80,6 +80,7 @@ FREE_ON_RESUME = (
     "data.strict_images",
     "data.download_dir",
     "hyperparameters.augment_on",
+    "hyperparameters.compile",
     "hyperparameters.validate_with_classifier",
     "hyperparameters.classifier_",
     "hyperparameters.knn_",
@@ -230,7 +231,7 @@ class HParams:
     augmentation: Augmentation
     augment_on: str
     precision: str
-    compile: bool
+    compile: Union[bool, str]  # true, false or "auto" (device.compiles)
     sync_batchnorm: bool
     validate_with_classifier: bool
     probe: "ProbeConfig"
@@ -286,10 +287,12 @@ class _Reader:
             raise ConfigError(f"{self._name(key)} is required but missing")
         return default
 
-    def choice(self, key: str, allowed: Sequence[str], default: Any = dataclasses.MISSING) -> str:
+    def choice(self, key: str, allowed: Sequence[Any], default: Any = dataclasses.MISSING) -> Any:
         value = self.get(key, default)
-        if value not in allowed:
-            raise ConfigError(f"{self._name(key)}={value!r} is not one of: {', '.join(allowed)}")
+        # Compared with their types, so YAML's 1 is not `true`; booleans shown as YAML writes them.
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            shown = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
+            raise ConfigError(f"{self._name(key)}={value!r} is not one of: {shown}")
         return value
 
     def boolean(self, key: str, default: Any = dataclasses.MISSING) -> bool:
@@ -442,7 +445,7 @@ def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
         augmentation=_parse_augmentation(r.sub("augmentation")),
         augment_on=r.choice("augment_on", AUGMENT_PLACES, "auto"),
         precision=r.choice("precision", PRECISIONS, "auto"),
-        compile=r.boolean("compile", False),
+        compile=r.choice("compile", ("auto", True, False), "auto"),
         sync_batchnorm=r.boolean("sync_batchnorm", False),
         validate_with_classifier=r.boolean("validate_with_classifier", True),
         probe=ProbeConfig(

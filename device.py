@@ -5,11 +5,14 @@ share, so that features in training and in evaluation come out of the same pipel
 """
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+import logging
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from config import ConfigError
+
+logger = logging.getLogger("byol")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -20,6 +23,32 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
         if precision == "bf16" or (precision == "auto" and device.type == "cuda")
         else None
     )
+
+
+def compiles(setting: Union[bool, str], device: torch.device) -> bool:
+    """hyperparameters.compile: true, false, or auto: compiled on a GPU, where fusing the many
+    small kernels of a step saves their launches; eager on a CPU, where compiling takes
+    minutes and saves little."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
+class CompiledOrEager:
+    """`fn` through torch.compile; if compiling fails, one log line and `fn` eager from then
+    on (the run goes on, slower)."""
+
+    def __init__(self, fn: Callable, what: str):
+        self.eager, self.what = fn, what
+        self.compiled: Optional[Callable] = torch.compile(fn)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                logger.warning("compile: %s falls back to eager: %s", self.what, first_line)
+                self.compiled = None
+        return self.eager(*args)
 
 
 @contextlib.contextmanager

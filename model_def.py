@@ -43,6 +43,7 @@ from config import (
     parse_experiment_config,
     result_changes,
 )
+from nonfinite import NonFiniteGuard
 from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
 from progress import Progress
 from reducers import LinearProbeReducer, TrainingMetricsReducer
@@ -109,6 +110,12 @@ class BYOLTrial(pytorch.PyTorchTrial):
         if augment_on == "auto":
             augment_on = "device" if self.on_cuda else "loader"
         self.augment_in_loader = augment_on == "loader"
+        self.compiles = device.compiles(self.hp.compile, self.device)
+        self.augment_here = (
+            device.CompiledOrEager(self.augment, "the augmentation")
+            if self.compiles
+            else self.augment
+        )
         self.normalize = device.Normalize(*self.splits.normalization, self.device)
 
     def _build_network(self) -> None:
@@ -130,10 +137,15 @@ class BYOLTrial(pytorch.PyTorchTrial):
             network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
         if device.uses_channels_last(self.device):
             network = network.to(memory_format=torch.channels_last)
-        if self.hp.compile:
-            network.compile()
         self.network = network
         self.wrapped_network = self.context.wrap_model(network)
+        # Compiled around Determined's wrapper (DistributedDataParallel over several slots), so
+        # the registered module and its checkpoint keys stay the plain network's.
+        self.forward_network = (
+            device.CompiledOrEager(self.wrapped_network, "the network")
+            if self.compiles
+            else self.wrapped_network
+        )
 
     def _build_optimizer(self) -> None:
         """LARS on the online network (the target network is not trained, only averaged)."""
@@ -157,8 +169,13 @@ class BYOLTrial(pytorch.PyTorchTrial):
             for_training=True,
             for_validation=False,
         )
+        self.non_finite = NonFiniteGuard(self.device)
         self.progress = Progress(
-            self.total_steps, self.batches_per_epoch, self.hp.global_batch_size, is_chief
+            self.total_steps,
+            self.batches_per_epoch,
+            self.hp.global_batch_size,
+            is_chief,
+            before_line=self.check_finite,
         )
         self.steps_done = 0  # for the validation summary
         self.previous_loss: Optional[torch.Tensor] = None
@@ -263,13 +280,15 @@ class BYOLTrial(pytorch.PyTorchTrial):
 
     def two_views(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """[2B, 3, S, S]: view 1 of every image, then view 2 (made in the loader or here)."""
-        views = batch["views"] if "views" in batch else self.augment(batch["image"], batch["key"])
+        views = (
+            batch["views"] if "views" in batch else self.augment_here(batch["image"], batch["key"])
+        )
         return device.memory_format(views, self.device)
 
     def forward_loss(self, views: torch.Tensor):
         """Online and target networks on both views -> the symmetrised BYOL loss."""
         with device.autocast(self.device, self.autocast_dtype):
-            prediction, target_projection, online_projection = self.wrapped_network(views)
+            prediction, target_projection, online_projection = self.forward_network(views)
         return byol.byol_loss(prediction, target_projection), online_projection
 
     def train_batch(
@@ -295,23 +314,22 @@ class BYOLTrial(pytorch.PyTorchTrial):
         # Two augmented views of each image; online and target networks; the BYOL loss.
         batch = self.to_device(batch)
         loss, online_projection = self.forward_loss(self.two_views(batch))
+        self.context.backward(loss)
 
-        # The one host sync of the step: a non-finite loss must stop before the update.
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite BYOL loss ({loss.item()}) at step {step} (epoch {epoch_idx}); last "
-                f"finite loss: {None if self.previous_loss is None else self.previous_loss.item()}. Training stopped before this step's "
-                f"update; no checkpoint was written from this state. Lower "
-                f"hyperparameters.learning_rate or check the input data."
-            )
+        # No host sync in the step: a non-finite step's update is skipped on the device and the
+        # host raises at its next wait (check_finite), before any report or checkpoint.
+        grads = [
+            p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
+        ]
+        finite = self.non_finite.screen(loss, grads, step)
 
         # LARS step on the online network (backbone, projector, predictor).
-        self.context.backward(loss)
+        self.optimizer.apply_only_if(finite)
         self.context.step_optimizer(self.optimizer)
 
         # EMA step: the target network moves towards the online one by 1 - tau.
         tau = optim.ema_tau_at(step, self.total_steps, self.hp.tau_base)
-        self.network.update_target(tau)
+        self.network.update_target(tau, apply=finite)
 
         # Metrics stay on the device until Determined reports them.
         self.training_metrics.update(
@@ -340,16 +358,29 @@ class BYOLTrial(pytorch.PyTorchTrial):
         )
         return {}
 
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a step so far was not finite (waits for the device)."""
+        self.non_finite.check(self.batches_per_epoch)
+
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
         return {
+            "finite": FiniteCheck(self),
             "checkpoint_marker": CheckpointMarker(self),
             "summary": ValidationSummary(self),
             "searcher_stop": SearcherStopCheck(self),
         }
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class FiniteCheck(pytorch.PyTorchCallback):
+    """After each stretch of training steps, before Determined reports metrics, validates or
+    writes a checkpoint (it reads the metrics from the device there anyway): a non-finite step
+    stops the run, so no report or checkpoint holds a non-finite state."""
+
+    def __init__(self, trial: BYOLTrial):
+        self.trial = trial
+
+    def on_training_workload_end(self, avg_metrics: Dict[str, Any], batch_metrics: Any) -> None:
+        self.trial.check_finite()
 
 
 class ValidationSummary(pytorch.PyTorchCallback):

@@ -2,7 +2,7 @@
 Appendix C). Schedules are pure functions of the step index."""
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -43,11 +43,37 @@ def lars_param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     ]
 
 
+def flat_view(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's elements in memory order (contiguous or channels_last
+    alike), so a list of tensors can be concatenated without one copy per tensor."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def where_each(
+    condition: torch.Tensor, tensors: List[torch.Tensor], others: List[torch.Tensor]
+) -> List[torch.Tensor]:
+    """[torch.where(condition, t, o)] for two lists of same-layout dense tensors and a 0-dim
+    bool `condition` on the device: two concatenations and one select, instead of a kernel
+    launch per tensor."""
+    selected = torch.where(
+        condition,
+        torch.cat([flat_view(t) for t in tensors]),
+        torch.cat([flat_view(o) for o in others]),
+    )
+    pieces = selected.split([t.numel() for t in tensors])
+    return [piece.as_strided(t.shape, t.stride()) for piece, t in zip(pieces, tensors)]
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose per-tensor update is scaled by the trust ratio
     eta * ||w|| / ||g + wd * w|| (You et al. 2017), as BYOL uses it:
 
         u = g + wd * w;  u *= eta * ||w|| / ||u||  (unless excluded);  v = m * v + u;  w -= lr * v
+
+    apply_only_if(finite) makes the next step conditional on a 0-dim bool device flag, the way
+    torch.amp.GradScaler skips a step with non-finite gradients but without reading the flag
+    on the host: the gradients must be finite (zeroed when the flag is false), and a false
+    flag leaves weights and momentum exactly as they were.
     """
 
     def __init__(
@@ -66,6 +92,10 @@ class LARS(torch.optim.Optimizer):
             lars_exclude=False,
         )
         super().__init__(params, defaults)
+        self.finite: Optional[torch.Tensor] = None
+
+    def apply_only_if(self, finite: torch.Tensor) -> None:
+        self.finite = finite
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -73,6 +103,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        finite, self.finite = self.finite, None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -95,7 +126,16 @@ class LARS(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buffers.append(state["momentum_buffer"])
-            torch._foreach_mul_(buffers, group["momentum"])
+            if finite is None:
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, updates)
+                torch._foreach_add_(params, buffers, alpha=-group["lr"])
+                continue
+            # Multiplying by 1.0 is exact, so an applied step has the bits of the plain one; a
+            # skipped one keeps v (m -> 1, u -> 0) and moves w by -lr * 0.
+            keep = finite.to(params[0].dtype)
+            torch._foreach_mul_(updates, keep)
+            torch._foreach_mul_(buffers, torch.where(finite, group["momentum"], 1.0))
             torch._foreach_add_(buffers, updates)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            torch._foreach_add_(params, torch._foreach_mul(buffers, keep), alpha=-group["lr"])
         return loss

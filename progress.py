@@ -2,7 +2,7 @@
 
 import logging
 import time
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -14,7 +14,8 @@ logger = logging.getLogger("byol")
 class Progress:
     """The progress line a user watches: step, epoch, loss, images/s and ETA, at least every
     `every_s` seconds and at each epoch's end, on the chief, whatever the reporting period.
-    Reading the loss is the only host sync it adds, at most once per line."""
+    Reading the loss is the only host sync it adds, at most once per line; `before_line` runs
+    just before each line (where the host waits for the device anyway)."""
 
     def __init__(
         self,
@@ -23,10 +24,12 @@ class Progress:
         global_batch_size: int,
         enabled: bool,
         every_s: float = 30.0,
+        before_line: Callable[[], None] = lambda: None,
     ):
         self.total_steps, self.batches_per_epoch = total_steps, batches_per_epoch
         self.global_batch_size, self.enabled, self.every_s = global_batch_size, enabled, every_s
         self.since: Optional[Tuple[float, int]] = None  # (time, steps done) of the last line
+        self.before_line = before_line
 
     def step_done(self, steps_done: int, loss: torch.Tensor) -> None:
         if not self.enabled:
@@ -38,6 +41,7 @@ class Progress:
         epoch_end = steps_done % self.batches_per_epoch == 0
         if now - last_time < self.every_s and not epoch_end and steps_done < self.total_steps:
             return
+        self.before_line()
         seconds_per_step = (now - last_time) / max(1, steps_done - last_steps)
         logger.info(
             "step %d/%d  epoch %d/%d  loss %.4f  %.0f images/s  ETA %s",

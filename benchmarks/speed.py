@@ -1,6 +1,11 @@
 """Where does a BYOL step's time go? Ratios measured in one run, on this machine.
 
-    python benchmarks/speed.py [--byol-pytorch DIR] [--repeats 7]
+    python benchmarks/speed.py [--device cpu|cuda] [--byol-pytorch DIR] [--repeats 7]
+
+0. What makes a GPU wait, counted on the chosen device: aten ops (each non-view op is one kernel
+   launch on a GPU) and host syncs of one training step (train_batch with the augmentation on
+   the device), split into the augmentation, the network (forward + backward) and the
+   optimizer + EMA (with the non-finite guard).
 
 1. Our training step (BYOLTrial.train_batch: both views in one forward, LARS, fused EMA) vs the
    bare compute: the same networks stepped by a plain loop (online forward/backward of each view,
@@ -8,9 +13,9 @@
 2. Ours vs byol-pytorch 0.9.1 on the same backbone and batch (its own BYOL module, augmentation
    replaced by the identity so only the network step is timed). byol-pytorch is not a dependency:
    `pip install --no-deps --target DIR byol-pytorch==0.9.1 einops beartype` and pass --byol-pytorch DIR.
-3. Two-view augmentation throughput on one CPU thread, 32-px images: ours (batched, per-sample
-   parameters) vs torchvision's per-image PIL pipeline with the same recipe (and kornia's batched
-   ops with the same recipe, if kornia is installed).
+3. Two-view augmentation throughput on one CPU thread (the loader's case, whatever --device),
+   32-px images: ours (batched, per-sample parameters) vs torchvision's per-image PIL pipeline
+   with the same recipe (and kornia's batched ops with the same recipe, if kornia is installed).
 4. Validation cost: backbone forward passes per labeled image and wall time of a validation in
    units of one forward pass over the labeled images.
 Timings interleave the contenders (A B A B ...) and report medians, so drift of a shared machine
@@ -18,12 +23,14 @@ hits both alike.
 """
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -34,52 +41,94 @@ sys.path.insert(0, ROOT)
 
 import augment  # noqa: E402
 import byol  # noqa: E402
+import device  # noqa: E402
 import optim  # noqa: E402
 import utils  # noqa: E402
 from backbone import build_backbone  # noqa: E402
+from benchmarks.op_count import OpCounter  # noqa: E402
 from config import load_config, parse_experiment_config  # noqa: E402
 
 BATCH = 64
 IMAGE = 32
 
 
-def interleaved(contenders, repeats, warmup=2):
-    """{name: median seconds} of each zero-argument callable, run in turn `repeats` times."""
+def interleaved(contenders, repeats, warmup=2, sync=lambda: None):
+    """{name: median seconds} of each zero-argument callable, run in turn `repeats` times;
+    `sync` waits for the device before a clock is read."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def make_trial(folder, checkpoint_dir):
-    """A real BYOLTrial built by Determined's local context from const-cifar10.yaml."""
+@contextlib.contextmanager
+def local_trial(config_path, overrides):
+    """A real BYOLTrial built by Determined's local context from a config yaml + overrides (the
+    device is the context's: a GPU when torch sees one)."""
     from determined import pytorch
 
     import model_def
 
-    config = load_config(
-        os.path.join(ROOT, "const-cifar10.yaml"),
-        [
-            "hyperparameters.dataset_name=image_folder",
-            f"data.train_dir={folder}/train",
-            f"data.test_dir={folder}/test",
-            f"hyperparameters.global_batch_size={BATCH}",
-            "hyperparameters.cifar_stem=false",
-            "data.num_workers=0",
-            "hyperparameters.classifier_train_epochs=10",
-        ],
+    config = load_config(config_path, overrides)
+    with pytorch.init(hparams=config["hyperparameters"], exp_conf=config) as context:
+        torch.manual_seed(0)
+        yield model_def.BYOLTrial(context, parse_experiment_config(config))
+
+
+STEP_PARTS = (  # (part, owner attribute path under the trial, method)
+    ("augmentation", "", "two_views"),
+    ("network", "", "forward_loss"),
+    ("network", "context", "backward"),
+    ("optimizer + EMA", "non_finite", "screen"),
+    ("optimizer + EMA", "optimizer", "step"),
+    ("optimizer + EMA", "network", "update_target"),
+)
+
+
+def count_step(trial, batch, step):
+    """An OpCounter of one trial.train_batch, its ops counted by STEP_PARTS; the rest (learning
+    rate, metrics, progress) is counted as `other`."""
+    counter = OpCounter()
+
+    def in_part(part, fn):
+        def counted(*args, **kwargs):
+            with counter.section(part):
+                return fn(*args, **kwargs)
+
+        return counted
+
+    with contextlib.ExitStack() as patches:
+        for part, owner_path, name in STEP_PARTS:
+            owner = trial
+            for attribute in filter(None, owner_path.split(".")):
+                owner = getattr(owner, attribute)
+            patches.enter_context(
+                mock.patch.object(owner, name, in_part(part, getattr(owner, name)))
+            )
+        trial.context._current_batch_idx = step  # what Determined's training loop sets
+        with counter:
+            trial.train_batch(batch, 0, step)
+    return counter
+
+
+def device_batch(count, size, seed=0):
+    """A training batch as the loader ships it with augment_on: device (uint8 images, keys)."""
+    images = torch.from_numpy(
+        np.random.default_rng(seed).integers(0, 255, (count, 3, size, size), dtype=np.uint8)
     )
-    os.environ["XDG_DATA_HOME"] = checkpoint_dir
-    context_manager = pytorch.init(hparams=config["hyperparameters"], exp_conf=config)
-    context = context_manager.__enter__()
-    torch.manual_seed(0)
-    return model_def.BYOLTrial(context, parse_experiment_config(config)), config
+    return {
+        "image": images,
+        "key": augment.sample_keys(seed, 0, torch.arange(count)),
+        "corrupt": torch.zeros(count, dtype=torch.long),
+    }
 
 
 def write_folder(root, per_class=64, classes=4, test_per_class=16):
@@ -94,18 +143,19 @@ def write_folder(root, per_class=64, classes=4, test_per_class=16):
 
 
 def bare_step_fn(trial):
-    """The same networks and LARS, stepped the plain way."""
+    """The same networks and LARS, stepped the plain way, eager, in the trial's precision."""
     net = trial.network
     opt = optim.LARS(optim.lars_param_groups(net, 1.5e-6), lr=0.1, momentum=0.9)
     online = net.online_parameters()
     target = net.target_parameters()
 
     def step(view1, view2):
-        p1 = net.predictor(net.online_projector(net.online_backbone(view1)))
-        p2 = net.predictor(net.online_projector(net.online_backbone(view2)))
-        with torch.no_grad():
-            z1 = net.target_projector(net.target_backbone(view1))
-            z2 = net.target_projector(net.target_backbone(view2))
+        with device.autocast(trial.device, trial.autocast_dtype):
+            p1 = net.predictor(net.online_projector(net.online_backbone(view1)))
+            p2 = net.predictor(net.online_projector(net.online_backbone(view2)))
+            with torch.no_grad():
+                z1 = net.target_projector(net.target_backbone(view1))
+                z2 = net.target_projector(net.target_backbone(view2))
         loss = (byol.regression_loss(p1, z2) + byol.regression_loss(p2, z1)).mean()
         opt.zero_grad()
         loss.backward()
@@ -192,22 +242,64 @@ def main():
         "--byol-pytorch", help="directory holding byol_pytorch/ 0.9.1 (and einops, beartype)"
     )
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the trial runs (default: cuda when torch sees a GPU)",
+    )
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; no GPU in this run")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here; use --device cpu")
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Determined's context takes a GPU it sees
+    on_gpu = args.device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else lambda: None
+    where = torch.cuda.get_device_name() if on_gpu else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     rows = []
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         write_folder(tmp)
-        trial, config = make_trial(tmp, os.path.join(tmp, "ckpt"))
+        os.environ["XDG_DATA_HOME"] = os.path.join(tmp, "ckpt")
+        overrides = [
+            "hyperparameters.dataset_name=image_folder",
+            f"data.train_dir={tmp}/train",
+            f"data.test_dir={tmp}/test",
+            f"hyperparameters.global_batch_size={BATCH}",
+            "hyperparameters.cifar_stem=false",
+            "data.num_workers=0",
+            "hyperparameters.classifier_train_epochs=10",
+            "hyperparameters.compile=false",  # eager: the ops counted are the ops launched
+        ]
+        trial = stack.enter_context(
+            local_trial(os.path.join(ROOT, "const-cifar10.yaml"), overrides)
+        )
         hp = trial.hp
+
+        # 0. ops and host syncs per step (the second step: the first copies constants once)
+        batch = device_batch(BATCH, IMAGE)
+        for step in range(2):
+            counter = count_step(trial, batch, step)
+        print(
+            f"\n0. one training step (train_batch, augmentation on the device), {args.device}: "
+            f"ops and host syncs"
+        )
+        for part in ("augmentation", "network", "optimizer + EMA", "other"):
+            print(f"   {part:20s} {counter.summary(part)}")
+        print(f"   {'total':20s} {counter.summary()}  {counter.sync_names() or ''}")
+        for part in ("augmentation", "network", "optimizer + EMA"):
+            rows.append([f"kernel launches per step: {part}", str(counter.launches(part))])
+        rows.append(["host syncs per step", str(counter.syncs())])
+
         torch.manual_seed(0)
-        views = torch.randn(2 * BATCH, 3, IMAGE, IMAGE)
+        views = torch.randn(2 * BATCH, 3, IMAGE, IMAGE, device=trial.device)
         batch = {
             "views": views,
             "corrupt": torch.zeros(BATCH, dtype=torch.long),
             "key": torch.zeros(BATCH),
         }
-        step = [0]
+        step = [2]
 
         def ours():
             trial.context._current_batch_idx = step[0]  # what Determined's training loop sets
@@ -230,7 +322,7 @@ def main():
                 augment_fn=torch.nn.Identity(),
                 moving_average_decay=0.99,
                 use_simplicial_embeddings=False,
-            )
+            ).to(trial.device)
             bp_opt = optim.LARS(optim.lars_param_groups(learner, 1.5e-6), lr=0.1, momentum=0.9)
             images = views[:BATCH]
 
@@ -243,9 +335,10 @@ def main():
 
             contenders["byol-pytorch 0.9.1"] = byol_pytorch_step
 
-        medians = interleaved(contenders, args.repeats)
+        medians = interleaved(contenders, args.repeats, sync=sync)
         print(
-            f"\n1-2. training step, ResNet-18 (ImageNet stem), batch {BATCH} x 2 views of {IMAGE} px, CPU "
+            f"\n1-2. training step, ResNet-18 (ImageNet stem), batch {BATCH} x 2 views of "
+            f"{IMAGE} px, {args.device} "
             f"(median of {args.repeats}, interleaved)"
         )
         for name, seconds in medians.items():
@@ -259,7 +352,7 @@ def main():
             print(f"   ours speed vs byol-pytorch  = {speedup:.3f}x  (goal >= 1.0x)")
             rows.append(["ours speed / byol-pytorch 0.9.1", f"{speedup:.3f}x"])
 
-        # 3. augmentation throughput, one thread
+        # 3. augmentation throughput, one CPU thread (the loader's case)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         aug = hp.augmentation
@@ -302,19 +395,23 @@ def main():
         )
         trial.network.eval()
         labeled = len(loader.dataset)
+        sync()
         start = time.perf_counter()
         with torch.no_grad():
             trial.probe.reset()
             for i, b in enumerate(loader):
                 trial.evaluate_batch(b, i)
+            sync()
             extract_s = time.perf_counter() - start
             trial.probe.cross_slot_reduce([trial.probe.per_slot_reduce()])
+        sync()
         total_s = time.perf_counter() - start
         hook.remove()
         with torch.no_grad():
             start = time.perf_counter()
             for b in loader:
                 backbone(trial.normalize(b["image"]))
+            sync()
             one_pass_s = time.perf_counter() - start
         print(
             f"\n4. validation ({labeled} labeled + test images, {hp.probe.epochs} classifier epochs "

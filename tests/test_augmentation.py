@@ -1,6 +1,10 @@
 """The batched two-view augmentation samples what torchvision's per-image pipeline samples, and
 its pixel operations compute what torchvision's functional ops compute."""
 
+import subprocess
+import time
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +14,9 @@ from torchvision import transforms
 
 import augment
 import data
+from benchmarks.op_count import OpCounter
 from config import _parse_augmentation, _Reader
+from conftest import ROOT
 
 N = 4000
 
@@ -82,9 +88,10 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(height, width, scale)
 def test_view_parameters_follow_the_paper_recipe():
     aug = augmentation()
     keys = augment.sample_keys(5, 0, torch.arange(N))
-    planner = augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
-    p1 = augment.sample_view_params(planner.view_uniforms(keys, 0), aug, 0)
-    p2 = augment.sample_view_params(planner.view_uniforms(keys, 1), aug, 1)
+    u = augment.stream_uniforms(keys, augment.SLOTS_PER_VIEW, (0, 1))
+    both = augment.sample_view_params(u, aug)
+    p1 = augment.ViewParams(*(t[:N] for t in both))
+    p2 = augment.ViewParams(*(t[N:] for t in both))
 
     def rate_ok(flags, p):
         return (
@@ -201,3 +208,89 @@ def test_an_augmentation_call_makes_no_tensor_from_host_values(monkeypatch):
         monkeypatch.setattr(torch, name, refuse)
     assert torch.equal(transform(uncropped, keys), first)
     assert transform(cropped, keys).shape == (12, 3, 16, 16)
+
+
+# The augmentation as it was before it was batched over both views (issue 19): its pixels are
+# what runs, resumes and checkpoints so far were trained on.
+BEFORE_BATCHED_VIEWS = "87fac6f3a7943cb97723a8a111e4c0ae4afdd29e"
+
+
+@pytest.fixture(scope="module")
+def previous_augment():
+    shown = subprocess.run(
+        ["git", "-C", ROOT, "show", f"{BEFORE_BATCHED_VIEWS}:augment.py"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if shown.returncode != 0:
+        pytest.skip(f"commit {BEFORE_BATCHED_VIEWS} is not in this clone's history")
+    module = types.ModuleType("previous_augment")
+    exec(compile(shown.stdout, "previous_augment.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(64, 3, 32, 32), (64, 3, 40, 56), (64, 2, 3, 32, 32), (64, 2, 3, 48, 48)],
+    ids=["cifar-arrays", "uncropped-rectangles", "loader-crops", "loader-crops-resized"],
+)
+def test_two_views_give_the_previous_implementations_pixels(previous_augment, shape):
+    """Same keys, same pixels: determinism, resume and old checkpoints are unchanged."""
+    aug = augmentation()
+    stats_ = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    ours = augment.TwoViewAugmentation(aug, *stats_)
+    before = previous_augment.TwoViewAugmentation(aug, *stats_)
+    images = torch.randint(
+        0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    for seed, epoch in ((0, 0), (7, 3), (123, 11)):
+        keys = augment.sample_keys(seed, epoch, torch.arange(shape[0]))
+        torch.testing.assert_close(ours(images, keys), before(images, keys), atol=1e-5, rtol=0)
+
+
+def test_crop_boxes_give_the_previous_implementations_boxes(previous_augment):
+    """Including torchvision's fallback (no attempt fits) for too tall and too wide images."""
+    keys = augment.sample_keys(2, 0, torch.arange(600))
+    u = augment.uniforms(keys, 4 * augment.CROP_ATTEMPTS, stream=0)
+    heights = torch.tensor([32, 10, 200, 480, 37, 5] * 100)
+    widths = torch.tensor([32, 200, 10, 640, 23, 7] * 100)
+    for scale in ((0.08, 1.0), (0.95, 1.0)):
+        ours = augment.sample_crop_boxes(u, heights, widths, scale, (3 / 4, 4 / 3))
+        before = previous_augment.sample_crop_boxes(u, heights, widths, scale, (3 / 4, 4 / 3))
+        assert torch.equal(ours, before)
+
+
+@pytest.mark.parametrize(
+    "shape,size",
+    [((512, 3, 32, 32), 32), ((128, 2, 3, 224, 224), 224)],
+    ids=["512-cifar-arrays", "128-imagenet-loader-crops"],
+)
+def test_an_augmentation_call_launches_at_most_300_kernels_and_never_syncs(shape, size):
+    """Counted on `meta`, which takes CUDA's branches: every non-view op is a kernel launch
+    on a GPU (the previous implementation launched 985 and 773)."""
+    aug = augmentation(image_size=size)
+    transform = augment.TwoViewAugmentation(aug, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    images = torch.empty(shape, dtype=torch.uint8, device="meta")
+    keys = augment.sample_keys(0, 0, torch.arange(shape[0])).to("meta")
+    transform(images, keys)  # the first call copies the constants to the device
+    with OpCounter() as counter:
+        views = transform(images, keys)
+    assert views.shape == (2 * shape[0], 3, size, size)
+    assert counter.launches() <= 300, counter.summary()
+    assert counter.syncs() == 0, counter.sync_names()
+
+
+def test_the_augmentation_compiles_as_one_graph_with_the_eager_pixels():
+    """What compile: auto runs on a GPU (inductor, one graph: no break, no host sync), here
+    on a CPU and small, as compiling takes minutes on two cores."""
+    aug = augmentation(image_size=16)
+    transform = augment.TwoViewAugmentation(aug, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    keys = augment.sample_keys(0, 0, torch.arange(4))
+    images = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
+    eager = transform(images, keys)
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    compiled = torch.compile(transform, fullgraph=True)(images, keys)
+    print(f"compile + first call: {time.perf_counter() - start:.0f} s")
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)

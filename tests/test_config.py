@@ -4,8 +4,10 @@ and what is allowed. The README's table of bad inputs lists the same cases."""
 import os
 
 import pytest
+import torch
 import yaml
 
+import device
 import model_def
 from config import ConfigError, apply_override, load_config, parse_experiment_config, parse_hparams
 from conftest import folder_overrides, tiny_config
@@ -38,6 +40,8 @@ def run(args):
             "flip_prob=1.5 must be a number in [0.0, 1.0]",
         ),
         ("hyperparameters.augment_on=gpu", "augment_on='gpu' is not one of: auto, device, loader"),
+        ("hyperparameters.compile=maybe", "compile='maybe' is not one of: auto, true, false"),
+        ("hyperparameters.compile=1", "compile=1 is not one of: auto, true, false"),
         (
             "hyperparameters.classifier_lrs=[]",
             "classifier_lrs=[] must be a non-empty list of positive numbers",
@@ -305,3 +309,12 @@ def test_knn_k_above_the_labeled_images_and_too_many_workers_are_said_once(
     )
     # 24 training images, 3 held out of the probe's fit: 21 + 3 labeled images for the kNN.
     assert said.count("knn_k=500 is more than the 24 labeled images: the kNN uses all of them") == 1
+
+
+def test_compile_defaults_to_auto_which_compiles_on_gpus_only(tmp_path):
+    raw = load_config(str(tiny_config(tmp_path)))["hyperparameters"]
+    raw.pop("compile", None)
+    assert parse_hparams(raw).compile == "auto"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [device.compiles(s, cpu) for s in ("auto", True, False)] == [False, True, False]
+    assert [device.compiles(s, cuda) for s in ("auto", True, False)] == [True, True, False]

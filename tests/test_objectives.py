@@ -124,3 +124,59 @@ def test_lars_step_matches_the_formula():
         opt.step()
         torch.testing.assert_close(w.detach(), w0)
         torch.testing.assert_close(b.detach(), b0)
+
+
+def lars_and_parameters(seed):
+    torch.manual_seed(seed)
+    w, b = nn.Parameter(torch.randn(8, 5)), nn.Parameter(torch.randn(5))
+    opt = optim.LARS(
+        [
+            {"params": [w], "weight_decay": 0.01, "lars_exclude": False},
+            {"params": [b], "weight_decay": 0.0, "lars_exclude": True},
+        ],
+        lr=0.3,
+        momentum=0.9,
+    )
+    return opt, [w, b]
+
+
+def test_a_lars_step_applied_on_the_device_flag_is_the_plain_step_and_a_skipped_one_is_nothing():
+    """apply_only_if(True) gives the unconditional step's bits (so old checkpoints resume to
+    the same weights); apply_only_if(False), with the zeroed gradients the non-finite guard
+    leaves, changes neither weights nor momentum."""
+    plain, plain_params = lars_and_parameters(0)
+    flagged, flagged_params = lars_and_parameters(0)
+    grads = [[torch.randn(8, 5), torch.randn(5)] for _ in range(3)]
+    for step_grads in grads:
+        for p, q, g in zip(plain_params, flagged_params, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        plain.step()
+        flagged.apply_only_if(torch.tensor(True))
+        flagged.step()
+        for p, q in zip(plain_params, flagged_params):
+            assert torch.equal(p, q)
+            assert torch.equal(
+                plain.state[p]["momentum_buffer"], flagged.state[q]["momentum_buffer"]
+            )
+    before = [p.detach().clone() for p in flagged_params]
+    momentum = [flagged.state[p]["momentum_buffer"].clone() for p in flagged_params]
+    for p in flagged_params:
+        p.grad = torch.zeros_like(p)
+    flagged.apply_only_if(torch.tensor(False))
+    flagged.step()
+    for p, b, m in zip(flagged_params, before, momentum):
+        assert torch.equal(p, b) and torch.equal(flagged.state[p]["momentum_buffer"], m)
+
+
+def test_an_ema_step_applied_on_the_device_flag_is_the_plain_step_and_a_skipped_one_is_nothing():
+    channels_last = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    online = [torch.randn(3, 3), torch.randn(4), channels_last]
+    target = [torch.randn_like(o) for o in online]
+    plain = [t.clone() for t in target]
+    byol.ema_update_(plain, online, tau=0.99)
+    flagged = [t.clone() for t in target]
+    byol.ema_update_(flagged, online, tau=0.99, apply=torch.tensor(True))
+    assert all(torch.equal(p, f) for p, f in zip(plain, flagged))
+    skipped = [t.clone() for t in target]
+    byol.ema_update_(skipped, online, tau=0.99, apply=torch.tensor(False))
+    assert all(torch.equal(s, t) for s, t in zip(skipped, target))

@@ -11,9 +11,12 @@ import torch
 
 import byol
 import checkpoint
+import device
 import export
 import model_def
+import nonfinite
 import progress as progress_module
+from benchmarks import speed
 from conftest import ROOT, folder_overrides, tiny_config
 
 
@@ -113,9 +116,18 @@ def test_resume_mid_epoch_is_exact(tmp_path, image_folder):
     )
 
 
+@pytest.mark.parametrize(
+    "every,checkpoints",
+    [(1, [1, 2, 3, 4]), (3, [3])],
+    ids=["report-and-checkpoint-every-step", "every-3-steps"],
+)
 def test_non_finite_loss_stops_at_that_step_without_a_poisoned_checkpoint(
-    tmp_path, image_folder, monkeypatch
+    tmp_path, image_folder, monkeypatch, every, checkpoints
 ):
+    """The loss of step 4 (the fifth) is NaN. The step's update is skipped on the device and
+    the host raises at its next wait: at once when it reports every step; every 3 steps, step
+    5 runs too and the progress line at the epoch's end (step 6) raises, before the report and
+    checkpoint of step 6. Either way the error names step 4 and every checkpoint is finite."""
     real_loss = byol.byol_loss
     calls = {"n": 0}
 
@@ -126,19 +138,86 @@ def test_non_finite_loss_stops_at_that_step_without_a_poisoned_checkpoint(
 
     monkeypatch.setattr(byol, "byol_loss", loss_that_explodes_at_the_fifth_step)
     config = tiny_config(tmp_path)
-    with pytest.raises(model_def.NonFiniteLossError) as error:
+    with pytest.raises(nonfinite.NonFiniteLossError) as error:
         train(
             config,
             tmp_path / "ckpt",
             *folder_overrides(image_folder),
             "--set",
-            "min_checkpoint_period={batches: 1}",
+            f"scheduling_unit={every}",
+            "--set",
+            f"min_checkpoint_period={{batches: {every}}}",
             "--set",
             "min_validation_period={batches: 100}",
         )
     message = str(error.value)
     assert "at step 4 (epoch 1)" in message and re.search(r"last finite loss: \d+\.\d+", message)
-    assert sorted(checkpoints_by_step(tmp_path / "ckpt")) == [1, 2, 3, 4]
+    written = checkpoints_by_step(tmp_path / "ckpt")
+    assert sorted(written) == checkpoints
+    for paths in written.values():
+        state = load_state(paths[0])
+        assert all(torch.isfinite(t).all() for t in state["models_state_dict"][0].values())
+        for buffers in state["optimizers_state_dict"][0]["state"].values():
+            assert torch.isfinite(buffers["momentum_buffer"]).all()
+
+
+@pytest.mark.parametrize("place", ["device", "loader"])
+def test_a_training_step_that_prints_nothing_never_waits_for_the_device(
+    tmp_path, image_folder, monkeypatch, place
+):
+    """Counted around train_batch: no op whose result the host reads (.item(), nonzero,
+    bool(tensor), ...), with the augmentation on the device or in the loader. (The code before
+    issue 19 read the loss's finiteness every step, and its CPU augmentation used nonzero.)"""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "ckpt"))
+    overrides = [o for o in folder_overrides(image_folder) if o != "--set"]
+    overrides.append(f"hyperparameters.augment_on={place}")
+    with speed.local_trial(str(tiny_config(tmp_path)), overrides) as trial:
+        batch = next(iter(trial.build_training_data_loader()))
+        for step in (0, 1):  # 3 steps an epoch: steps_done 1 and 2 print no progress line
+            counter = speed.count_step(trial, batch, step)
+        assert counter.syncs() == 0, counter.sync_names()
+        parts = ("augmentation", "network", "optimizer + EMA")
+        assert all(counter.launches(part) > 0 for part in parts[place == "loader" :])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_training_steps_on_a_gpu_never_sync(tmp_path, image_folder, monkeypatch):
+    """torch's own sync detector: any synchronising call inside the steps raises."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "ckpt"))
+    overrides = [o for o in folder_overrides(image_folder) if o != "--set"]
+    overrides += ["hyperparameters.augment_on=device", "hyperparameters.global_batch_size=4"]
+    with speed.local_trial(str(tiny_config(tmp_path)), overrides) as trial:
+        assert trial.device.type == "cuda"
+        batches = iter(trial.build_training_data_loader())
+        trial.context._current_batch_idx = 0
+        trial.train_batch(next(batches), 0, 0)  # compiles, copies constants once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in (1, 2, 3, 4):  # 6 steps an epoch: no progress line
+                trial.context._current_batch_idx = step
+                trial.train_batch(next(batches), 0, step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        trial.check_finite()
+
+
+def test_a_failed_compile_says_so_once_and_runs_eager(monkeypatch, caplog):
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: real_compile(fn, backend=failing_backend))
+    torch._dynamo.reset()
+    fn = device.CompiledOrEager(lambda x: torch.sin(x) * 2, "the test function")
+    x = torch.linspace(0, 1, 5)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(fn(x), torch.sin(x) * 2)
+        assert torch.equal(fn(x), torch.sin(x) * 2)
+    lines = [r.getMessage() for r in caplog.records if "compile" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("compile: the test function falls back to eager")
 
 
 def training_losses(caplog):
@@ -212,7 +291,7 @@ def test_checkpoints_written_before_the_split_resume_exactly_and_evaluate(tmp_pa
     if archive.returncode != 0:
         pytest.skip(f"commit {BEFORE_THE_SPLIT} is not in this clone's history")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
-    config = tiny_config(tmp_path, epochs=2)
+    config = tiny_config(tmp_path, epochs=2, compile=False)  # the old code knows no `auto`
     every_step = ["--set", "min_checkpoint_period={batches: 1}"]
     written = subprocess.run(
         [
