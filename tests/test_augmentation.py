@@ -1,6 +1,8 @@
 """The batched two-view augmentation samples what torchvision's per-image pipeline samples, and
 its pixel operations compute what torchvision's functional ops compute."""
 
+import itertools
+import pathlib
 import subprocess
 import time
 import types
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 from scipy import stats
 from torchvision import transforms
 
@@ -16,7 +19,7 @@ import augment
 import data
 from benchmarks.op_count import OpCounter
 from config import _parse_augmentation, _Reader
-from conftest import ROOT
+from conftest import ROOT, fetch_commit_if_missing
 
 N = 4000
 
@@ -76,11 +79,12 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(height, width, scale)
             for _ in range(N)
         ]
     )
-    their_h, their_w, their_top = theirs[:, 2], theirs[:, 3], theirs[:, 0]
+    their_top, their_left, their_h, their_w = theirs.T
     for ours, theirs_ in (
         (ours_w * ours_h / (height * width), their_w * their_h / (height * width)),  # area
         (ours_w / ours_h, their_w / their_h),  # aspect
         (boxes[:, 1], their_top),  # vertical position
+        (boxes[:, 0], their_left),  # horizontal position
     ):
         assert stats.ks_2samp(ours, theirs_).pvalue > 1e-3
 
@@ -217,16 +221,18 @@ BEFORE_BATCHED_VIEWS = "87fac6f3a7943cb97723a8a111e4c0ae4afdd29e"
 
 @pytest.fixture(scope="module")
 def previous_augment():
-    shown = subprocess.run(
+    fetch_commit_if_missing(ROOT, BEFORE_BATCHED_VIEWS)
+    source = subprocess.run(
         ["git", "-C", ROOT, "show", f"{BEFORE_BATCHED_VIEWS}:augment.py"],
         capture_output=True,
         text=True,
         timeout=60,
-    )
-    if shown.returncode != 0:
-        pytest.skip(f"commit {BEFORE_BATCHED_VIEWS} is not in this clone's history")
+        check=True,
+    ).stdout
+    # Its one import of this package: the config's types, in config.py since.
+    source = source.replace("from utils import Augmentation", "from config import Augmentation")
     module = types.ModuleType("previous_augment")
-    exec(compile(shown.stdout, "previous_augment.py", "exec"), module.__dict__)
+    exec(compile(source, "previous_augment.py", "exec"), module.__dict__)
     return module
 
 
@@ -294,3 +300,112 @@ def test_the_augmentation_compiles_as_one_graph_with_the_eager_pixels():
     compiled = torch.compile(transform, fullgraph=True)(images, keys)
     print(f"compile + first call: {time.perf_counter() - start:.0f} s")
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+CIFAR_SUBSET = pathlib.Path(ROOT).parent / "shared" / "data" / "cifar10-subset"
+
+
+def inside_the_crop(crop_size: int, size: int) -> torch.Tensor:
+    """[size] bool: output pixels whose bilinear source point, (j + 0.5) * crop / size - 0.5 in
+    the crop's pixel coordinates, lies between the crop's first and last pixel centres."""
+    source = (torch.arange(size, dtype=torch.float64) + 0.5) * crop_size / size - 0.5
+    return (source >= 0) & (source <= crop_size - 1)
+
+
+@pytest.mark.skipif(not CIFAR_SUBSET.is_dir(), reason=f"needs real images in {CIFAR_SUBSET}")
+def test_crops_of_real_images_equal_torchvision_resized_crop():
+    """CIFAR-10 training crops (32 px out of crops of at most 32 px: upsampling) are
+    torchvision's resized_crop of the sampled box, wherever a bilinear sample lies inside the
+    crop. At the outermost output pixels of an enlarged crop roi_align blends in the image
+    pixel just outside the box, where resized_crop, having cut the box out first, repeats the
+    box's edge pixel."""
+    files = sorted(CIFAR_SUBSET.glob("test/*/*.png"))[:200]
+    images = torch.stack(
+        [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()) for f in files]
+    ).permute(0, 3, 1, 2)
+    n, size = len(images), 32
+    planner = augment.TwoViewAugmentation(augmentation(), (0, 0, 0), (1, 1, 1))
+    side = torch.full((n,), 32)
+    boxes = planner.crop_boxes(augment.sample_keys(7, 0, torch.arange(n)), 0, side, side)
+    crops = augment.crop_resize_batch(images, boxes, size)
+    compared = 0
+    for image, crop, (x0, y0, x1, y1) in zip(images, crops, boxes.int().tolist()):
+        expected = TF.resized_crop(
+            image.float(), y0, x0, y1 - y0, x1 - x0, [size, size], antialias=True
+        )
+        rows, columns = inside_the_crop(y1 - y0, size), inside_the_crop(x1 - x0, size)
+        torch.testing.assert_close(
+            crop[:, rows][:, :, columns], expected[:, rows][:, :, columns], atol=1e-3, rtol=0
+        )
+        compared += int(rows.sum()) * int(columns.sum())
+    assert compared > 0.85 * n * size * size  # the edge rows and columns aside (88% here)
+
+
+TORCHVISION_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+            ],
+        ),
+    ],
+)
+def test_color_jitter_applies_each_samples_own_order_with_hue_as_torchvision(device):
+    """All 24 orders of brightness, contrast, saturation and hue, one per image, every factor
+    away from the identity: torchvision's four functional ops applied in that image's order.
+    color_jitter takes one path on every device (no branch on the device type)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(24, 3, 20, 20, generator=generator)
+    order = torch.tensor(list(itertools.permutations(range(4))))
+    low = torch.tensor([0.6, 0.6, 0.8, -0.1])  # the recipe's ranges (const-cifar10.yaml)
+    jitter = low + (torch.tensor([1.4, 1.4, 1.2, 0.1]) - low) * torch.rand(
+        24, 4, generator=generator
+    )
+    jitter[:, 3] = torch.where(jitter[:, 3].abs() < 0.02, 0.05, jitter[:, 3])  # hue always on
+    out = augment.color_jitter(x.to(device), jitter.to(device), order.to(device)).cpu()
+    for i in range(24):
+        expected = x[i]
+        for op in order[i].tolist():
+            expected = TORCHVISION_JITTER[op](expected, float(jitter[i, op]))
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+
+
+def test_view_pixels_are_torchvisions_ops_in_the_recipe_order():
+    """pixel_ops with the sampled parameters of each image: flip, colour jitter (its own order),
+    grayscale, Gaussian blur, solarize, normalisation, each torchvision's functional op, in
+    that order, for both views (one batch of 2B). View 2 with solarize_prob 0.5 so every op is
+    both on and off in its half."""
+    aug = augmentation(
+        image_size=20, view2={"blur_prob": 0.5, "solarize_prob": 0.5}, grayscale_prob=0.3
+    )
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    transform = augment.TwoViewAugmentation(aug, mean, std)
+    n = 64
+    keys = augment.sample_keys(11, 0, torch.arange(n))
+    x = torch.rand(2 * n, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    u = augment.stream_uniforms(keys, augment.SLOTS_PER_VIEW, (0, 1))  # [2 views, n, slots]
+    out = transform.pixel_ops(x, u)
+    p = augment.sample_view_params(u, aug)
+    jittered = (p.jitter != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(dim=1)
+    for flags in (p.flip, jittered, p.gray, p.blur_sigma > 0, p.solarize):
+        assert 0 < int(flags[n:].sum()) < n  # view 2
+    kernel = transform.blur_kernel_size
+    for i in range(2 * n):
+        y = TF.hflip(x[i]) if p.flip[i] else x[i]
+        for op in p.jitter_order[i].tolist():
+            y = TORCHVISION_JITTER[op](y, float(p.jitter[i, op]))
+        if p.gray[i]:
+            y = TF.rgb_to_grayscale(y, num_output_channels=3)
+        if p.blur_sigma[i] > 0:
+            y = TF.gaussian_blur(y, [kernel, kernel], [float(p.blur_sigma[i])] * 2)
+        if p.solarize[i]:
+            y = TF.solarize(y, 0.5)
+        # 1e-5 in pixel values [0, 1], as normalised: divided by the std.
+        torch.testing.assert_close(out[i], TF.normalize(y, mean, std), atol=1e-5 / 0.2, rtol=0)

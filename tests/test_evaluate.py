@@ -181,6 +181,53 @@ def test_augmented_evaluation_writes_evaluation_json_beside_the_checkpoint(train
     assert "random-resized crop + flip" in printed and printed.count("<- chosen") == 1
 
 
+def write_planted_folder(root, per_class):
+    """<class>/*.png whose whole area carries the class: channel c bright (200-255) for class
+    c, the others dark (0-60), so every crop of every image shows it."""
+    rng = np.random.default_rng(5)
+    for label, cls in enumerate(CLASSES):
+        os.makedirs(root / cls)
+        for i in range(per_class):
+            image = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+            image[..., label] = rng.integers(200, 256, (16, 16), dtype=np.uint8)
+            Image.fromarray(image).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+def test_augmented_evaluation_scores_a_planted_class_exactly_and_chooses_the_lr_that_learns_it(
+    trained, tmp_path, capsys
+):
+    """The default (augmented) evaluation through its command line, on images whose class
+    fills the picture: the head whose LR learns (1.0) is chosen over one too small to move
+    (1e-7) and is right on every held-out and test image."""
+    train_dir = write_planted_folder(tmp_path / "train", per_class=8)
+    test_dir = write_planted_folder(tmp_path / "test", per_class=4)
+    run(
+        [
+            "--checkpoint",
+            trained.checkpoint,
+            "--classifier-train-epochs",
+            3,
+            "--classifier-lrs",
+            1e-7,
+            1.0,
+            "--set",
+            f"data.train_dir={train_dir}",
+            "--set",
+            f"data.test_dir={test_dir}",
+            "--output",
+            tmp_path / "planted.json",
+        ],
+        capsys,
+    )
+    result = json.loads((tmp_path / "planted.json").read_text())
+    assert result["protocol"]["augment"] is True
+    assert result["images"] == {"fit": 21, "holdout": 3, "test": 12}
+    assert result["chosen_lr"] == 1.0
+    assert result["holdout_accuracy"] == 1.0 and result["test_accuracy"] == 1.0
+    assert result["classifiers"][0]["holdout_accuracy"] < 1.0  # 1e-7 learns nothing
+
+
 def test_augmented_crops_are_deterministic_and_agree_between_arrays_and_files(trained):
     """Arrays are cropped as a batch (roi_align), files one by one (PIL): same boxes, same flips."""
     files = data.open_folder(

@@ -1,6 +1,7 @@
 """The linear probe and kNN that validation and evaluate_result.py share, on features whose
 class is planted (one dimension per class): the outcome is known before the probe runs."""
 
+import numpy as np
 import torch
 
 import probe
@@ -47,3 +48,47 @@ def test_evaluation_chooses_the_same_lr_and_reports_the_same_accuracy():
 
 def test_ties_go_to_the_smallest_learning_rate():
     assert probe.chosen_head([0.5, 0.9, 0.9, 0.2]) == 1
+
+
+def brute_force_knn_accuracy(train_x, train_y, test_x, test_y, classes, k, temperature):
+    """Weighted kNN by the definition, one test row at a time: the k train rows of highest
+    cosine similarity s vote for their class with weight exp(s / temperature)."""
+    train_x = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    correct = 0
+    for row, label in zip(test_x, test_y):
+        similarity = train_x @ (row / np.linalg.norm(row))
+        nearest = np.argsort(-similarity)[:k]
+        votes = np.zeros(classes)
+        for i in nearest:
+            votes[train_y[i]] += np.exp(similarity[i] / temperature)
+        correct += int(np.argmax(votes) == label)
+    return correct / len(test_y)
+
+
+def test_knn_accuracy_equals_a_brute_force_reference_for_each_k_and_temperature():
+    """Overlapping classes (centres 1 apart, noise of 1 per dimension), 1,500 test rows so the
+    1,024-row chunks split them: the result depends on k and on the temperature."""
+    rng = np.random.default_rng(0)
+    classes, dim = 5, 8
+    centres = rng.normal(size=(classes, dim))
+    train_y, test_y = rng.integers(0, classes, 400), rng.integers(0, classes, 1500)
+    train_x = (centres[train_y] + rng.normal(size=(400, dim))).astype(np.float32)
+    test_x = (centres[test_y] + rng.normal(size=(1500, dim))).astype(np.float32)
+    results = {}
+    for k in (3, 100):
+        for temperature in (0.02, 1.0):
+            ours = probe.knn_accuracy(
+                torch.from_numpy(train_x),
+                torch.from_numpy(train_y),
+                torch.from_numpy(test_x),
+                torch.from_numpy(test_y),
+                classes,
+                k=k,
+                temperature=temperature,
+            )
+            expected = brute_force_knn_accuracy(
+                train_x.astype(np.float64), train_y, test_x, test_y, classes, k, temperature
+            )
+            assert ours == expected, (k, temperature)
+            results[k, temperature] = ours
+    assert results[3, 1.0] != results[100, 1.0] and results[100, 0.02] != results[100, 1.0]

@@ -4,6 +4,7 @@ checkpoints, resumes exactly, and stops cleanly on a non-finite loss."""
 import json
 import os
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ import model_def
 import nonfinite
 import progress as progress_module
 from benchmarks import speed
-from conftest import ROOT, folder_overrides, tiny_config
+from config import load_config, parse_data_config, parse_hparams
+from conftest import ROOT, fetch_commit_if_missing, folder_overrides, tiny_config
 
 
 def train(config, checkpoint_dir, *extra):
@@ -96,24 +98,92 @@ def test_training_validates_checkpoints_and_resumes(tmp_path, image_folder, capl
     assert [step for step, _ in validation_metrics(caplog)] == [6]
 
 
-def test_resume_mid_epoch_is_exact(tmp_path, image_folder):
-    """N steps, checkpoint, resume, M more steps == N + M uninterrupted steps, bit for bit."""
-    config = tiny_config(tmp_path, epochs=2)
-    every_step = [
-        "--set",
-        "min_checkpoint_period={batches: 1}",
-        "--set",
-        "min_validation_period={batches: 100}",
-    ]
-    train(config, tmp_path / "full", *folder_overrides(image_folder), *every_step)
-    full = checkpoints_by_step(tmp_path / "full")
+EVERY_STEP = [
+    "--set",
+    "min_checkpoint_period={batches: 1}",
+    "--set",
+    "min_validation_period={batches: 100}",
+]
+
+
+@pytest.fixture(scope="module")
+def every_step_run(tmp_path_factory):
+    """6 steps of the tiny config with a checkpoint after each: {step: [dirs]}, and how to rerun.
+    Base LR 3.2 and tau_base 0.9 make the hand-worked schedules below round numbers."""
+    from conftest import write_image_folder
+
+    root = tmp_path_factory.mktemp("every-step")
+    folder = write_image_folder(root / "images")
+    config = tiny_config(root, epochs=2, learning_rate=3.2, tau_base=0.9)
+    train(config, root / "full", *folder_overrides(folder), *EVERY_STEP)
+    full = checkpoints_by_step(root / "full")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
-    assert_resuming_step_4_reproduces(full, config, image_folder, every_step, tmp_path / "resumed")
-    # The target moved by EMA and differs from the online network.
-    weights = load_state(full[6][0])["models_state_dict"][0]
-    assert not torch.equal(
-        weights["online_backbone.conv1.weight"], weights["target_backbone.conv1.weight"]
-    )
+    return full, config, folder
+
+
+def test_resume_mid_epoch_is_exact(tmp_path, every_step_run):
+    """N steps, checkpoint, resume, M more steps == N + M uninterrupted steps, bit for bit."""
+    full, config, folder = every_step_run
+    assert_resuming_step_4_reproduces(full, config, folder, EVERY_STEP, tmp_path / "resumed")
+
+
+# The schedules of every_step_run, worked out by hand. 24 images at global batch 8: 3 steps an
+# epoch, 2 epochs = K = 6 steps, warmup 1 epoch = 3 steps. Base LR 3.2 -> peak 3.2 x 8 / 256 =
+# 0.1 (the linear scaling rule). Step k (k optimizer steps done before it) uses:
+HAND_LR = [
+    0.0,  # k=0: warmup 0.1 x 0/3
+    0.1 / 3,  # k=1: 0.1 x 1/3
+    0.2 / 3,  # k=2: 0.1 x 2/3
+    0.1,  # k=3: cosine 0.1 x (1 + cos(0)) / 2
+    0.075,  # k=4: 0.1 x (1 + cos(pi/3)) / 2 = 0.1 x 1.5 / 2
+    0.025,  # k=5: 0.1 x (1 + cos(2 pi/3)) / 2 = 0.1 x 0.5 / 2
+]
+# tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2 with tau_base 0.9, K = 6, at the steps
+# between two checkpoints:
+HAND_TAU = {
+    1: 0.9066987298107780,  # 1 - 0.05 x (1 + cos(pi/6)) = 1 - 0.05 x 1.8660254037844386
+    2: 0.925,  # 1 - 0.05 x (1 + 0.5)
+    3: 0.95,  # 1 - 0.05 x (1 + 0)
+    4: 0.975,  # 1 - 0.05 x (1 - 0.5)
+    5: 0.9933012701892219,  # 1 - 0.05 x (1 - 0.8660254037844386)
+}
+
+
+def optimizer_parameter_names():
+    """The model's parameter names in the optimizer state's index order (LARS's two groups)."""
+    import optim
+    from backbone import build_backbone
+
+    network = byol.BYOLNetwork(build_backbone("resnet18", True)[0], 512, 32, 16)
+    names = {id(p): n for n, p in network.named_parameters()}
+    groups = optim.lars_param_groups(network, weight_decay=0.0)
+    return [names[id(p)] for group in groups for p in group["params"]]
+
+
+def test_each_step_uses_the_hand_worked_learning_rate_and_ema_tau(every_step_run):
+    """From consecutive checkpoints of a real run: the LR each step used (stored in the
+    optimizer, and as the weights actually moved: w' = w - lr * v') and the EMA of every target
+    tensor (target' = tau_k target + (1 - tau_k) online') equal the hand-worked schedules."""
+    saved = every_step_run[0]
+    states = {s: load_state(saved[s][0]) for s in saved}
+    names = optimizer_parameter_names()
+    for step in range(1, 7):  # the checkpoint after step index k = step - 1
+        for group in states[step]["optimizers_state_dict"][0]["param_groups"]:
+            assert group["lr"] == pytest.approx(HAND_LR[step - 1], abs=1e-12), step
+    for k in HAND_TAU:  # the step between checkpoints k and k + 1
+        before, after = (states[s]["models_state_dict"][0] for s in (k, k + 1))
+        momentum = states[k + 1]["optimizers_state_dict"][0]["state"]
+        for index, name in enumerate(names):
+            velocity = momentum[index]["momentum_buffer"].double()
+            expected = before[name].double() - HAND_LR[k] * velocity
+            assert torch.allclose(after[name].double(), expected, rtol=0, atol=1e-6), (k, name)
+            if name.startswith(("online_backbone.", "online_projector.")):
+                target = name.replace("online_", "target_", 1)
+                ema = (
+                    HAND_TAU[k] * before[target].double() + (1 - HAND_TAU[k]) * after[name].double()
+                )
+                error = float((after[target].double() - ema).abs().max())
+                assert error <= 1e-6, (k, target, error)
 
 
 @pytest.mark.parametrize(
@@ -256,6 +326,13 @@ def test_augmenting_on_the_device_or_in_the_loader_trains_identically(
 
 
 def test_without_labels_validation_reports_the_byol_loss(tmp_path, image_folder, caplog):
+    """The reported validation_loss is the symmetrised BYOL loss, computed here with NumPy from
+    the network of the step-3 checkpoint in eval mode on the fixed validation views of the
+    test images (one batch of 8 of the 12)."""
+    import augment
+    import data
+    from backbone import build_backbone
+
     config = tiny_config(tmp_path, epochs=1, validate_with_classifier=False)
     with caplog.at_level("INFO"):
         train(
@@ -268,7 +345,33 @@ def test_without_labels_validation_reports_the_byol_loss(tmp_path, image_folder,
             "searcher.smaller_is_better=true",
         )
     ((step, metrics),) = validation_metrics(caplog)
-    assert step == 3 and 0 < metrics["validation_loss"] < 8 and "test_accuracy" not in metrics
+    assert step == 3 and "test_accuracy" not in metrics
+
+    hp = parse_hparams(load_config(str(config))["hyperparameters"], 1)
+    network = byol.BYOLNetwork(build_backbone("resnet18", True)[0], 512, 32, 16)
+    (saved,) = checkpoints_by_step(tmp_path / "ckpt")[3]
+    network.load_state_dict(load_state(saved)["models_state_dict"][0])
+    splits = data.build_splits(
+        "image_folder",
+        parse_data_config(
+            {"train_dir": str(image_folder / "train"), "test_dir": str(image_folder / "test")}
+        ),
+    )
+    test = splits.test
+    augmentation = augment.TwoViewAugmentation(hp.augmentation, *splits.normalization)
+    images = data.TrainImages(test, augmentation, 0, data.CorruptImageLog(False))
+    (batch,) = data.EpochBatchSampler(len(test), 8, 1, 0, fixed_epoch=-1)
+    collated = images.collate(images.__getitems__(batch))
+    with torch.no_grad():
+        p, z, _ = (
+            t.double().numpy()
+            for t in network.eval()(augmentation(collated["image"], collated["key"]))
+        )
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
+    cosine = lambda a, b: (unit(a) * unit(b)).sum(axis=1)
+    # The prediction from each view regresses the other view's target projection.
+    expected = np.mean((2 - 2 * cosine(p[:8], z[8:])) + (2 - 2 * cosine(p[8:], z[:8])))
+    assert metrics["validation_loss"] == pytest.approx(expected, rel=1e-6)
 
 
 # The package as it landed before the code was split into augment.py, gcs.py, probe.py,
@@ -276,20 +379,34 @@ def test_without_labels_validation_reports_the_byol_loss(tmp_path, image_folder,
 BEFORE_THE_SPLIT = "50093450d5d86db30f604ca6ef7e3ecfcc01cfe5"
 
 
+def test_a_shallow_clone_fetches_the_commit_an_old_checkpoint_test_needs(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(
+        ["git", "clone", "--quiet", "--depth", "1", f"file://{ROOT}", str(clone)], check=True
+    )
+    missing = ["git", "-C", str(clone), "cat-file", "-e", BEFORE_THE_SPLIT]
+    assert subprocess.run(missing, capture_output=True).returncode != 0
+    fetch_commit_if_missing(clone, BEFORE_THE_SPLIT)
+    assert (
+        subprocess.run(
+            ["git", "-C", str(clone), "cat-file", "-e", BEFORE_THE_SPLIT], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
 def test_checkpoints_written_before_the_split_resume_exactly_and_evaluate(tmp_path, image_folder):
     """Checkpoints written by the code before the restructuring (checked out from git history
     and run as it was) resume with today's code to the same weights the old code reaches, and
     evaluate_result.py reads and exports them."""
-    import subprocess
     import sys
 
     old = tmp_path / "old-code"
     old.mkdir()
+    fetch_commit_if_missing(ROOT, BEFORE_THE_SPLIT)
     archive = subprocess.run(
-        ["git", "-C", ROOT, "archive", BEFORE_THE_SPLIT], capture_output=True, timeout=60
+        ["git", "-C", ROOT, "archive", BEFORE_THE_SPLIT], capture_output=True, check=True
     )
-    if archive.returncode != 0:
-        pytest.skip(f"commit {BEFORE_THE_SPLIT} is not in this clone's history")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     config = tiny_config(tmp_path, epochs=2, compile=False)  # the old code knows no `auto`
     every_step = ["--set", "min_checkpoint_period={batches: 1}"]
