@@ -18,12 +18,21 @@ import utils
 MARKER = "byol_checkpoint.json"
 TRIAL_SPEC = "model_def:BYOLTrial"
 
-# Determined's checkpoint holds NumPy's RNG state; allow exactly those types when torch >= 2.6
-# loads it with weights_only=True, so no user needs TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD. Taken from
-# public NumPy API: the function arrays pickle with, and the class of a uint32 dtype.
-torch.serialization.add_safe_globals(
-    [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
-)
+# Determined's checkpoint holds NumPy's RNG state. torch >= 2.4 can allow exactly those types in
+# a weights_only load (torch >= 2.6 loads so by default, so no user needs
+# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD); taken from public NumPy API: the function arrays pickle
+# with, and the class of a uint32 dtype. torch 2.3 (Determined's default image) has no such
+# allowlist: there checkpoints load with weights_only=False, as Determined itself loads them.
+WEIGHTS_ONLY = hasattr(torch.serialization, "add_safe_globals")
+if WEIGHTS_ONLY:
+    torch.serialization.add_safe_globals(
+        [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
+    )
+
+
+def load_state(path: str) -> Dict[str, Any]:
+    """A checkpoint's state_dict.pth (Determined's: models, optimizers, RNG states) on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=WEIGHTS_ONLY)
 
 
 def write_marker(checkpoint_dir: str, description: Dict[str, Any]) -> None:

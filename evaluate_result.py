@@ -164,8 +164,7 @@ def open_checkpoint(
         raise utils.ConfigError(
             f"checkpoint {path!r} has no state_dict.pth (not a PyTorchTrial checkpoint)"
         )
-    # checkpoint (imported above) allows the NumPy types of Determined's RNG state.
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = checkpoint.load_state(weights)
     try:
         model_state = state["models_state_dict"][0]
     except (KeyError, IndexError, TypeError):
