@@ -22,12 +22,21 @@ from config import ConfigError, HParams, apply_override, parse_hparams
 MARKER = "byol_checkpoint.json"
 TRIAL_SPEC = "model_def:BYOLTrial"
 
-# Determined's checkpoint holds NumPy's RNG state; allow exactly those types when torch >= 2.6
-# loads it with weights_only=True, so no user needs TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD. Taken from
-# public NumPy API: the function arrays pickle with, and the class of a uint32 dtype.
-torch.serialization.add_safe_globals(
-    [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
-)
+# Determined's checkpoint holds NumPy's RNG state. torch >= 2.4 can allow exactly those types in
+# a weights_only load (torch >= 2.6 loads so by default, so no user needs
+# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD); taken from public NumPy API: the function arrays pickle
+# with, and the class of a uint32 dtype. torch 2.3 (Determined's default image) has no such
+# allowlist: there checkpoints load with weights_only=False, as Determined itself loads them.
+WEIGHTS_ONLY = hasattr(torch.serialization, "add_safe_globals")
+if WEIGHTS_ONLY:
+    torch.serialization.add_safe_globals(
+        [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
+    )
+
+
+def load_state(path: str) -> Dict[str, Any]:
+    """A checkpoint's state_dict.pth (Determined's: models, optimizers, RNG states) on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=WEIGHTS_ONLY)
 
 
 def write_marker(checkpoint_dir: str, description: Dict[str, Any]) -> None:
@@ -170,8 +179,7 @@ def read(
         raise ConfigError(
             f"checkpoint {path!r} has no state_dict.pth (not a PyTorchTrial checkpoint)"
         )
-    # The safe globals above allow the NumPy types of Determined's RNG state.
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = load_state(weights)
     try:
         model_state = state["models_state_dict"][0]
     except (KeyError, IndexError, TypeError):

@@ -91,7 +91,11 @@ def _is_transient(error: BaseException) -> bool:
     import requests
     import urllib3
     from google.auth.exceptions import TransportError
-    from google.cloud.storage.exceptions import DataCorruption
+
+    try:  # google-cloud-storage >= 3.0 carries its own resumable-media code
+        from google.cloud.storage.exceptions import DataCorruption
+    except ImportError:  # 2.x (Determined's default image) raises google-resumable-media's
+        from google.resumable_media import DataCorruption
 
     status = _http_status(error)
     if status is not None:

@@ -3,7 +3,8 @@
 # packages with requirements.txt: a pin the image lacks, or has older than the `>= X` minimum
 # noted beside it, is installed at the pinned version. torch, torchvision and determined are the
 # image's own builds (CUDA, the cluster's version) and are never replaced: if one is too old the
-# hook stops with one line naming the image to use. Idempotent; prints nothing when all is well.
+# hook stops with one line naming the image to use. Idempotent; prints nothing when all is well,
+# as on Determined 0.38.1's default image, where it installs nothing (requirements-compat.txt).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -27,7 +28,9 @@ for line in open("requirements.txt"):
         have = Version(metadata.version(name))
     except metadata.PackageNotFoundError:
         have = None
-    if have is not None and have >= minimum:
+    # NGC builds are pre-releases of the version they ship (torch 2.3.0a0+40ec155e58 is NGC
+    # 24.03's torch 2.3): compare the release they become.
+    if have is not None and Version(have.base_version) >= minimum:
         continue
     if name.lower() in FROM_THE_IMAGE:
         found = f"has {name} {have}" if have else f"lacks {name}"

@@ -18,7 +18,7 @@ import torch
 import yaml
 from determined.common.api import bindings
 
-import checkpoint  # noqa: F401  (lets torch.load read Determined's NumPy RNG state)
+import checkpoint
 from cluster import SCHEMAS, Cluster
 from conftest import ROOT, tiny_config
 from slots_reference import TOLERANCE, largest_parameter_difference, reference_training
@@ -61,9 +61,7 @@ def run(cluster, trial, slots=1, **kwargs):
 def final_state(cluster, trial):
     """The weights and optimizer state of the trial's last checkpoint, from shared_fs."""
     last = max(trial.checkpoints, key=lambda c: c.metadata["steps_completed"])
-    return torch.load(
-        cluster.storage / last.uuid / "state_dict.pth", map_location="cpu", weights_only=True
-    )
+    return checkpoint.load_state(str(cluster.storage / last.uuid / "state_dict.pth"))
 
 
 def tensors(state, prefix=""):

@@ -76,10 +76,8 @@ def error_of(args, sdk=None):
     return message
 
 
-def load_model_state(checkpoint):
-    return torch.load(
-        os.path.join(checkpoint, "state_dict.pth"), map_location="cpu", weights_only=True
-    )["models_state_dict"][0]
+def load_model_state(path):
+    return checkpoint.load_state(os.path.join(path, "state_dict.pth"))["models_state_dict"][0]
 
 
 # ---- local evaluation ---------------------------------------------------------------------
@@ -303,7 +301,7 @@ def test_checkpoint_with_ddp_prefixed_keys_loads(trained, tmp_path):
     'module.'. Made here from the real checkpoint (the torchrun test below makes a real one)."""
     copy = tmp_path / trained.uuid
     shutil.copytree(trained.checkpoint, copy)
-    state = torch.load(copy / "state_dict.pth", map_location="cpu", weights_only=True)
+    state = checkpoint.load_state(str(copy / "state_dict.pth"))
     state["models_state_dict"][0] = {
         f"module.{k}": v for k, v in state["models_state_dict"][0].items()
     }

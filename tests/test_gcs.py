@@ -714,3 +714,13 @@ def test_training_reads_from_gcs(server, tmp_path, image_folder, monkeypatch, ca
     assert len(list_requests(server.proxy)) == 1  # only the test split was listed
     cached = [p for p in cache.rglob("*.png")]
     assert len(cached) == 36  # every train and test image was read, and cached
+
+
+def test_the_checksum_error_of_this_google_cloud_storage_is_transient():
+    """A download whose bytes fail their checksum raises the DataCorruption that blob.py itself
+    catches: google-cloud-storage's own in 3.x, google-resumable-media's in 2.x (Determined's
+    default image). Either is retried."""
+    from google.cloud.storage import blob
+
+    raised = getattr(blob, "DataCorruption", None) or blob.resumable_media.DataCorruption
+    assert gcs._is_transient(raised(None, "Checksum mismatch while downloading"))
