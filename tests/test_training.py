@@ -480,7 +480,10 @@ def test_a_run_shows_progress_and_summaries_and_writes_tensorboard_beside_checkp
     each epoch's end; each validation ends with one summary line; TensorBoard's files go under
     the checkpoint dir with the tags the README lists; a resumed run counts on from its step."""
     # Only the epoch-end lines are checked: no timed (every 30 s) line on a slow machine.
-    monkeypatch.setattr(progress_module.Progress.__init__, "__defaults__", (float("inf"),))
+    defaults = progress_module.Progress.__init__.__defaults__
+    monkeypatch.setattr(
+        progress_module.Progress.__init__, "__defaults__", (float("inf"), *defaults[1:])
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = tiny_config(tmp_path)
