@@ -12,7 +12,6 @@ Data flow:
 import bisect
 import functools
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ import gcs
 import shards
 from augment import TwoViewAugmentation, crop_resize_pil, epoch_permutation, item_keys
 from config import ConfigError, DataConfig
+from images import CorruptImageError, decode_image
 
 logger = logging.getLogger("byol.data")
 
@@ -48,21 +48,6 @@ UNLABELED = -1
 # ----------------------------------------------------------------------------------------------
 # Image sources: anything that yields (image, label) by index
 # ----------------------------------------------------------------------------------------------
-
-
-class CorruptImageError(ValueError):
-    """An image that cannot be read. In a loader worker, strict mode raises it; PyTorch re-raises
-    it in the training process as CorruptImageError(the worker's whole traceback), whose last
-    line is the original message: `one_line` gives that."""
-
-    def __init__(self, name: str, reason: Optional[str] = None):
-        super().__init__(name if reason is None else f"{name}: not a decodable image ({reason})")
-        self.name = name
-
-    @property
-    def one_line(self) -> str:
-        last = str(self).strip().splitlines()[-1]
-        return last.split("CorruptImageError: ", 1)[-1]
 
 
 class ArraySource:
@@ -94,15 +79,6 @@ class LocalFiles:
 
     def read_many(self, names: Sequence[str]) -> List[bytes]:
         return [self.read(n) for n in names]
-
-
-def decode_image(data: bytes, name: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        reason = str(e).split(" <")[0]  # drop PIL's "<_io.BytesIO object at 0x...>"
-        raise CorruptImageError(name, reason) from None
 
 
 class FileSource:

@@ -26,6 +26,7 @@ import torch
 import gcs
 from augment import epoch_permutation, sample_keys
 from config import ConfigError, DataConfig
+from images import CorruptImageError, decode_image
 
 logger = logging.getLogger("byol.shards")
 
@@ -323,7 +324,6 @@ class ShardSource:
 
     def _cut(self, shard: int, positions, indices, failed, out: List[object]) -> None:
         """Decodes the members at `positions` of the batch from one fetched shard into `out`."""
-        from data import CorruptImageError, decode_image  # here: data imports this module
 
         name = self.shard_names[shard]
         if name in failed:
