@@ -12,9 +12,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-import checkpoint  # noqa: F401  (lets torch.load read Determined's NumPy RNG state)
+import checkpoint
 from config import load_config
 from conftest import ROOT, folder_overrides, tiny_config
 from slots_reference import TOLERANCE, largest_parameter_difference, reference_training
@@ -70,9 +69,10 @@ def reported(log, kind):
 def checkpoint_weights(checkpoint_dir, step):
     for meta in (checkpoint_dir / "determined").glob("*/metadata.json"):
         if json.loads(meta.read_text())["steps_completed"] == step:
-            return torch.load(
-                meta.parent / "state_dict.pth", map_location="cpu", weights_only=True
-            )["models_state_dict"][0]
+            # Determined's checkpoint holds NumPy's RNG state: checkpoint.load_state allows it.
+            return checkpoint.load_state(str(meta.parent / "state_dict.pth"))["models_state_dict"][
+                0
+            ]
     raise AssertionError(f"no checkpoint of step {step} in {checkpoint_dir}")
 
 
