@@ -223,3 +223,18 @@ def fetch_commit_if_missing(repo, commit):
         f"commit {commit} is not in {repo}'s history and `git fetch {' '.join(fetch)}` did not "
         f"bring it: {fetched.stderr.strip()[-500:]}"
     )
+
+
+def assert_trains_and_validates_at_step_3(config, checkpoint_dir, caplog):
+    """model_def's command on `config` (24 images, batch 8: 3 steps), which must report a
+    validation with test_accuracy at step 3."""
+    import model_def
+
+    with caplog.at_level("INFO"):
+        model_def.main([str(config), "--checkpoint-dir", str(checkpoint_dir)])
+    reported = [
+        r.getMessage()
+        for r in caplog.records
+        if "report_validation_metrics(steps_completed=3" in r.getMessage()
+    ]
+    assert reported and "test_accuracy" in reported[0]

@@ -666,8 +666,7 @@ def test_backoff_is_exponential_jittered_and_capped(monkeypatch):
 def test_training_reads_from_gcs(server, tmp_path, image_folder, monkeypatch, caplog):
     import yaml
 
-    import model_def
-    from conftest import ROOT, tiny_config
+    from conftest import ROOT, assert_trains_and_validates_at_step_3, tiny_config
 
     bucket = server.client().bucket(BUCKET)
     for path in sorted(image_folder.rglob("*.png")):  # train/<class>/*.png, test/<class>/*.png
@@ -703,14 +702,7 @@ def test_training_reads_from_gcs(server, tmp_path, image_folder, monkeypatch, ca
     config.write_text(yaml.safe_dump(raw))
     server.proxy.clear()
     monkeypatch.chdir(ROOT)
-    with caplog.at_level("INFO"):
-        model_def.main([str(config), "--checkpoint-dir", str(tmp_path / "ckpt")])
-    reported = [
-        r.getMessage()
-        for r in caplog.records
-        if "report_validation_metrics(steps_completed=3" in r.getMessage()
-    ]
-    assert reported and "test_accuracy" in reported[0]  # 24 images / batch 8: 3 steps
+    assert_trains_and_validates_at_step_3(config, tmp_path / "ckpt", caplog)
     assert len(list_requests(server.proxy)) == 1  # only the test split was listed
     cached = [p for p in cache.rglob("*.png")]
     assert len(cached) == 36  # every train and test image was read, and cached

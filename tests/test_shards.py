@@ -527,8 +527,7 @@ def test_a_missing_shard_fails_with_its_name(gcs_env, gcs_shards):
 
 
 def test_training_from_gcs_shards(gcs_env, tmp_path, image_folder, monkeypatch, caplog):
-    import model_def
-    from conftest import ROOT, tiny_config
+    from conftest import ROOT, assert_trains_and_validates_at_step_3, tiny_config
 
     server = gcs_env
     bucket = server.client().bucket(BUCKET)
@@ -550,14 +549,7 @@ def test_training_from_gcs_shards(gcs_env, tmp_path, image_folder, monkeypatch, 
     config.write_text(yaml.safe_dump(raw))
     server.proxy.clear()
     monkeypatch.chdir(ROOT)
-    with caplog.at_level("INFO"):
-        model_def.main([str(config), "--checkpoint-dir", str(tmp_path / "ckpt")])
-    reported = [
-        r.getMessage()
-        for r in caplog.records
-        if "report_validation_metrics(steps_completed=3" in r.getMessage()
-    ]
-    assert reported and "test_accuracy" in reported[0]  # 24 images / batch 8: 3 steps
+    assert_trains_and_validates_at_step_3(config, tmp_path / "ckpt", caplog)
     for split in ("train", "test"):
         written = json.loads(bucket.blob(f"fshards/{split}/index.json").download_as_bytes())
         # Each shard fetched once (the cache and its lock serve the rest), no per-image request.
