@@ -48,6 +48,7 @@ from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
 from progress import Progress
 from reducers import LinearProbeReducer, TrainingMetricsReducer
 from searcher_stop import SearcherStop
+from startup import Startup, StartupFailed
 
 logger = logging.getLogger("byol")
 
@@ -58,8 +59,10 @@ class BYOLTrial(pytorch.PyTorchTrial):
         context: pytorch.PyTorchTrialContext,
         config: ExperimentConfig,
         trial_id: Optional[int] = None,
+        startup: Optional[Startup] = None,
     ) -> None:
-        """`trial_id`: the trial's id on a cluster, where its searcher may stop it; None locally."""
+        """`trial_id`: the trial's id on a cluster, where its searcher may stop it; None locally.
+        `startup`: the processes' agreed start-up (startup.py), shared with the config's check."""
         self.context = context
         self.hp, self.data_config, self.run = config.hparams, config.data, config.run
         self.slots = context.distributed.get_size()
@@ -69,15 +72,29 @@ class BYOLTrial(pytorch.PyTorchTrial):
         # Determined's automatic copy would block.
         context.experimental.disable_auto_to_device()
         self.searcher_stop = SearcherStop(context._core, trial_id)
-        self._build_data()
+        # Every process opens its data (and checks what else can fail here) before the first
+        # collective of training; if any failed, all stop with the same line.
+        self.startup = startup or Startup(context.distributed)
+        self.startup.step(self._check_devices)
+        self.startup.step(self._build_data)
         self._build_network()
         self._build_optimizer()
         self._build_metrics()
 
+    def _check_devices(self) -> None:
+        if self.hp.sync_batchnorm and self.slots > 1 and not self.on_cuda:
+            raise ConfigError(
+                "hyperparameters.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does "
+                "not run on CPU processes; set it to false for CPU multi-process training"
+            )
+
     def _build_data(self) -> None:
         """Splits, the epoch sampler, the schedules' lengths, and where views are made."""
         self.splits = data.build_splits(
-            self.hp.dataset_name, self.data_config, self.run_on_chief, self.run_first_on_machine
+            self.hp.dataset_name,
+            self.data_config,
+            self.startup.share,
+            self.startup.first_on_machine,
         )
         self.num_classes = len(self.splits.labeled_train.classes)
         if self.hp.validate_with_classifier and self.num_classes < 2:
@@ -129,11 +146,6 @@ class BYOLTrial(pytorch.PyTorchTrial):
             backbone, feature_dim, self.hp.projector_hidden_dim, self.hp.projection_dim
         )
         if self.hp.sync_batchnorm and self.slots > 1:
-            if not self.on_cuda:
-                raise ConfigError(
-                    "hyperparameters.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does "
-                    "not run on CPU processes; set it to false for CPU multi-process training"
-                )
             network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
         if device.uses_channels_last(self.device):
             network = network.to(memory_format=torch.channels_last)
@@ -192,28 +204,6 @@ class BYOLTrial(pytorch.PyTorchTrial):
             )
 
     # ---- data ------------------------------------------------------------------------------
-
-    def run_first_on_machine(self, open_dataset):
-        """open_dataset(download=True) in this machine's first process; the others wait for it
-        and then open_dataset(download=False). A failure on the first is raised on all."""
-        distributed = self.context.distributed
-        if distributed.local_rank == 0:
-            try:
-                dataset = open_dataset(True)
-            except ConfigError as error:
-                distributed.broadcast_local(str(error))
-                raise
-            distributed.broadcast_local(None)
-            return dataset
-        error = distributed.broadcast_local(None)
-        if error is not None:
-            raise ConfigError(error)
-        return open_dataset(False)
-
-    def run_on_chief(self, fn):
-        """Run fn on the chief only and hand its result to every slot."""
-        distributed = self.context.distributed
-        return distributed.broadcast(fn() if distributed.rank == 0 else None)
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
         dataset = data.TrainImages(
@@ -406,7 +396,7 @@ class SearcherStopCheck(pytorch.PyTorchCallback):
         self.trial = trial
 
     def on_validation_end(self, metrics: Dict[str, Any]) -> None:
-        self.trial.searcher_stop.validated()
+        self.trial.searcher_stop.validated(self.trial.steps_done)
 
 
 class CheckpointMarker(pytorch.PyTorchCallback):
@@ -511,17 +501,26 @@ def training_lengths(trial: BYOLTrial) -> Dict[str, Any]:
 def run_on_cluster(info) -> None:
     """The trial as the master started it: resolved hyperparameters from `info.trial.hparams`
     (the expanded config holds them in the master's {type: const, val: ...} form), the rest
-    of the experiment config as the user wrote it, and the trial's own seed. A config error
-    ends the trial as Determined's invalid hyperparameters: reported to the master, exit 0, so
-    the master neither restarts it (max_restarts) nor counts it in the search."""
+    of the experiment config as the user wrote it, and the trial's own seed.
+
+    A config error, or a start-up problem on any process (startup.py), ends the trial as
+    Determined's invalid hyperparameters: every process logs the same line, reports the early
+    exit and exits 0, so the master does not restart the trial (max_restarts). Determined
+    0.38.1 then ends the trial COMPLETED, and its searcher does not replace it: ASHA's
+    INVALID_HP branch is not reached since 0.26 (trial.go ends the trial through exit(nil)), so
+    a search whose every trial hits the error ends COMPLETED after max_concurrent_trials
+    trials. `python model_def.py CONFIG --check` finds config errors before that."""
     raw = dict(info.trial._config, hyperparameters=info.trial.hparams)
     with pytorch.init(hparams=info.trial.hparams, exp_conf=info.trial._config) as context:
+        startup = Startup(context.distributed)
         try:
-            config = parse_experiment_config(raw, context.distributed.get_size())
+            config = startup.step(
+                lambda: parse_experiment_config(raw, context.distributed.get_size())
+            )
             config = dataclasses.replace(
                 config, run=dataclasses.replace(config.run, seed=info.trial.trial_seed)
             )
-            trial = BYOLTrial(context, config, info.trial.trial_id)
+            trial = BYOLTrial(context, config, info.trial.trial_id, startup)
             pytorch.Trainer(trial, context).fit(
                 **training_lengths(trial),
                 checkpoint_policy=config.run.checkpoint_policy,
@@ -531,7 +530,9 @@ def run_on_cluster(info) -> None:
                 profiling_enabled=config.run.profiling,
             )
         except ConfigError as e:
-            if context.distributed.rank == 0:
+            # StartupFailed (a ConfigError) reaches every process; a plain ConfigError (a lone
+            # process, or raised after start-up) is the chief's to log.
+            if isinstance(e, StartupFailed) or context.distributed.rank == 0:
                 logger.error("invalid config: %s", e)
             # core.Context.__exit__ reports EarlyExitReason.INVALID_HP and exits with 0.
             raise det.InvalidHP(str(e)) from None

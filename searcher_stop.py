@@ -3,37 +3,81 @@
 When ASHA stops a trial, the 0.38.1 master sets the trial's state to STOPPING_COMPLETED
 (master/internal/trial.go, PatchSearcherState) and sends the trial nothing: `transition` signals
 the allocation only for STOPPING_CANCELED, STOPPING_KILLED and STOPPING_ERROR, so no preemption
-arrives. The master makes that decision while it handles the validation report (ReportTrialMetrics
-calls the searcher before it answers), so after each validation the chief reads its own trial's
-state with the trial's session, and every slot learns the answer from the chief.
+arrives. The master decides while it handles the validation report: ReportTrialMetrics
+(api_trials.go) first hands the metrics to the searcher, which patches the trial's state, and
+only then stores them (AddTrialMetrics), which sets the trial's latest validation, and answers.
+
+The harness posts that report from a background thread and never waits for the answer, so a
+question asked right after the validation can reach the master before its decision. The chief
+therefore asks for its trial until the trial's latest validation is the one it reported: from
+then on the state it reads holds the searcher's decision on that validation. Every slot learns
+the answer from the chief, at the same batch.
 """
 
-from typing import Any, Optional
+import logging
+import time
+from typing import Any, Callable, Optional
 
 from determined.common.api import bindings
 
+logger = logging.getLogger("byol")
+
+# How long the chief waits for the master to store a validation report before it trains on and
+# asks again at the next validation. A master answers in milliseconds; minutes mean it is in
+# trouble, and the trial should not stand still for it.
+ACKNOWLEDGEMENT_PATIENCE_S = 120.0
+FIRST_POLL_S, LONGEST_POLL_S = 0.05, 2.0
+
 
 class SearcherStop:
-    def __init__(self, core_context: Any, trial_id: Optional[int]):
-        """`trial_id`: the trial's id on a cluster; None off-cluster (nothing to ask)."""
+    def __init__(
+        self,
+        core_context: Any,
+        trial_id: Optional[int],
+        patience_s: float = ACKNOWLEDGEMENT_PATIENCE_S,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        """`trial_id`: the trial's id on a cluster; None off-cluster (nothing to ask).
+        `clock` and `sleep` are the chief's wait between questions (a test passes its own)."""
         self.core_context = core_context
         self.trial_id = trial_id
-        self.pending = False  # a validation was reported since the last question
+        self.patience_s, self.clock, self.sleep = patience_s, clock, sleep
+        self.validated_step: Optional[int] = None  # a validation not yet asked about
 
-    def validated(self) -> None:
-        """Called on every slot after each validation."""
-        self.pending = self.trial_id is not None
+    def validated(self, steps_completed: int) -> None:
+        """Called on every slot after each validation, with the step it was made at."""
+        if self.trial_id is not None:
+            self.validated_step = steps_completed
 
     def stop_requested(self) -> bool:
         """True on every slot when the master has stopped this trial; asked once per validation,
         at the same batch on every slot (it is a collective call)."""
-        if not self.pending:
+        if self.validated_step is None:
             return False
-        self.pending = False
+        step, self.validated_step = self.validated_step, None
         distributed = self.core_context.distributed
-        stopped = None
-        if distributed.rank == 0:
+        stopped = self._stopped_after(step) if distributed.rank == 0 else None
+        return bool(distributed.broadcast(stopped))
+
+    def _stopped_after(self, step: int) -> bool:
+        """The chief's question: once the master has stored the validation of `step`, whether
+        the trial is STOPPING_COMPLETED. Asked again, with growing pauses, until then."""
+        deadline = self.clock() + self.patience_s
+        pause = FIRST_POLL_S
+        while True:
             # The core context's session: the trial's own allocation token.
             trial = bindings.get_GetTrial(self.core_context._session, trialId=self.trial_id).trial
-            stopped = trial.state == bindings.trialv1State.STOPPING_COMPLETED
-        return bool(distributed.broadcast(stopped))
+            latest = trial.latestValidation
+            if latest is not None and (latest.totalBatches or 0) >= step:
+                return trial.state == bindings.trialv1State.STOPPING_COMPLETED
+            if self.clock() >= deadline:
+                logger.warning(
+                    "the master has not stored the validation of step %d after %.0f s: training "
+                    "on, and asking whether the searcher stopped this trial at the next validation",
+                    step,
+                    self.patience_s,
+                )
+                return False
+            self.sleep(pause)
+            pause = min(2 * pause, LONGEST_POLL_S)

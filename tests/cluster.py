@@ -17,13 +17,25 @@ How each piece mirrors Determined 0.38.1:
     startup-hook.sh sourced, rendezvous through the master, then `determined.exec.launch`, which
     runs the config's own `entrypoint` unchanged.
   - A trial of several containers (resources.slots_per_trial over several agents) starts one
-    container per agent, each with its own DET_RESOURCES_ID; the master's rendezvous
-    (master/internal/task/rendezvous.go) answers once every container has asked, with every
-    container's address (chief first) and the asking container's rank.
+    container per agent, each with its own DET_RESOURCES_ID (opaque ids, not in rank order) and
+    its own loopback address (127.0.0.2, 127.0.0.3, ...). The master's rendezvous
+    (master/internal/task/rendezvous.go) answers once every container has asked and none has
+    exited, with every container's address and slot count, rank 0's first and then by resources
+    id, and the asking container's rank; a container that exits first leaves the others waiting
+    (after the rendezvous timeout the master only writes a line to the trial's log).
+  - The master's handling of container exits (task/allocation.go, trial.go): a container that
+    fails crashes the allocation, the master killing the rest; after an early exit (InvalidHP)
+    it kills what still runs after InvalidHPKillDelay; the trial's next state follows
+    handleAllocationExit (COMPLETED, RESTART within max_restarts, ERROR, CANCELED).
   - The searcher's word reaches a trial as the master gives it in 0.38.1: ASHA's stop only sets
     the trial's state to STOPPING_COMPLETED (master/internal/trial.go, PatchSearcherState), which
     GET /api/v1/trials/{id} returns; no preemption is sent for it (`transition` signals the
-    allocation only for STOPPING_CANCELED, STOPPING_KILLED and STOPPING_ERROR).
+    allocation only for STOPPING_CANCELED, STOPPING_KILLED and STOPPING_ERROR). The master makes
+    that decision while it handles the validation report, before it stores the metrics (which
+    sets the trial's latest validation) and answers.
+  - Where the stand-in is stricter than the master: it refuses routes, fields and bodies it does
+    not know (master_standin.py), and every container shares this machine's network namespace,
+    so the chief's ports are free ones rather than Determined's fixed defaults.
   - What a container mounts is redirected by a `sitecustomize` on the subprocess's PYTHONPATH:
     the info files (/run/determined/info/*.json), the shared_fs mount (/determined_shared_fs) and
     the model copy (/run/determined/train/model) point into the test's temp dir, so nothing on
@@ -35,6 +47,8 @@ import base64
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -45,12 +59,12 @@ import sys
 import tarfile
 import tempfile
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import psutil
 from determined.common.api import bindings
 
-from master_standin import Call, MasterStandIn, NotFound
+from master_standin import Call, MasterError, MasterStandIn, NotFound
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT.parent / "shared" / "tools" / "expconf" / "schemas"
@@ -83,6 +97,11 @@ if "STANDIN_CONTAINER" in os.environ:
         return addr
 
     ipc.read_pid_server_addr = _container_tmp
+
+    import sys
+
+    if os.environ.get("STANDIN_DIES_BEFORE_RENDEZVOUS") and "--rendezvous" in sys.argv:
+        os._exit(137)  # a test's lost node: the container dies as its rendezvous starts
 '''
 
 # master/static/srv/entrypoint.sh, less task-setup.sh's log links and pip install of the wheel
@@ -170,23 +189,144 @@ def context_tgz(files: List[bindings.v1File]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+# What the master writes to a trial's log when a rendezvous waits too long (rendezvous.go).
+RENDEZVOUS_TIMEOUT_LOG = (
+    "some containers are taking a long time to connect to master; when running on kubernetes "
+    "this may happen because only some of the pods have been scheduled; it is possible that "
+    "some pods will never be scheduled without adding compute resources or pausing / killing "
+    "other experiments in the cluster"
+)
+
+
+@dataclasses.dataclass
+class Container:
+    """One container of an allocation: the resources the master gave it, and its process."""
+
+    rank: int
+    resources_id: str
+    address: str  # the address the agent reports for the container's rendezvous port
+    slots: int
+    env: Dict[str, str] = dataclasses.field(default_factory=dict)  # a test's additions
+    process: Optional[subprocess.Popen] = None
+    log: str = ""
+
+
+class RendezvousTerminated(MasterError):
+    """The watchers' answer once the allocation is closed (rendezvous.go, close)."""
+
+
 class Rendezvous:
-    """One allocation's rendezvous (master/internal/task/rendezvous.go): every container waits
-    until all have asked; each is answered with its resources' rank."""
+    """One allocation's rendezvous (master/internal/task/rendezvous.go). A container asks, and is
+    answered once every container has started and asked, and none has exited (`ready`); then
+    each gets every container's address and slot count, rank 0's first and the others ordered
+    by resources id (`info`), and its own rank. Once a container has exited before that, the
+    others wait; after `timeout` the master writes RENDEZVOUS_TIMEOUT_LOG to the trial's log
+    (RendezvousTimeout) and they go on waiting, until the allocation is closed."""
 
-    def __init__(self, resources_ids: List[str]):
-        self.resources_ids = resources_ids  # in rank order
+    def __init__(self, containers: List[Container], timeout: float, log: Callable[[str], None]):
+        self.containers = {c.resources_id: c for c in containers}
+        self.timeout, self.log = timeout, log
         self.asked: List[str] = []
-        self.ready = threading.Condition()
+        self.exited: List[str] = []
+        self.closed = False
+        self.succeeded = False
+        self.changed = threading.Condition()
 
-    def join(self, resources_id: str, timeout: float = 600) -> int:
-        rank = self.resources_ids.index(resources_id)  # unknown resources: refused
-        with self.ready:
+    def _ready(self) -> bool:
+        self.succeeded = self.succeeded or (
+            not self.exited and len(self.asked) == len(self.containers)
+        )
+        return self.succeeded
+
+    def info(self, resources_id: str) -> bindings.v1RendezvousInfo:
+        order = sorted(self.containers.values(), key=lambda c: (c.rank != 0, c.resources_id))
+        return bindings.v1RendezvousInfo(
+            addresses=[c.address for c in order],
+            slots=[c.slots for c in order],
+            rank=self.containers[resources_id].rank,
+        )
+
+    def join(self, resources_id: str) -> bindings.v1RendezvousInfo:
+        if resources_id not in self.containers:  # the master's StaleResourcesError
+            raise ValueError(f"stale resources {resources_id}")
+        with self.changed:
             self.asked.append(resources_id)
-            self.ready.notify_all()
-            if not self.ready.wait_for(lambda: len(self.asked) >= len(self.resources_ids), timeout):
-                raise TimeoutError(f"rendezvous: {self.asked} of {self.resources_ids} asked")
-        return rank
+            self.changed.notify_all()
+            ended = lambda: self.closed or self._ready()  # noqa: E731
+            if not self.changed.wait_for(ended, self.timeout):
+                self.log(RENDEZVOUS_TIMEOUT_LOG)
+                self.changed.wait_for(ended)
+            if not self._ready():
+                raise RendezvousTerminated("task terminated")
+        return self.info(resources_id)
+
+    def container_exited(self, resources_id: str) -> None:
+        with self.changed:
+            self.exited.append(resources_id)
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+class Allocation:
+    """One run of a trial on the agents: its containers and the master's handling of their exits
+    (master/internal/task/allocation.go and trial.go):
+      - a container that exits with a failure while others run crashes the allocation: the
+        master kills the rest ("crashed: ...", then "forcibly killing ...");
+      - an early exit (det.InvalidHP) makes the master kill whatever still runs after
+        InvalidHPKillDelay (trial.go, SetUserInitiatedEarlyExit);
+      - when all have exited, `outcome` is the trial's next state (handleAllocationExit):
+        COMPLETED, ERROR, or RESTART (a failure within max_restarts)."""
+
+    def __init__(self, allocation_id: str, trial: "Trial", containers: List[Container]):
+        self.id, self.trial, self.containers = allocation_id, trial, containers
+        self.task_log: List[str] = []  # what the master writes to the trial's log
+        self.rendezvous: Optional[Rendezvous] = None
+        self.killed = False
+        self.lock = threading.Lock()
+
+    def log(self, line: str) -> None:
+        with self.lock:
+            self.task_log.append(line)
+
+    def container_exited(self, container: Container) -> None:
+        code = container.process.returncode
+        if self.rendezvous is not None:
+            self.rendezvous.container_exited(container.resources_id)
+        if code != 0 and not self.killed:
+            self.log(f"crashed: resources {container.resources_id} exited with code {code}")
+            self.kill(f"resources {container.resources_id} failed")
+
+    def kill(self, reason: str) -> None:
+        """Every process of every container dies at once (torchrun starts its workers in
+        sessions of their own, so walk the process tree), as for a lost node."""
+        with self.lock:
+            if not self.killed:
+                self.task_log.append(
+                    f"forcibly killing allocation's remaining resources (reason: {reason})"
+                )
+            self.killed = True
+        if self.rendezvous is not None:
+            self.rendezvous.close()
+        for container in self.containers:
+            with contextlib.suppress(psutil.NoSuchProcess, AttributeError):
+                root = psutil.Process(container.process.pid)
+                for process in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
+
+    def outcome(self, max_restarts: int) -> str:
+        failed = any(c.process.returncode != 0 for c in self.containers)
+        if self.trial.state.startswith("STOPPING_"):
+            terminal = {"STOPPING_COMPLETED": "COMPLETED", "STOPPING_KILLED": "CANCELED"}
+            return "ERROR" if failed else terminal.get(self.trial.state, "CANCELED")
+        if failed:
+            self.trial.restarts += 1
+            return "ERROR" if self.trial.restarts > max_restarts else "RESTART"
+        return "COMPLETED"
 
 
 class Trial:
@@ -202,27 +342,36 @@ class Trial:
         # The master's trial state (master/pkg/model: ACTIVE, STOPPING_COMPLETED, ...).
         self.state = "ACTIVE"
         self.early_exits: List[bindings.v1TrialEarlyExitExitedReason] = []
+        self.restarts = 0
+        self.outcomes: List[str] = []  # each run's end: COMPLETED, RESTART, ERROR, CANCELED
 
     def reported(self, group: str) -> Dict[int, Dict[str, Any]]:
         return {m["steps"]: m["metrics"] for m in self.metrics if m["group"] == group}
 
 
 class Cluster:
-    """The master's handlers (one per binding name) and the agent's launcher."""
+    """The master's handlers (one per binding name) and the agent's launcher.
+    `rendezvous_timeout_s` and `invalid_hp_kill_delay_s` are the master's 10 minutes and 10 s
+    (rendezvous.go, trial.go); a test may shorten or lengthen them."""
 
-    def __init__(self, tmp: pathlib.Path):
+    def __init__(
+        self,
+        tmp: pathlib.Path,
+        rendezvous_timeout_s: float = 600,
+        invalid_hp_kill_delay_s: float = 10,
+    ):
         self.tmp = tmp
         self.storage = tmp / "shared_fs"
         self.storage.mkdir()
         self.site = tmp / "site"
         self.site.mkdir()
         (self.site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        self.rendezvous_timeout_s = rendezvous_timeout_s
+        self.invalid_hp_kill_delay_s = invalid_hp_kill_delay_s
         self.experiments: Dict[int, Dict[str, Any]] = {}
         self.trials: Dict[int, Trial] = {}
-        self.allocations: Dict[str, Trial] = {}
-        self.slots: Dict[str, int] = {}  # per container of an allocation
-        self.rendezvous: Dict[str, "Rendezvous"] = {}
-        self.containers: List[subprocess.Popen] = []
+        self.allocations: Dict[str, Allocation] = {}
+        self.running: Optional[Allocation] = None
         # Called with each recorded call; may set a trial's preemption flag (tests steer here).
         self.on_call: Callable[["Cluster", Call], None] = lambda cluster, call: None
         self.master = MasterStandIn(self)
@@ -263,37 +412,63 @@ class Cluster:
     def launch(
         self,
         trial: Trial,
-        slots: int,
+        slots: Union[int, List[int]],
         latest_checkpoint: Optional[str] = None,
         steps_completed: int = 0,
         timeout: float = 600,
         containers: int = 1,
+        container_env: Optional[List[Dict[str, str]]] = None,
     ) -> List[subprocess.CompletedProcess]:
-        """One run of the trial: `containers` containers (one per agent) of `slots` slots each,
-        started together; returns each container's exit and log once all have exited."""
+        """One run of the trial: `containers` containers (one per agent) of `slots` slots each
+        (or slots[rank] in container `rank`), started together; returns each container's exit
+        and log once all have exited, and appends the run's end to trial.outcomes.
+        `container_env`: extra variables per container (a test's steering)."""
         trial.run_id += 1
         trial.preempt.clear()
         experiment = self.experiments[trial.experiment_id]
         task_id = f"{trial.experiment_id}.{trial.id}"
         allocation_id = f"{task_id}.{trial.run_id}"
-        self.allocations[allocation_id] = trial
-        self.slots[allocation_id] = slots
-        resources_ids = [f"resources-{rank}" for rank in range(containers)]
-        self.rendezvous[allocation_id] = Rendezvous(resources_ids)
-        # The chief container's c10d port; in one network namespace the others reach it there.
-        c10d_port = str(free_port())
+        per_container = slots if isinstance(slots, list) else [slots] * containers
+        allocation = Allocation(
+            allocation_id,
+            trial,
+            [
+                Container(
+                    rank=rank,
+                    # Opaque ids, as the agents' are: their order is not the ranks' order.
+                    resources_id=hashlib.sha1(f"{allocation_id}/{rank}".encode()).hexdigest()[:12],
+                    # Each container's own address, as each agent reports its container's.
+                    address=f"127.0.0.{2 + rank}",
+                    slots=per_container[rank],
+                    env=(container_env or [{}] * containers)[rank],
+                )
+                for rank in range(containers)
+            ],
+        )
+        allocation.rendezvous = Rendezvous(
+            allocation.containers, self.rendezvous_timeout_s, allocation.log
+        )
+        self.allocations[allocation_id] = allocation
+        self.running = allocation
+        # Ports the chief container listens on. In one network namespace the containers reach
+        # them there, and two test runs on one machine must not meet: free ones, not
+        # Determined's fixed defaults (C10D_PORT 29400, INTER_TRAIN_PROCESS_COMM_PORT_1 12360).
+        ports = {
+            "C10D_PORT": str(free_port()),
+            "INTER_TRAIN_PROCESS_COMM_PORT_1": str(free_port()),
+            "INTER_TRAIN_PROCESS_COMM_PORT_2": str(free_port()),
+        }
         with contextlib.ExitStack() as stack:
-            self.containers = []
-            for rank in range(containers):
-                container = self.tmp / f"container-{trial.id}-{trial.run_id}-{rank}"
-                (container / "run" / "info").mkdir(parents=True)
-                workdir = container / "workdir"
-                workdir.mkdir()
+            for container in allocation.containers:
+                root = self.tmp / f"container-{trial.id}-{trial.run_id}-{container.rank}"
+                (root / "run" / "info").mkdir(parents=True)
+                workdir = root / "workdir"
+                workdir.mkdir(exist_ok=True)  # a test may have put files there
                 env = {
                     "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
-                    "HOME": str(container),
+                    "HOME": str(root),
                     "PYTHONPATH": str(self.site),
-                    "STANDIN_CONTAINER": str(container),
+                    "STANDIN_CONTAINER": str(root),
                     "STANDIN_SHARED_FS": str(self.storage),
                     # A short path: a unix socket's path may not exceed 107 bytes.
                     "STANDIN_TMP": stack.enter_context(
@@ -302,19 +477,19 @@ class Cluster:
                     # Set by the agent for a docker container.
                     "DET_MASTER": self.master.url,
                     "DET_CLUSTER_ID": "standin-cluster",
-                    "DET_AGENT_ID": f"agent-{rank}",
-                    "DET_SLOT_IDS": json.dumps(list(range(slots))),
+                    "DET_AGENT_ID": f"agent-{container.rank}",
+                    "DET_SLOT_IDS": json.dumps(list(range(container.slots))),
                     "DET_RESOURCES_TYPE": "docker-container",
                     # Set by the master's task spec (master/pkg/tasks/task.go, task_trial.go).
                     "DET_TASK_ID": task_id,
                     "DET_ALLOCATION_ID": allocation_id,
-                    "DET_RESOURCES_ID": resources_ids[rank],
-                    "DET_CONTAINER_ID": f"container-{allocation_id}-{rank}",
+                    "DET_RESOURCES_ID": container.resources_id,
+                    "DET_CONTAINER_ID": f"container-{allocation_id}-{container.rank}",
                     "DET_SESSION_TOKEN": "allocation-token",
                     "DET_USER_TOKEN": "user-token",
                     "DET_USER": "determined",
                     "DET_WORKDIR": str(workdir),
-                    "DET_RUN_DIR": str(container / "run"),
+                    "DET_RUN_DIR": str(root / "run"),
                     "DET_USE_TLS": "false",
                     "DET_TASK_TYPE": "TRIAL",
                     "DET_EXPERIMENT_ID": str(trial.experiment_id),
@@ -324,42 +499,41 @@ class Cluster:
                     "DET_EXPERIMENT_CONFIG": json.dumps(experiment["config"]),
                     "DET_HPARAMS": json.dumps(trial.hparams),
                     "DET_STEPS_COMPLETED": str(steps_completed),
-                    "C10D_PORT": c10d_port,
                     "OMP_NUM_THREADS": "1",
+                    **ports,
+                    **container.env,
                 }
                 if latest_checkpoint is not None:
                     env["DET_LATEST_CHECKPOINT"] = latest_checkpoint
-                self.containers.append(
-                    subprocess.Popen(
-                        ["bash", "-c", ENTRYPOINT_SH],
-                        cwd=workdir,
-                        env=env,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                        text=True,
-                    )
+                container.process = subprocess.Popen(
+                    ["bash", "-c", ENTRYPOINT_SH],
+                    cwd=workdir,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
                 )
+
+            def wait(container: Container) -> None:
+                container.log = container.process.communicate(timeout=timeout)[0]
+                allocation.container_exited(container)
+
             try:
                 with concurrent.futures.ThreadPoolExecutor(containers) as pool:
-                    logs = list(
-                        pool.map(lambda c: c.communicate(timeout=timeout)[0], self.containers)
-                    )
+                    list(pool.map(wait, allocation.containers))
             finally:
-                self.kill_containers()
+                if any(c.process.poll() is None for c in allocation.containers):
+                    allocation.kill("the test's launch ended")  # nothing is left running
+                self.running = None
+        trial.outcomes.append(allocation.outcome(experiment["config"]["max_restarts"]))
         return [
-            subprocess.CompletedProcess(c.args, c.returncode, log)
-            for c, log in zip(self.containers, logs)
+            subprocess.CompletedProcess(c.process.args, c.process.returncode, c.log)
+            for c in allocation.containers
         ]
 
     def kill_containers(self) -> None:
-        """What a lost node does to a trial: every process of its containers dies at once
-        (torchrun starts its workers in sessions of their own, so walk the process tree)."""
-        for container in self.containers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                root = psutil.Process(container.pid)
-                for process in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        process.kill()
+        """What a lost node does to a trial: every process of the running allocation dies."""
+        self.running.kill("the agent was lost")
 
     # ---- the searcher's side -------------------------------------------------------------------
 
@@ -425,15 +599,9 @@ class Cluster:
     def get_AllocationRendezvousInfo(
         self, call: Call
     ) -> bindings.v1AllocationRendezvousInfoResponse:
-        """A long poll, answered once every container of the allocation has asked: each
-        container's address (the chief's first) and the asking container's rank."""
-        allocation_id = call.params["allocationId"]
-        rendezvous = self.rendezvous[allocation_id]
-        rank = rendezvous.join(call.params["resourcesId"])
-        count = len(rendezvous.resources_ids)
-        info = bindings.v1RendezvousInfo(
-            addresses=["127.0.0.1"] * count, rank=rank, slots=[self.slots[allocation_id]] * count
-        )
+        """A long poll, answered as the master's rendezvous answers (Rendezvous)."""
+        allocation = self.allocations[call.params["allocationId"]]
+        info = allocation.rendezvous.join(call.params["resourcesId"])
         return bindings.v1AllocationRendezvousInfoResponse(rendezvousInfo=info)
 
     def post_RunPrepareForReporting(self, call: Call) -> bindings.v1RunPrepareForReportingResponse:
@@ -441,26 +609,32 @@ class Cluster:
 
     def get_GetTrial(self, call: Call) -> bindings.v1GetTrialResponse:
         trial = self.trials[int(call.params["trialId"])]
-        validations = trial.reported("validation")
-        latest = None
-        if validations:
-            steps = max(validations)
-            latest = bindings.v1MetricsWorkload(
-                metrics=bindings.v1Metrics(avgMetrics=validations[steps]),
-                numInputs=0,
-                totalBatches=steps,
-            )
+        self._after(call)
+        latest = self._latest_validation(trial)
         return bindings.v1GetTrialResponse(
             trial=bindings.trialv1Trial(
                 experimentId=trial.experiment_id,
                 hparams=trial.hparams,
                 id=trial.id,
-                restarts=trial.run_id - 1,
+                restarts=trial.restarts,
                 startTime="2026-11-28T00:00:00Z",
                 state=self._trial_state(trial),
                 totalBatchesProcessed=0,
                 latestValidation=latest,
             )
+        )
+
+    def _latest_validation(self, trial: Trial) -> Optional[bindings.v1MetricsWorkload]:
+        """The trial's latest stored validation that holds the searcher's metric: AddTrialMetrics
+        sets latest_validation_id only for those (postgres_trial.go)."""
+        metric = self.experiments[trial.experiment_id]["config"]["searcher"]["metric"]
+        stored = [m for m in trial.metrics if m["group"] == "validation" and metric in m["metrics"]]
+        if not stored:
+            return None
+        return bindings.v1MetricsWorkload(
+            metrics=bindings.v1Metrics(avgMetrics=stored[-1]["metrics"]),
+            numInputs=0,
+            totalBatches=stored[-1]["steps"],
         )
 
     @staticmethod
@@ -472,9 +646,22 @@ class Cluster:
         return bindings.trialv1State("STATE_" + trial.state)
 
     def post_ReportTrialSearcherEarlyExit(self, call: Call) -> None:
-        """The master notes the reason (trial.go, SetUserInitiatedEarlyExit); after the
-        container exits with 0 the trial is completed, never restarted."""
-        self.trials[int(call.params["trialId"])].early_exits.append(call.body.reason)
+        """The master notes the reason (trial.go, SetUserInitiatedEarlyExit; again for each
+        process that reports it) and kills whatever of the allocation still runs after
+        InvalidHPKillDelay. A trial whose containers all exit 0 is then COMPLETED, never
+        restarted and never replaced by the searcher (handleAllocationExit: exit(nil))."""
+        trial = self.trials[int(call.params["trialId"])]
+        trial.early_exits.append(call.body.reason)
+        allocation = self.running
+
+        def kill_after_delay():
+            if any(c.process.poll() is None for c in allocation.containers):
+                trial.state = "STOPPING_KILLED"
+                allocation.kill("timeout after user initiated early exit")
+
+        timer = threading.Timer(self.invalid_hp_kill_delay_s, kill_after_delay)
+        timer.daemon = True
+        timer.start()
 
     def post_PostTrialRunnerMetadata(self, call: Call) -> None:
         return None
@@ -484,7 +671,7 @@ class Cluster:
     ) -> bindings.v1AllocationPreemptionSignalResponse:
         """A long poll: answers at once when the allocation is to stop, else when its timeout
         passes (or the flag is set meanwhile), as the master does."""
-        trial = self.allocations[call.params["allocationId"]]
+        trial = self.allocations[call.params["allocationId"]].trial
         timeout = float(call.query.get("timeoutSeconds", 0))
         return bindings.v1AllocationPreemptionSignalResponse(preempt=trial.preempt.wait(timeout))
 
@@ -492,8 +679,12 @@ class Cluster:
         return None
 
     def post_ReportTrialMetrics(self, call: Call) -> None:
+        """In the master's order (api_trials.go, ReportTrialMetrics): a validation goes to the
+        searcher first, whose decision may patch the trial's state (tests decide in `on_call`,
+        and may hold the answer there, as a busy master does); then the metrics are stored."""
         metrics = call.body.metrics
         trial = self.trials[metrics.trialId]
+        self._after(call)
         trial.metrics.append(
             {
                 "group": call.body.group,
@@ -501,7 +692,6 @@ class Cluster:
                 "metrics": metrics.metrics.avgMetrics,
             }
         )
-        self._after(call)
 
     def get_GetBestSearcherValidationMetric(
         self, call: Call
@@ -598,5 +788,5 @@ class Cluster:
 
     def post_ReportCheckpoint(self, call: Call) -> None:
         checkpoint = call.body
-        self.allocations[checkpoint.allocationId].checkpoints.append(checkpoint)
+        self.allocations[checkpoint.allocationId].trial.checkpoints.append(checkpoint)
         self._after(call)

@@ -171,8 +171,16 @@ def merge_path_params(message: str, body: Dict[str, Any], params: Dict[str, str]
     return body
 
 
-class NotFound(Exception):
+class MasterError(Exception):
+    """An error the master itself answers with (not a stand-in failure): HTTP `status`."""
+
+    status = 500
+
+
+class NotFound(MasterError):
     """A handler's 404, as the master answers for something that does not exist (yet)."""
+
+    status = 404
 
 
 @dataclasses.dataclass
@@ -270,8 +278,9 @@ class MasterStandIn:
             self.calls.append(call)
         try:
             response = handler(call)
-        except NotFound as e:
-            return 404, {"error": {"error": str(e)}, "message": str(e), "code": 5}
+        except MasterError as e:
+            grpc_code = {404: 5, 500: 2}[e.status]  # NotFound, Unknown
+            return e.status, {"error": {"error": str(e)}, "message": str(e), "code": grpc_code}
         except Exception as e:  # a stand-in bug must fail the test, not hang the harness
             return self.refuse(500, f"{method} {path} ({route.name}): handler failed: {e!r}")
         if route.response_class is None:
