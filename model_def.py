@@ -80,12 +80,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
             self.hp.dataset_name, self.data_config, self.run_on_chief, self.run_first_on_machine
         )
         self.num_classes = len(self.splits.labeled_train.classes)
-        if self.hp.validate_with_classifier and self.num_classes < 2:
-            raise ConfigError(
-                f"the labeled training images have {self.num_classes} class(es) "
-                f"({self.splits.labeled_train.classes}); the linear probe needs at least 2. "
-                f"Add class folders or set hyperparameters.validate_with_classifier=false"
-            )
+        data.check_probe_classes(
+            self.splits.labeled_train.classes, self.hp.validate_with_classifier
+        )
         self.train_sampler = data.EpochBatchSampler(
             len(self.splits.byol_train),
             self.hp.global_batch_size,
