@@ -620,6 +620,12 @@ def parse_experiment_config(raw: Dict[str, Any], slots: int = 1) -> ExperimentCo
     return ExperimentConfig(hp, parse_data_config(raw.get("data")), run)
 
 
+def slots_per_trial(raw: Dict[str, Any]) -> int:
+    """The processes a trial's global batch is split over on a cluster: resources.slots_per_trial
+    (the master's default is 1); with 0 the launcher would start no training process."""
+    return _Reader(raw.get("resources") or {}, "resources").integer("slots_per_trial", 1)
+
+
 def parse_data_config(raw: Optional[Dict[str, Any]]) -> DataConfig:
     r = _Reader(raw or {}, "data")
     download_dir = r.get("download_dir", "~/.cache/byol-data")
