@@ -29,6 +29,7 @@ import checkpoint
 import data
 import device
 import optim
+import preflight
 import utils
 from augment import TwoViewAugmentation
 from backbone import build_backbone
@@ -459,6 +460,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="with --resume: continue even though the config changes the result",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check CONFIG as a cluster's trials would parse it, at every corner of its "
+        "hyperparameter search space, and its data locations reachable from here; then exit "
+        "(0: ok, 1: problems). Nothing is trained or downloaded",
+    )
     return parser.parse_args(argv)
 
 
@@ -477,6 +485,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         run_on_cluster(info)
         return
     args = parse_args(argv)
+    if args.check:
+        if args.config is None or args.resume is not None:
+            sys.exit("error: --check takes an experiment config yaml (and --set), not --resume")
+        sys.exit(preflight.run_check(args.config, args.overrides))
     if args.config is None and args.resume is None:
         sys.exit(
             "error: give an experiment config yaml, e.g. python model_def.py const-cifar10.yaml"
