@@ -3,7 +3,9 @@
 The raw experiment config (a dict) is read in exactly one place: `parse_experiment_config` turns
 it into frozen dataclasses (hyperparameters, data, run) and validate every value there, so a bad
 config is refused with a message naming the value and what is allowed before any data is read or
-any model is built. Nothing else in the package reads the raw dict.
+any model is built. Nothing else in the package reads the raw dict, except the search space
+of a `hyperparameters` section, which no trial sees: hpspace.py turns it into the values a trial
+receives, for `model_def.py CONFIG --check` (preflight.py).
 """
 
 import dataclasses

@@ -53,6 +53,8 @@ def corners(hyperparameters: Dict[str, Any], grid: bool = False, prefix: Path = 
     """The corner values of every hyperparameter of the section (a nested one by its path), in
     the section's order; equal values of a categorical once. `grid`: the searcher is `grid`.
     A malformed search space raises ConfigError naming the hyperparameter."""
+    if not isinstance(hyperparameters, dict):
+        raise ConfigError(f"hyperparameters must be a mapping, got {hyperparameters!r}")
     space: Space = {}
     for name, spec in hyperparameters.items():
         path = prefix + (name,)
