@@ -3,7 +3,9 @@
 The raw experiment config (a dict) is read in exactly one place: `parse_experiment_config` turns
 it into frozen dataclasses (hyperparameters, data, run) and validate every value there, so a bad
 config is refused with a message naming the value and what is allowed before any data is read or
-any model is built. Nothing else in the package reads the raw dict.
+any model is built. Nothing else in the package reads the raw dict, except the search space
+of a `hyperparameters` section, which no trial sees: hpspace.py turns it into the values a trial
+receives, for `model_def.py CONFIG --check` (preflight.py).
 """
 
 import dataclasses
@@ -618,6 +620,12 @@ def parse_experiment_config(raw: Dict[str, Any], slots: int = 1) -> ExperimentCo
     run = parse_run_config(raw)
     check_searcher(run.searcher, hp)
     return ExperimentConfig(hp, parse_data_config(raw.get("data")), run)
+
+
+def slots_per_trial(raw: Dict[str, Any]) -> int:
+    """The processes a trial's global batch is split over on a cluster: resources.slots_per_trial
+    (the master's default is 1); with 0 the launcher would start no training process."""
+    return _Reader(raw.get("resources") or {}, "resources").integer("slots_per_trial", 1)
 
 
 def parse_data_config(raw: Optional[Dict[str, Any]]) -> DataConfig:

@@ -44,6 +44,12 @@ NORMALIZATION = {
 
 UNLABELED = -1
 
+# The torchvision datasets behind dataset_name, downloaded into data.download_dir on first use.
+TORCHVISION_DATASETS = {
+    "cifar10": torchvision.datasets.CIFAR10,
+    "stl10": torchvision.datasets.STL10,
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # Image sources: anything that yields (image, label) by index
@@ -244,15 +250,16 @@ def build_splits(
     root = os.path.expanduser(data.download_dir)
     if dataset_name == "cifar10":
         os.makedirs(root, exist_ok=True)
-        train = download(torchvision.datasets.CIFAR10, root, first_on_machine, train=True)
-        test = download(torchvision.datasets.CIFAR10, root, first_on_machine, train=False)
+        cifar10 = TORCHVISION_DATASETS["cifar10"]
+        train = download(cifar10, root, first_on_machine, train=True)
+        test = download(cifar10, root, first_on_machine, train=False)
         train_src = ArraySource(*_torchvision_arrays(train), train.classes)
         test_src = ArraySource(*_torchvision_arrays(test), test.classes)
         return DatasetSplits(train_src, train_src, test_src, NORMALIZATION["cifar10"])
     if dataset_name == "stl10":
         os.makedirs(root, exist_ok=True)
         splits = {
-            s: download(torchvision.datasets.STL10, root, first_on_machine, split=s)
+            s: download(TORCHVISION_DATASETS["stl10"], root, first_on_machine, split=s)
             for s in ("train", "unlabeled", "test")
         }
         train_src, unlabeled_src, test_src = (
@@ -263,18 +270,10 @@ def build_splits(
             ConcatSource([train_src, unlabeled_src]), train_src, test_src, NORMALIZATION["stl10"]
         )
     if dataset_name == "image_folder":
-        for key in ("train_dir", "test_dir"):
-            if getattr(data, key) is None:
-                raise ConfigError(
-                    f"dataset_name=image_folder needs data.{key} (a <class>/<image> folder)"
-                )
+        require_image_folders(data)
         train_src = open_folder(data.train_dir, data.train_blob_list, data, share)
         test_src = open_folder(data.test_dir, data.test_blob_list, data, share)
-        if test_src.classes != train_src.classes:
-            raise ConfigError(
-                f"data.test_dir {data.test_dir!r} has classes {test_src.classes} but data.train_dir "
-                f"{data.train_dir!r} has {train_src.classes}; they must be the same"
-            )
+        check_same_classes(train_src.classes, test_src.classes, data)
         byol_train = train_src
         if data.unlabeled_dir is not None:
             names = scan_unlabeled_folder(data.unlabeled_dir)
@@ -288,6 +287,46 @@ def build_splits(
             byol_train = ConcatSource([train_src, unlabeled])
         return DatasetSplits(byol_train, train_src, test_src, NORMALIZATION["image_folder"])
     raise ConfigError(f"unknown dataset {dataset_name!r}")
+
+
+def require_image_folders(data: DataConfig) -> None:
+    """dataset_name=image_folder reads data.train_dir and data.test_dir: both must be set."""
+    for key in ("train_dir", "test_dir"):
+        if getattr(data, key) is None:
+            raise ConfigError(
+                f"dataset_name=image_folder needs data.{key} (a <class>/<image> folder)"
+            )
+
+
+def check_same_classes(train_classes: List[str], test_classes: List[str], data: DataConfig) -> None:
+    """The test images are scored by the classes of the training images: the same, in order."""
+    if test_classes != train_classes:
+        raise ConfigError(
+            f"data.test_dir {data.test_dir!r} has classes {test_classes} but data.train_dir "
+            f"{data.train_dir!r} has {train_classes}; they must be the same"
+        )
+
+
+def check_probe_classes(classes: List[str], validate_with_classifier: bool) -> None:
+    """The linear probe that validation trains tells at least 2 classes apart."""
+    if validate_with_classifier and len(classes) < 2:
+        raise ConfigError(
+            f"the labeled training images have {len(classes)} class(es) ({classes}); the linear "
+            f"probe needs at least 2. Add class folders or set "
+            f"hyperparameters.validate_with_classifier=false"
+        )
+
+
+def missing_download(dataset_name: str, download_dir: str) -> List[str]:
+    """The files of a torchvision dataset (TORCHVISION_DATASETS) that data.download_dir lacks,
+    from the dataset class's own file lists, so nothing is read or downloaded; none missing: a
+    run opens it without downloading (torchvision checks the files' checksums then)."""
+    dataset_class = TORCHVISION_DATASETS[dataset_name]
+    meta = getattr(dataset_class, "meta", None)  # CIFAR-10's class names; STL-10 has none
+    names = [name for name, _ in dataset_class.train_list + dataset_class.test_list]
+    names += [meta["filename"]] if meta else []
+    folder = os.path.join(os.path.expanduser(download_dir), dataset_class.base_folder)
+    return [name for name in names if not os.path.isfile(os.path.join(folder, name))]
 
 
 def download(dataset_class, root: str, first_on_machine: Callable, **kwargs):
@@ -308,17 +347,22 @@ def download(dataset_class, root: str, first_on_machine: Callable, **kwargs):
 def open_folder(path: str, blob_list: Optional[str], data: DataConfig, share: Callable):
     """A labeled `<class>/<image>` folder, local or `gs://bucket/prefix`, or a shard set's
     index (*.json, local or gs://) written by make_shards.py."""
+    check_blob_list(path, blob_list)
     if shards.is_shard_index(path):
-        if blob_list is not None:
-            raise ConfigError(
-                f"{path!r} is a shard index, which lists its images itself; a blob list "
-                f"({blob_list!r}) is only for a folder of images: leave it out"
-            )
         return shards.open_shards(path, data, share)
     if path.startswith("gs://"):
         return open_gcs_folder(path, blob_list, data, share)
     names, labels, classes = scan_class_folder(path)
     return FileSource(names, labels, classes, LocalFiles(path), path)
+
+
+def check_blob_list(path: str, blob_list: Optional[str]) -> None:
+    """A blob list names the images of a folder; a shard index lists its images itself."""
+    if shards.is_shard_index(path) and blob_list is not None:
+        raise ConfigError(
+            f"{path!r} is a shard index, which lists its images itself; a blob list "
+            f"({blob_list!r}) is only for a folder of images: leave it out"
+        )
 
 
 def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -569,6 +613,15 @@ def center_crop(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def check_one_batch(num_samples: int, global_batch: int) -> None:
+    """An epoch is a whole number of global batches: the training set must hold at least one."""
+    if num_samples < global_batch:
+        raise ConfigError(
+            f"the training set has {num_samples} images, fewer than one global batch "
+            f"({global_batch}); lower hyperparameters.global_batch_size"
+        )
+
+
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Shuffled per-slot batches of (index, epoch) pairs, a fresh permutation per epoch seeded
     by (seed, epoch). Each epoch yields `global batches x slots` per-slot batches, so Determined's
@@ -586,11 +639,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         fixed_epoch: Optional[int] = None,
         order: Optional[Callable[[int, int], Sequence[int]]] = None,
     ):
-        if num_samples < global_batch:
-            raise ConfigError(
-                f"the training set has {num_samples} images, fewer than one global batch "
-                f"({global_batch}); lower hyperparameters.global_batch_size"
-            )
+        check_one_batch(num_samples, global_batch)
         self.num_samples, self.global_batch, self.slots, self.seed = (
             num_samples,
             global_batch,
@@ -656,15 +705,21 @@ def _parse_blob_list(data: bytes, where: str) -> List[str]:
     return [line.rstrip("\r") for line in text.split("\n") if line.rstrip("\r")]
 
 
+def blob_list_object(bucket: str, blob_list: str) -> Tuple[str, str]:
+    """(bucket, object name) of a blob list: a gs:// url, or an object of the folder's bucket."""
+    if blob_list.startswith("gs://"):
+        list_bucket, _, list_name = blob_list[len("gs://") :].partition("/")
+        return list_bucket, list_name
+    return bucket, blob_list
+
+
 def _find_gcs_images(store: gcs.GCSFiles, blob_list: Optional[str], url: str):
     """(names, labels, classes) of gs://bucket/prefix, or the message of a ConfigError. Runs on
     the chief only: an error is returned rather than raised so that every process raises it,
     instead of the chief failing while the others wait for its answer."""
     try:
         if blob_list:
-            list_bucket, list_name = store.bucket, blob_list
-            if blob_list.startswith("gs://"):
-                list_bucket, _, list_name = blob_list[len("gs://") :].partition("/")
+            list_bucket, list_name = blob_list_object(store.bucket, blob_list)
             where = f"gs://{list_bucket}/{list_name}"
             object_names = _parse_blob_list(
                 gcs.download_object(store.client(), list_bucket, list_name), where

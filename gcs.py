@@ -143,10 +143,13 @@ def call_with_retries(
     call: Callable,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    deadline_s: Optional[float] = None,
 ):
-    """call() with transient failures retried until the deadline (see GCS_RETRY_*). Every
-    failure that escapes is a GCSError naming `what` (a gs:// url): 404, 403 and other permanent
-    errors at once, a transient one when the next try would start past the deadline."""
+    """call() with transient failures retried until the deadline (see GCS_RETRY_*; `deadline_s`
+    instead of GCS_RETRY_DEADLINE_S where a caller cannot wait that long). Every failure that
+    escapes is a GCSError naming `what` (a gs:// url): 404, 403 and other permanent errors at
+    once, a transient one when the next try would start past the deadline."""
+    deadline = GCS_RETRY_DEADLINE_S if deadline_s is None else deadline_s
     started = clock()
     attempt = 0
     while True:
@@ -159,10 +162,10 @@ def call_with_retries(
                 raise _permanent_error(what, error, status) from error
             delay = random.uniform(0, min(GCS_RETRY_CAP_S, GCS_RETRY_BASE_S * 2 ** (attempt - 1)))
             elapsed = clock() - started
-            if elapsed + delay > GCS_RETRY_DEADLINE_S:
+            if elapsed + delay > deadline:
                 raise GCSError(
                     f"{what}: still failing after {attempt} attempts in {elapsed:.1f} s "
-                    f"(retry deadline {GCS_RETRY_DEADLINE_S:g} s): {describe_error(error)}",
+                    f"(retry deadline {deadline:g} s): {describe_error(error)}",
                     status,
                     transient=True,
                 ) from error
@@ -213,13 +216,13 @@ def download_object(client, bucket: str, object_name: str) -> bytes:
 
 
 def _list_page(
-    client, bucket: str, prefix: str, token: Optional[str]
+    client, bucket: str, prefix: str, token: Optional[str], page_size: int = 1000
 ) -> Tuple[List[str], Optional[str]]:
     iterator = client.list_blobs(
         bucket,
         prefix=prefix or None,
         page_token=token,
-        page_size=1000,
+        page_size=page_size,
         fields="items(name),nextPageToken",
         retry=None,
         timeout=GCS_TIMEOUT_S,
@@ -245,6 +248,26 @@ def list_gcs_objects(
             on_page(len(names))
         if not token:
             return names
+
+
+def object_exists(client, bucket: str, object_name: str, deadline_s: float) -> bool:
+    """Whether gs://bucket/object_name exists: one metadata request, the object is not read."""
+    blob = call_with_retries(
+        f"gs://{bucket}/{object_name}",
+        lambda: client.bucket(bucket).get_blob(object_name, retry=None, timeout=GCS_TIMEOUT_S),
+        deadline_s=deadline_s,
+    )
+    return blob is not None
+
+
+def prefix_holds_objects(client, bucket: str, prefix: str, deadline_s: float) -> bool:
+    """Whether any object lies under gs://bucket/prefix: one listing request for one name."""
+    names, _ = call_with_retries(
+        f"gs://{bucket}/{prefix}",
+        functools.partial(_list_page, client, bucket, prefix, None, page_size=1),
+        deadline_s=deadline_s,
+    )
+    return bool(names)
 
 
 def _encode_component(component: str) -> str:

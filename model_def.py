@@ -29,6 +29,7 @@ import checkpoint
 import data
 import device
 import optim
+import preflight
 import utils
 from augment import TwoViewAugmentation
 from backbone import build_backbone
@@ -97,12 +98,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
             self.startup.first_on_machine,
         )
         self.num_classes = len(self.splits.labeled_train.classes)
-        if self.hp.validate_with_classifier and self.num_classes < 2:
-            raise ConfigError(
-                f"the labeled training images have {self.num_classes} class(es) "
-                f"({self.splits.labeled_train.classes}); the linear probe needs at least 2. "
-                f"Add class folders or set hyperparameters.validate_with_classifier=false"
-            )
+        data.check_probe_classes(
+            self.splits.labeled_train.classes, self.hp.validate_with_classifier
+        )
         self.train_sampler = data.EpochBatchSampler(
             len(self.splits.byol_train),
             self.hp.global_batch_size,
@@ -452,6 +450,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="with --resume: continue even though the config changes the result",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check CONFIG as a cluster's trials would parse it, at every corner of its "
+        "hyperparameter search space, and its data locations reachable from here; then exit "
+        "(0: ok, 1: problems). Nothing is trained or downloaded",
+    )
     return parser.parse_args(argv)
 
 
@@ -470,6 +475,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         run_on_cluster(info)
         return
     args = parse_args(argv)
+    if args.check:
+        if args.config is None or args.resume is not None:
+            sys.exit("error: --check takes an experiment config yaml (and --set), not --resume")
+        sys.exit(preflight.run_check(args.config, args.overrides))
     if args.config is None and args.resume is None:
         sys.exit(
             "error: give an experiment config yaml, e.g. python model_def.py const-cifar10.yaml"
