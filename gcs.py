@@ -138,17 +138,25 @@ def _permanent_error(what: str, error: BaseException, status: Optional[int]) -> 
     return GCSError(f"{what}: {describe_error(error)}", status)
 
 
+# Where retries read the time and wait (anything with monotonic() and sleep()): the time
+# module, or a test's clock that moves only when someone waits.
+RETRY_CLOCK = time
+
+
 def call_with_retries(
     what: str,
     call: Callable,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
+    sleep: Optional[Callable[[float], None]] = None,
+    clock: Optional[Callable[[], float]] = None,
     deadline_s: Optional[float] = None,
 ):
     """call() with transient failures retried until the deadline (see GCS_RETRY_*; `deadline_s`
     instead of GCS_RETRY_DEADLINE_S where a caller cannot wait that long). Every failure that
     escapes is a GCSError naming `what` (a gs:// url): 404, 403 and other permanent errors at
-    once, a transient one when the next try would start past the deadline."""
+    once, a transient one when the next try would start past the deadline. `sleep` and `clock`
+    default to RETRY_CLOCK's."""
+    sleep = sleep or RETRY_CLOCK.sleep
+    clock = clock or RETRY_CLOCK.monotonic
     deadline = GCS_RETRY_DEADLINE_S if deadline_s is None else deadline_s
     started = clock()
     attempt = 0

@@ -15,7 +15,8 @@ class Progress:
     """The progress line a user watches: step, epoch, loss, images/s and ETA, at least every
     `every_s` seconds and at each epoch's end, on the chief, whatever the reporting period.
     Reading the loss is the only host sync it adds, at most once per line; `before_line` runs
-    just before each line (where the host waits for the device anyway)."""
+    just before each line (where the host waits for the device anyway). `clock` gives seconds
+    (a test passes its own)."""
 
     def __init__(
         self,
@@ -25,32 +26,39 @@ class Progress:
         enabled: bool,
         every_s: float = 30.0,
         before_line: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.total_steps, self.batches_per_epoch = total_steps, batches_per_epoch
         self.global_batch_size, self.enabled, self.every_s = global_batch_size, enabled, every_s
         self.since: Optional[Tuple[float, int]] = None  # (time, steps done) of the last line
-        self.before_line = before_line
+        self.before_line, self.clock = before_line, clock
 
     def step_done(self, steps_done: int, loss: torch.Tensor) -> None:
         if not self.enabled:
             return
-        now = time.time()
+        now = self.clock()
         if self.since is None:  # the first step of this run (a resumed run starts mid-way)
-            self.since = (now, steps_done - 1)
+            self.since = (now, steps_done)  # its start is unknown: time the steps after it
         last_time, last_steps = self.since
         epoch_end = steps_done % self.batches_per_epoch == 0
         if now - last_time < self.every_s and not epoch_end and steps_done < self.total_steps:
             return
         self.before_line()
-        seconds_per_step = (now - last_time) / max(1, steps_done - last_steps)
+        if steps_done > last_steps:
+            seconds_per_step = (now - last_time) / (steps_done - last_steps)
+            speed = (
+                f"{self.global_batch_size / max(seconds_per_step, 1e-9):.0f} images/s  ETA "
+                f"{format_duration((self.total_steps - steps_done) * seconds_per_step)}"
+            )
+        else:  # a line at the run's first step: nothing timed yet
+            speed = "images/s and ETA from the next line"
         logger.info(
-            "step %d/%d  epoch %d/%d  loss %.4f  %.0f images/s  ETA %s",
+            "step %d/%d  epoch %d/%d  loss %.4f  %s",
             steps_done,
             self.total_steps,
             -(-steps_done // self.batches_per_epoch),
             -(-self.total_steps // self.batches_per_epoch),
             float(loss),
-            self.global_batch_size / max(seconds_per_step, 1e-9),
-            format_duration((self.total_steps - steps_done) * seconds_per_step),
+            speed,
         )
         self.since = (now, steps_done)

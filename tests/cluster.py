@@ -53,7 +53,6 @@ import io
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tarfile
@@ -64,6 +63,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import psutil
 from determined.common.api import bindings
 
+from conftest import HANG_GUARD_S, free_port
 from master_standin import Call, MasterError, MasterStandIn, NotFound
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -167,12 +167,6 @@ def resolve(hparams: Dict[str, Any], sampled: Dict[str, Any]) -> Dict[str, Any]:
         else:
             out[name] = resolve(value, sampled.get(name, {}))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def context_tgz(files: List[bindings.v1File]) -> str:
@@ -415,7 +409,7 @@ class Cluster:
         slots: Union[int, List[int]],
         latest_checkpoint: Optional[str] = None,
         steps_completed: int = 0,
-        timeout: float = 600,
+        timeout: float = HANG_GUARD_S,
         containers: int = 1,
         container_env: Optional[List[Dict[str, str]]] = None,
     ) -> List[subprocess.CompletedProcess]:

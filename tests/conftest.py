@@ -2,8 +2,10 @@
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -15,6 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CLASSES = ["airplane", "cat", "ship"]
+
+# The bound on a test's subprocess: only a hung one reaches it, however slow or shared the
+# machine (a test never measures speed with it).
+HANG_GUARD_S = 600
 
 
 def synthetic_image(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
@@ -37,6 +43,61 @@ def write_image_folder(root):
                     root / split / cls / f"{i:03d}.png"
                 )
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(processes: int, script_args):
+    """(command, environment) that start `python model_def.py SCRIPT_ARGS` in `processes`
+    processes on this machine as torchrun does, with gloo on CPU. Every port is a free one, so
+    that two test runs on one machine never meet: torchrun's and Determined's ZMQ ports
+    (INTER_TRAIN_PROCESS_COMM_PORT_1/2, fixed at 12360 and up by default)."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "model_def.py",
+        *map(str, script_args),
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        USE_TORCH_DISTRIBUTED="1",
+        INTER_TRAIN_PROCESS_COMM_PORT_1=str(free_port()),
+        INTER_TRAIN_PROCESS_COMM_PORT_2=str(free_port()),
+    )
+    return command, env
+
+
+class FakeClock:
+    """Time that moves only when someone waits: retries, deadlines and progress timers run at
+    once and the same on any machine, however slow or shared. monotonic() and sleep() as the
+    time module has them; `sleeps` records every wait."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+        self.sleeps = []
+        self.lock = threading.Lock()
+
+    def monotonic(self) -> float:
+        with self.lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self.lock:
+            self.sleeps.append(seconds)
+            self.now += seconds
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -217,7 +278,7 @@ def fetch_commit_if_missing(repo, commit):
         ["git", "-C", str(repo), "fetch", "--quiet", *fetch],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert present(), (
         f"commit {commit} is not in {repo}'s history and `git fetch {' '.join(fetch)}` did not "

@@ -120,11 +120,12 @@ class FaultProxy:
     fail_next(n, status) answers the next n requests with that status, drop_next(n) closes the
     connection without an answer, reset_next(n) resets it, truncate_next(n) cuts a body short,
     fail_for(seconds, status, path_contains) fails matching requests for a while.
-    `latency_s` delays every request (models a real bucket's round trip). It records each
-    request (method, path) and the most requests it ever had in flight at once."""
+    `latency_s` delays every request (models a real bucket's round trip; benchmarks only). It
+    records each request (method, path) and the most requests it ever had in flight at once."""
 
     def __init__(self, upstream_port: int, latency_s: float = 0.0):
         self.upstream_port, self.latency_s = upstream_port, latency_s
+        self.clock = time  # what fail_for's episodes are timed by (a test may share its clock)
         self.requests: List[Tuple[str, str]] = []
         self.max_in_flight = 0
         self._faults: List[Tuple] = []
@@ -168,7 +169,7 @@ class FaultProxy:
         """Answer `status` to every request whose path holds `path_contains`, for `seconds`
         from now (a throttling episode, or an object that stays unreadable)."""
         with self._lock:
-            self._episodes.append((time.monotonic() + seconds, status, path_contains))
+            self._episodes.append((self.clock.monotonic() + seconds, status, path_contains))
 
     def clear(self) -> None:
         """Forget recorded requests, queued faults, episodes and the in-flight maximum."""
@@ -181,7 +182,7 @@ class FaultProxy:
             self.requests.append((method, path))
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
-            now = time.monotonic()
+            now = self.clock.monotonic()
             for until, status, part in self._episodes:
                 if now < until and part in urllib.parse.unquote(path):
                     return ("status", status)

@@ -19,7 +19,7 @@ import augment
 import data
 from benchmarks.op_count import OpCounter
 from config import _parse_augmentation, _Reader
-from conftest import ROOT, fetch_commit_if_missing
+from conftest import HANG_GUARD_S, ROOT, fetch_commit_if_missing
 
 N = 4000
 
@@ -226,7 +226,7 @@ def previous_augment():
         ["git", "-C", ROOT, "show", f"{BEFORE_BATCHED_VIEWS}:augment.py"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD_S,
         check=True,
     ).stdout
     # Its one import of this package: the config's types, in config.py since.

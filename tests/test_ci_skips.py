@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import HANG_GUARD_S, ROOT
 
 SKIPPING = """
 import pytest
@@ -37,7 +37,7 @@ def test_a_skip_fails_only_under_ci(tmp_path, ci, expected):
         env=dict(os.environ, CI=ci, PYTHONPATH=os.path.join(ROOT, "tests")),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert result.stdout.splitlines()[-1].startswith(expected), result.stdout[-2000:]
     assert (result.returncode != 0) == bool(ci)

@@ -20,7 +20,7 @@ from determined.common.api import bindings
 
 import checkpoint
 from cluster import SCHEMAS, Cluster
-from conftest import ROOT, tiny_config
+from conftest import HANG_GUARD_S, ROOT, tiny_config
 from slots_reference import TOLERANCE, largest_parameter_difference, reference_training
 
 pytestmark = pytest.mark.skipif(
@@ -517,7 +517,7 @@ def test_evaluate_result_launches_the_evaluation_of_the_best_checkpoint(uninterr
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert local.returncode == 0, local.stderr[-3000:]
     expected = json.loads((tmp_path / "local.json").read_text())

@@ -6,7 +6,6 @@ One tiny BYOL run (module fixture) provides the checkpoint every test evaluates.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -28,7 +27,15 @@ import evaluate_result
 import linear_eval
 import model_def
 from config import parse_data_config, parse_hparams
-from conftest import CLASSES, ROOT, folder_overrides, tiny_config, write_image_folder
+from conftest import (
+    CLASSES,
+    HANG_GUARD_S,
+    ROOT,
+    folder_overrides,
+    tiny_config,
+    torchrun,
+    write_image_folder,
+)
 
 CHECKER = os.path.join(ROOT, "..", "shared", "tools", "expconf", "check.py")
 
@@ -311,29 +318,15 @@ def test_checkpoint_with_ddp_prefixed_keys_loads(trained, tmp_path):
     assert plain.keys() == wrapped.keys() and all(torch.equal(plain[k], wrapped[k]) for k in plain)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_checkpoint_of_a_two_process_run_exports(trained, tmp_path, capsys):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "model_def.py",
-        str(trained.config),
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        *map(str, folder_overrides(trained.folder)),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH_DISTRIBUTED="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    command, env = torchrun(
+        2,
+        [trained.config, "--checkpoint-dir", tmp_path / "ckpt", *folder_overrides(trained.folder)],
+    )
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (uuid,) = os.listdir(tmp_path / "ckpt" / "determined")
     checkpoint = tmp_path / "ckpt" / "determined" / uuid

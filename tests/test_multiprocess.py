@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,16 +14,10 @@ import pytest
 
 import checkpoint
 from config import load_config
-from conftest import ROOT, folder_overrides, tiny_config
+from conftest import HANG_GUARD_S, ROOT, folder_overrides, tiny_config, torchrun
 from slots_reference import TOLERANCE, largest_parameter_difference, reference_training
 
 pytestmark = pytest.mark.multiprocess
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_training(config, checkpoint_dir, folder=None, processes=1, extra=(), env=None):
@@ -39,19 +32,13 @@ def run_training(config, checkpoint_dir, folder=None, processes=1, extra=(), env
     ]
     if processes == 1:
         command = [sys.executable, "model_def.py", *args]
+        base = dict(os.environ, OMP_NUM_THREADS="1")
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={processes}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "model_def.py",
-            *args,
-        ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH_DISTRIBUTED="1", **(env or {}))
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        command, base = torchrun(processes, args)
+    env = dict(base, **(env or {}))
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -155,7 +142,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, i
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == -signal.SIGKILL
     dirs = list((tmp_path / "ckpt" / "determined").iterdir())
@@ -168,7 +155,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, i
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert refused.returncode != 0 and "is incomplete" in refused.stderr
     log = run_training(

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import HANG_GUARD_S, ROOT
 
 # Stands in for python3: runs scripts with the image's interpreter and records pip installs.
 PYTHON_SHIM = """#!/bin/sh
@@ -76,7 +76,7 @@ def image_python(root, real, versions):
         + real,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     if installed.returncode != 0:
         pytest.skip(f"cannot install {real} from the package index: {installed.stderr[-300:]}")

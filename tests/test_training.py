@@ -21,7 +21,7 @@ import nonfinite
 import progress as progress_module
 from benchmarks import speed
 from config import load_config, parse_data_config, parse_hparams
-from conftest import ROOT, fetch_commit_if_missing, folder_overrides, tiny_config
+from conftest import HANG_GUARD_S, ROOT, fetch_commit_if_missing, folder_overrides, tiny_config
 
 
 def train(config, checkpoint_dir, *extra):
@@ -455,7 +455,7 @@ def test_checkpoints_written_before_the_split_resume_exactly_and_evaluate(tmp_pa
         cwd=old,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert written.returncode == 0, written.stderr[-3000:]
     by_old = checkpoints_by_step(tmp_path / "old")
