@@ -366,7 +366,8 @@ class Cluster:
         self.trials: Dict[int, Trial] = {}
         self.allocations: Dict[str, Allocation] = {}
         self.running: Optional[Allocation] = None
-        # Called with each recorded call; may set a trial's preemption flag (tests steer here).
+        # Called with each recorded call before it is answered (tests steer here: a trial's
+        # preemption flag, the searcher's decision, a held answer, a lost node).
         self.on_call: Callable[["Cluster", Call], None] = lambda cluster, call: None
         self.master = MasterStandIn(self)
 
@@ -377,7 +378,8 @@ class Cluster:
     def __exit__(self, *exc) -> None:
         self.master.__exit__(*exc)
 
-    def _after(self, call: Call) -> None:
+    def on_request(self, call: Call) -> None:
+        """Every recorded call, before its handler answers: where tests steer (on_call)."""
         self.on_call(self, call)
 
     # ---- the user's side: create an experiment as `det experiment create` does ---------------
@@ -603,7 +605,6 @@ class Cluster:
 
     def get_GetTrial(self, call: Call) -> bindings.v1GetTrialResponse:
         trial = self.trials[int(call.params["trialId"])]
-        self._after(call)
         latest = self._latest_validation(trial)
         return bindings.v1GetTrialResponse(
             trial=bindings.trialv1Trial(
@@ -675,10 +676,10 @@ class Cluster:
     def post_ReportTrialMetrics(self, call: Call) -> None:
         """In the master's order (api_trials.go, ReportTrialMetrics): a validation goes to the
         searcher first, whose decision may patch the trial's state (tests decide in `on_call`,
-        and may hold the answer there, as a busy master does); then the metrics are stored."""
+        before this handler, and may hold the answer there, as a busy master does); then the
+        metrics are stored."""
         metrics = call.body.metrics
         trial = self.trials[metrics.trialId]
-        self._after(call)
         trial.metrics.append(
             {
                 "group": call.body.group,
@@ -778,9 +779,7 @@ class Cluster:
 
     def post_ReportTrialProgress(self, call: Call) -> None:
         self.trials[call.body.trialId].progress.append(call.body.progress)
-        self._after(call)
 
     def post_ReportCheckpoint(self, call: Call) -> None:
         checkpoint = call.body
         self.allocations[checkpoint.allocationId].trial.checkpoints.append(checkpoint)
-        self._after(call)

@@ -195,7 +195,8 @@ class Call:
 
 class MasterStandIn:
     """The HTTP side: routing, decoding, recording. `handlers` has one method per binding name
-    it answers (e.g. `post_ReportTrialMetrics(call) -> response object or None`)."""
+    it answers (e.g. `post_ReportTrialMetrics(call) -> response object or None`), and may have
+    `on_request(call)`, called with every recorded call before its handler."""
 
     def __init__(self, handlers: Any):
         self.handlers = handlers
@@ -277,6 +278,8 @@ class MasterStandIn:
         with self.lock:
             self.calls.append(call)
         try:
+            if hasattr(self.handlers, "on_request"):
+                self.handlers.on_request(call)
             response = handler(call)
         except MasterError as e:
             grpc_code = {404: 5, 500: 2}[e.status]  # NotFound, Unknown
