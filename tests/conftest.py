@@ -26,6 +26,26 @@ def synthetic_image(rng: np.random.Generator, label: int, size: int) -> np.ndarr
     return image
 
 
+def photo_like(seed: int, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, 3] with a photograph's statistics: a 1/f amplitude spectrum (natural images'),
+    correlated colour channels, and a few sharp-edged shapes (occlusions)."""
+    rng = np.random.default_rng(seed)
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    amplitude = 1 / np.maximum(np.hypot(fy, fx), 1 / max(height, width))
+    planes = []
+    for _ in range(3):
+        phase = np.exp(2j * np.pi * rng.random(amplitude.shape))
+        planes.append(np.fft.irfft2(amplitude * phase, s=(height, width)))
+    pixels = np.stack(planes, -1) @ rng.uniform(0.2, 1.0, (3, 3))
+    for _ in range(6):
+        y0, x0 = rng.integers(0, height - 8), rng.integers(0, width - 8)
+        h, w = rng.integers(8, height // 3), rng.integers(8, width // 3)
+        pixels[y0 : y0 + h, x0 : x0 + w] = rng.normal(0, pixels.std(), 3)
+    pixels = (pixels - pixels.mean()) / pixels.std()
+    return np.clip(128 + 45 * pixels, 0, 255).astype(np.uint8)
+
+
 def write_image_folder(root):
     """train/<class>/*.png (8 per class) and test/<class>/*.png (4 per class), 16 px."""
     rng = np.random.default_rng(0)
