@@ -46,16 +46,19 @@ def photo_like(seed: int, height: int, width: int) -> np.ndarray:
     return np.clip(128 + 45 * pixels, 0, 255).astype(np.uint8)
 
 
-def write_image_folder(root):
-    """train/<class>/*.png (8 per class) and test/<class>/*.png (4 per class), 16 px."""
+def write_image_folder(root, flat: bool = False):
+    """train/<class>/*.png (8 per class) and test/<class>/*.png (4 per class), 16 px. `flat`:
+    each image one colour (its class's hue, its own shade), which every crop-and-resize keeps
+    exactly, whatever its filter and rounding."""
     rng = np.random.default_rng(0)
     for split, count in (("train", 8), ("test", 4)):
         for label, cls in enumerate(CLASSES):
             os.makedirs(root / split / cls)
             for i in range(count):
-                Image.fromarray(synthetic_image(rng, label, 16)).save(
-                    root / split / cls / f"{i:03d}.png"
-                )
+                pixels = synthetic_image(rng, label, 16)
+                if flat:
+                    pixels[:] = pixels[4:12, 4:12].reshape(-1, 3).mean(axis=0) + 3 * i
+                Image.fromarray(pixels).save(root / split / cls / f"{i:03d}.png")
     return root
 
 
