@@ -161,12 +161,12 @@ def test_a_jpeg_cut_short_is_skipped_logged_once_counted_and_replaced(image_fold
     index = names.index("cat/0035.jpg")
     assert names[index + 1] == "cat/004.png"
     with caplog.at_level("WARNING"):
-        items = train.__getitems__([(index, 0), (0, 0)]) + train.__getitems__([(index, 1)])
-    assert [int(i["corrupt"]) for i in items] == [1, 0, 1]
+        items = train.__getitems__([(0, 0), (index, 0)]) + train.__getitems__([(index, 1)])
+    assert [int(i["corrupt"]) for i in items] == [0, 1, 1]
     assert len([r for r in caplog.records if "cat/0035.jpg" in r.getMessage()]) == 1
     cut.write_bytes((folder / "cat" / "004.png").read_bytes())
     copied = dataset()[0].__getitems__([(index, 0)])[0]
-    assert int(copied["corrupt"]) == 0 and torch.equal(copied["image"], items[0]["image"])
+    assert int(copied["corrupt"]) == 0 and torch.equal(copied["image"], items[1]["image"])
     cut.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
     with pytest.raises(data.CorruptImageError) as error:
         dataset(strict=True)[0].__getitems__([(index, 0)])

@@ -152,10 +152,11 @@ def test_the_reduction_keeps_two_pixels_per_view_pixel(side, size, expected):
 
 
 def test_a_large_jpeg_is_decoded_reduced_within_the_stated_bound(monkeypatch):
-    """A 1600 x 1200 photograph, 64-px views: PIL decodes it at the reduction the boxes allow
+    """A 1605 x 1203 photograph, 64-px views: PIL decodes it at the reduction the boxes allow
     (spied on), the views show the same regions as today's within the stated bound, and are
-    not softer (mean absolute Laplacian)."""
-    pixels = photo_like(1, 1200, 1600)
+    not softer (mean absolute Laplacian). Its sides are no multiples of 8: a reduced decode is
+    ceil(side / reduction) pixels, and a box maps by 1 / reduction, not by that size's ratio."""
+    pixels = photo_like(1, 1203, 1605)
     image = images.EncodedImage(encoded(pixels), "large")
     boxes = view_boxes(image, 64, 24, seed=3)
     requested = []
@@ -169,7 +170,7 @@ def test_a_large_jpeg_is_decoded_reduced_within_the_stated_bound(monkeypatch):
     pairs = [boxes[i : i + 2] for i in range(0, len(boxes), 2)]  # a sample's two views
     views = torch.cat([image.crops(pair, 64) for pair in pairs])
     reductions = [image.jpeg_reduction(pair, 64) for pair in pairs]
-    expected = [(1600 // r, 1200 // r) for r in reductions if r > 1]
+    expected = [(1605 // r, 1203 // r) for r in reductions if r > 1]
     assert requested == expected and len(expected) >= 8  # most pairs are decoded reduced
     today = todays_views(image.decode(), boxes, 64)
     mean, largest = difference(views, today)
