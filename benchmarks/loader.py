@@ -4,6 +4,7 @@ on one torch thread (as a DataLoader worker), with PIL's decode alone as the ref
     .venv/bin/python benchmarks/loader.py SOURCE [--image-size 224] [--batch 64] [--repeats 7]
         [--pixels] [--max-side N]
     .venv/bin/python benchmarks/loader.py --make-photos DIR --from PHOTO [PHOTO ...] [--count 160]
+        [--short-side 333 500]
     .venv/bin/python benchmarks/loader.py --make-upscaled DIR --from-folder FOLDER [--count 160]
 
 SOURCE is a <class>/<image> folder or a shard index (make_shards.py). A pass is what a training
@@ -24,7 +25,8 @@ and largest absolute difference (0-255), and sharpness (mean absolute Laplacian,
 the bounded shards' views from today's views of the original images at the same regions.
 
 --make-photos writes an ImageNet-like set from a few real photographs: random crops (35-100% of
-the area, aspect 3:4 to 4:3) resized (bicubic) to a shorter side of 333-500 px, JPEG quality 90.
+the area, aspect 3:4 to 4:3) resized (bicubic) to a shorter side of 333-500 px (--short-side),
+JPEG quality 90.
 --make-upscaled writes the earlier proxy: a folder's images upscaled to a 375-px shorter side
 (JPEG, quality 90, as benchmarks/gcs_read.py --upscale-to).
 """
@@ -256,7 +258,7 @@ def max_side_report(folder: str, args) -> None:
         print_difference(new_views, reference, f"max-side {args.max_side} vs today's originals")
 
 
-def make_photos(dest: str, photos, count: int) -> None:
+def make_photos(dest: str, photos, count: int, short_side) -> None:
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(dest, "photos"), exist_ok=True)
     sources = [Image.open(p).convert("RGB") for p in photos]
@@ -267,7 +269,7 @@ def make_photos(dest: str, photos, count: int) -> None:
         w = min(image.width, round(np.sqrt(area * aspect)))
         h = min(image.height, round(np.sqrt(area / aspect)))
         x, y = rng.integers(0, image.width - w + 1), rng.integers(0, image.height - h + 1)
-        scale = rng.integers(333, 501) / min(w, h)
+        scale = rng.integers(short_side[0], short_side[1] + 1) / min(w, h)
         crop = image.resize(
             (round(w * scale), round(h * scale)), Image.BICUBIC, box=(x, y, x + w, y + h)
         )
@@ -301,11 +303,14 @@ def main() -> None:
     parser.add_argument("--make-upscaled", metavar="DIR", help="write the upscaled proxy here")
     parser.add_argument("--from-folder", help="<class>/<image> folder of --make-upscaled")
     parser.add_argument("--count", type=int, default=160, help="images --make-* writes")
+    parser.add_argument(
+        "--short-side", type=int, nargs=2, default=(333, 500), help="--make-photos' range"
+    )
     args = parser.parse_args()
     if args.make_photos:
         if not args.photos:
             parser.error("--make-photos needs --from PHOTO [PHOTO ...]")
-        return make_photos(args.make_photos, args.photos, args.count)
+        return make_photos(args.make_photos, args.photos, args.count, args.short_side)
     if args.make_upscaled:
         if not args.from_folder:
             parser.error("--make-upscaled needs --from-folder FOLDER")
