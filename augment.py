@@ -13,7 +13,6 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.ops import roi_align
 
 from config import Augmentation
@@ -314,12 +313,6 @@ def crop_resize_batch(
     rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], 1)
     samples = max(1, math.ceil(max(images.shape[-2:]) / size))
     return roi_align(images.float(), rois, output_size=size, aligned=True, sampling_ratio=samples)
-
-
-def crop_resize_pil(image: Image.Image, box: Sequence[float], size: int) -> torch.Tensor:
-    """Crop-and-resize one decoded image in the loader (large images: only crops travel)."""
-    out = image.resize((size, size), Image.BILINEAR, box=tuple(float(v) for v in box))
-    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 class TwoViewAugmentation:

@@ -27,9 +27,9 @@ from PIL import Image, UnidentifiedImageError
 
 import gcs
 import shards
-from augment import TwoViewAugmentation, crop_resize_pil, epoch_permutation, item_keys
+from augment import TwoViewAugmentation, epoch_permutation, item_keys
 from config import ConfigError, DataConfig
-from images import CorruptImageError, decode_image
+from images import CorruptImageError, DecodedImage, EncodedImage
 
 logger = logging.getLogger("byol.data")
 
@@ -52,7 +52,9 @@ TORCHVISION_DATASETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Image sources: anything that yields (image, label) by index
+# Image sources: anything that yields (image, label) by index. load_many hands out images with
+# their size known and their pixels not yet decoded (images.EncodedImage, or DecodedImage for
+# arrays), or a CorruptImageError in the place of one whose header cannot be read.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -66,8 +68,8 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.images)
 
-    def load_many(self, indices: Sequence[int]) -> List[Image.Image]:
-        return [Image.fromarray(self.images[i]) for i in indices]
+    def load_many(self, indices: Sequence[int]) -> List[DecodedImage]:
+        return [DecodedImage(self.images[i]) for i in indices]
 
     def tensor(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.from_numpy(self.images[np.asarray(indices)]).permute(0, 3, 1, 2)
@@ -106,9 +108,9 @@ class FileSource:
         return len(self.names)
 
     def load_many(self, indices: Sequence[int]) -> List[object]:
-        """Fetches the batch's bytes together (a remote store reads them concurrently); a
-        corrupt image, or one still unreadable at the retry deadline, comes back as a
-        CorruptImageError in its place."""
+        """Fetches the batch's bytes together (a remote store reads them concurrently) and reads
+        each header; an image whose header is corrupt, or one still unreadable at the retry
+        deadline, comes back as a CorruptImageError in its place."""
         blobs = self.store.read_many([self.names[i] for i in indices])
         out: List[object] = []
         for i, data in zip(indices, blobs):
@@ -116,7 +118,7 @@ class FileSource:
                 out.append(CorruptImageError(self._full(i), f"unreadable: {data}"))
                 continue
             try:
-                out.append(decode_image(data, self._full(i)))
+                out.append(EncodedImage(data, self._full(i)))
             except CorruptImageError as e:
                 out.append(e)
         return out
@@ -459,9 +461,11 @@ class TrainImages(torch.utils.data.Dataset):
 
     Items are fetched by (index, epoch) pairs from EpochBatchSampler; a batch is loaded through
     `__getitems__` so remote stores can fetch it concurrently. Arrays of the training size ship
-    whole ([3, H, W]) and are cropped batched; other images are decoded and both views cropped
-    here with `augment`'s crop boxes ([2, 3, S, S]), so only the crops travel to the device.
-    With `augment_in_loader` the collated batch also gets its two views here."""
+    whole ([3, H, W]) and are cropped batched. Other images are cropped here ([2, 3, S, S]), so
+    only the crops travel to the device: both views' boxes come from `augment` and the image's
+    size in its header, then the image is decoded once, only as far as its two crops need
+    (images.EncodedImage.crops). With `augment_in_loader` the collated batch also gets its two
+    views here."""
 
     def __init__(
         self,
@@ -490,34 +494,47 @@ class TrainImages(torch.utils.data.Dataset):
                 {"image": images[j], "key": keys[j], "corrupt": torch.tensor(0)}
                 for j in range(len(items))
             ]
-        images, corrupt = [], []
-        for index, image in zip(indices, self.source.load_many(indices)):
-            corrupt.append(isinstance(image, CorruptImageError))
-            if corrupt[-1]:
-                self.corrupt_log.report(image)
-                image = self._replacement(index)
-            images.append(image)
-        heights = torch.tensor([image.height for image in images])
-        widths = torch.tensor([image.width for image in images])
-        boxes = [self.augment.crop_boxes(keys, view, heights, widths) for view in (0, 1)]
-        return [
-            {
-                "image": torch.stack(
-                    [crop_resize_pil(image, boxes[view][j], self.augment.size) for view in (0, 1)]
-                ),
-                "key": keys[j],
-                "corrupt": torch.tensor(int(corrupt[j])),
-            }
-            for j, image in enumerate(images)
-        ]
+        images = self.source.load_many(indices)
+        boxes = self.view_boxes(keys, images)
+        out = []
+        for j, (index, image) in enumerate(zip(indices, images)):
+            views = self._views(image, boxes[j])
+            corrupt = isinstance(views, CorruptImageError)
+            if corrupt:
+                self.corrupt_log.report(views)
+                views = self._replacement(index, keys[j : j + 1])
+            out.append({"image": views, "key": keys[j], "corrupt": torch.tensor(int(corrupt))})
+        return out
 
-    def _replacement(self, index: int) -> Image.Image:
-        """A corrupt image is replaced by the next decodable one, so batch shapes stay fixed."""
+    def view_boxes(self, keys: torch.Tensor, images: Sequence[object]) -> torch.Tensor:
+        """[B, 2, 4]: both views' crop boxes in each image, from its full-resolution size (an
+        image whose header is unreadable gets boxes of a 1 x 1 image, never used)."""
+        sides = [
+            (1, 1) if isinstance(i, CorruptImageError) else (i.height, i.width) for i in images
+        ]
+        heights, widths = torch.tensor(sides).T
+        views = [self.augment.crop_boxes(keys, view, heights, widths) for view in (0, 1)]
+        return torch.stack(views, dim=1)
+
+    def _views(self, image, boxes: torch.Tensor):
+        """uint8 [2, 3, S, S]: the image's two crops, or the CorruptImageError it is or raises
+        when decoded."""
+        if isinstance(image, CorruptImageError):
+            return image
+        try:
+            return image.crops(boxes, self.augment.size)
+        except CorruptImageError as error:
+            return error
+
+    def _replacement(self, index: int, key: torch.Tensor) -> torch.Tensor:
+        """A corrupt image is replaced by the next decodable one, cropped with the corrupt
+        image's key, so batch shapes stay fixed."""
         for step in range(1, len(self.source)):
-            candidate = self.source.load_many([(index + step) % len(self.source)])[0]
-            if not isinstance(candidate, CorruptImageError):
-                return candidate
-            self.corrupt_log.report(candidate)
+            candidate = self.source.load_many([(index + step) % len(self.source)])
+            views = self._views(candidate[0], self.view_boxes(key, candidate)[0])
+            if not isinstance(views, CorruptImageError):
+                return views
+            self.corrupt_log.report(views)
         raise ConfigError("every image of the training set is corrupt")
 
     def collate(self, items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -590,10 +607,13 @@ class EvalImages(torch.utils.data.Dataset):
         return [fresh[i] if i in fresh else self.decoded[start + i] for i in local]
 
     def _center_crop(self, image) -> Optional[torch.Tensor]:
-        if isinstance(image, CorruptImageError):
-            self.corrupt_log.report(image)
-            return None
-        return center_crop(image, self.size)
+        if not isinstance(image, CorruptImageError):
+            try:
+                return center_crop(image.decode(), self.size)
+            except CorruptImageError as error:
+                image = error
+        self.corrupt_log.report(image)
+        return None
 
 
 def center_crop(image: Image.Image, size: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ import data
 from augment import (
     CROP_ATTEMPTS,
     crop_resize_batch,
-    crop_resize_pil,
     epoch_permutation,
     item_keys,
     sample_crop_boxes,
@@ -109,8 +108,8 @@ class AugmentedImages(torch.utils.data.Dataset):
     {"image": float 0-255 [B, 3, S, S], "label", "valid"}.
 
     Arrays (CIFAR-10, STL-10) are cropped as a batch with crop_resize_batch, the way
-    training crops them; encoded files are decoded and cropped one by one (crop_resize_pil),
-    so only crops leave the loader."""
+    training crops them; encoded files are decoded and cropped one by one as training crops
+    them (images.EncodedImage.crops), so only crops leave the loader."""
 
     def __init__(self, source, size: int, crop_scale, crop_ratio, seed: int, corrupt_log):
         self.source, self.size, self.seed, self.corrupt_log = source, size, seed, corrupt_log
@@ -134,18 +133,21 @@ class AugmentedImages(torch.utils.data.Dataset):
         else:
             crops = torch.zeros(len(indices), 3, self.size, self.size)
             for j, image in enumerate(self.source.load_many(indices)):
-                if isinstance(image, data.CorruptImageError):
-                    self.corrupt_log.report(image)
-                    valid[j] = False
-                    continue
-                box = sample_crop_boxes(
-                    crop_u[j : j + 1],
-                    torch.tensor([image.height]),
-                    torch.tensor([image.width]),
-                    self.crop_scale,
-                    self.crop_ratio,
-                )[0]
-                crops[j] = crop_resize_pil(image, box, self.size).float()
+                if not isinstance(image, data.CorruptImageError):
+                    box = sample_crop_boxes(
+                        crop_u[j : j + 1],
+                        torch.tensor([image.height]),
+                        torch.tensor([image.width]),
+                        self.crop_scale,
+                        self.crop_ratio,
+                    )
+                    try:
+                        crops[j] = image.crops(box, self.size)[0].float()
+                        continue
+                    except data.CorruptImageError as error:
+                        image = error
+                self.corrupt_log.report(image)
+                valid[j] = False
         crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
         labels = torch.as_tensor(self.source.labels[indices], dtype=torch.int64)
         return {"image": crops, "label": labels, "valid": valid}

@@ -1,13 +1,17 @@
 """Write a training set as tar shards plus an index, for data.train_dir / data.test_dir.
 
     python make_shards.py SOURCE DEST [--blob-list LIST] [--shard-size-mb 256] [--seed 0]
+        [--max-side N]
 
 SOURCE is a `<class>/<image>` folder: local, or gs://BUCKET/PREFIX (listed, or named by a blob
 list from generate_blob_list.py). DEST is a local folder or a gs://BUCKET/PREFIX; it receives
 shard-00000.tar, shard-00001.tar, ... (plain tar files; members named `<class>/<image>`, so `tar`
 and the webdataset library read them), a small shard-NNNNN.json beside each (its members), and
 DEST/index.json last: the value for data.train_dir. Images go into the shards in a seeded random
-order, so every shard mixes the classes.
+order, so every shard mixes the classes. With --max-side N, an image whose longer side exceeds N
+is stored re-encoded (JPEG, quality 90, longer side N, under its own name whatever its
+extension): smaller shards, and less to decode for each training crop; the others, and files
+that do not decode (which training skips), are stored as they are, as is every image without it.
 
 Each shard appears only when complete: written under a temp name and renamed (local), or
 uploaded under its final name once written (GCS); its .json follows it. Run the same command
@@ -28,16 +32,21 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 import data
 import gcs
 import shards
 from config import ConfigError
+from images import CorruptImageError, EncodedImage
 from utils import atomic_write, format_duration
 
 INDEX_NAME = "index.json"
 # Images read at once per shard being written (concurrently from GCS).
 READ_BATCH = 64
+# JPEG quality of the images --max-side re-encodes (PIL's scale, 1-95): about what ImageNet's
+# own JPEGs use.
+REENCODE_QUALITY = 90
 
 
 class Failure(Exception):
@@ -87,7 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--concurrency", type=positive_int, default=16, help="parallel reads from a gs:// SOURCE"
     )
+    parser.add_argument(
+        "--max-side",
+        type=positive_int,
+        help=f"re-encode images whose longer side exceeds this many pixels (resized to it, JPEG "
+        f"quality {REENCODE_QUALITY}); default: every image as it is",
+    )
     return parser
+
+
+def bounded(content: bytes, name: str, max_side: Optional[int]) -> bytes:
+    """The image's bytes as the shard stores them: re-encoded as a JPEG with its longer side
+    resized (Lanczos) to max_side when it is longer, else as they are (also when the image does
+    not decode: training skips it, logged with its name, as any corrupt image)."""
+    if max_side is None:
+        return content
+    try:
+        image = EncodedImage(content, name)
+        if max(image.width, image.height) <= max_side:
+            return content
+        pixels = image.decode()
+    except CorruptImageError:
+        return content
+    scale = max_side / max(image.width, image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    out = io.BytesIO()
+    pixels.resize(size, Image.LANCZOS).save(out, format="JPEG", quality=REENCODE_QUALITY)
+    return out.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,11 +219,17 @@ class GCSDest:
 
 
 def write_shard(
-    path: str, order: Sequence[int], names, labels, store, target_bytes: int
+    path: str,
+    order: Sequence[int],
+    names,
+    labels,
+    store,
+    target_bytes: int,
+    max_side: Optional[int] = None,
 ) -> Tuple[int, dict]:
     """Adds images of `order`, from the first, to a tar at `path` until it holds target_bytes
-    (at least one image). Returns how many it took and the shard's index entry, with the data
-    offsets as tarfile reads them back from the finished file."""
+    (at least one image), each `bounded` by max_side. Returns how many it took and the shard's
+    index entry, with the data offsets as tarfile reads them back from the finished file."""
     taken = 0
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         while taken < len(order) and (taken == 0 or tar.offset < target_bytes):
@@ -196,6 +237,7 @@ def write_shard(
             for i, content in zip(batch, store.read_many([names[i] for i in batch])):
                 if isinstance(content, gcs.GCSError):  # still failing at the retry deadline
                     raise Failure(str(content))
+                content = bounded(content, names[i], max_side)
                 info = tarfile.TarInfo(names[i])
                 info.size, info.mode = len(content), 0o644
                 tar.addfile(info, io.BytesIO(content))
@@ -239,13 +281,22 @@ def run(args: argparse.Namespace) -> None:
                     f"{dest.url(name)} holds other images than this run would put there (the "
                     f"source, --seed or --shard-size-mb changed): write to an empty DEST"
                 )
+            if entry.get("max_side") != args.max_side:
+                raise Failure(
+                    f"{dest.url(name)} was written with --max-side {entry.get('max_side')}, this "
+                    f"run has {args.max_side}: write to an empty DEST"
+                )
             print(f"{name}: complete from an earlier run, kept", file=sys.stderr)
         else:
             fd, path = tempfile.mkstemp(prefix=".partial-", suffix=".tar", dir=dest.temp_dir())
             os.close(fd)
             try:
-                taken, entry = write_shard(path, order[done:], names, labels, store, target)
+                taken, entry = write_shard(
+                    path, order[done:], names, labels, store, target, args.max_side
+                )
                 entry["name"] = name
+                if args.max_side is not None:
+                    entry["max_side"] = args.max_side
                 dest.put_file(name, path)
             finally:
                 if os.path.exists(path):

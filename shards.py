@@ -26,7 +26,7 @@ import torch
 import gcs
 from augment import epoch_permutation, sample_keys
 from config import ConfigError, DataConfig
-from images import CorruptImageError, decode_image
+from images import CorruptImageError, EncodedImage
 
 logger = logging.getLogger("byol.shards")
 
@@ -279,7 +279,8 @@ class GCSShards:
 
 class ShardSource:
     """A shard set as an image source (see data.FileSource): images numbered shard by shard,
-    load_many fetches the shards a batch touches and decodes the members it asks for."""
+    load_many fetches the shards a batch touches and reads the headers of the members it asks
+    for."""
 
     fixed_size = None
 
@@ -306,8 +307,9 @@ class ShardSource:
         return f"{self.store.where(self.shard_names[self.shard_of[index]])}:{self.names[index]}"
 
     def load_many(self, indices: Sequence[int]) -> List[object]:
-        """Decoded images in the order of `indices`; a corrupt member, or one whose shard is still
-        unreadable at the retry deadline, comes back as a CorruptImageError in its place."""
+        """Images (images.EncodedImage, header read) in the order of `indices`; a member whose
+        header is corrupt, or whose shard is still unreadable at the retry deadline, comes back
+        as a CorruptImageError in its place."""
         by_shard: Dict[int, List[int]] = collections.defaultdict(list)
         for j, index in enumerate(indices):
             by_shard[int(self.shard_of[index])].append(j)
@@ -323,7 +325,7 @@ class ShardSource:
         return out
 
     def _cut(self, shard: int, positions, indices, failed, out: List[object]) -> None:
-        """Decodes the members at `positions` of the batch from one fetched shard into `out`."""
+        """Cuts the members at `positions` of the batch out of one fetched shard into `out`."""
 
         name = self.shard_names[shard]
         if name in failed:
@@ -340,7 +342,7 @@ class ShardSource:
                 out[j] = CorruptImageError(self.member_name(indices[j]), f"unreadable: {blob}")
                 continue
             try:
-                out[j] = decode_image(blob, self.member_name(indices[j]))
+                out[j] = EncodedImage(blob, self.member_name(indices[j]))
             except CorruptImageError as e:
                 out[j] = e
 

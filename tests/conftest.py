@@ -32,16 +32,39 @@ def synthetic_image(rng: np.random.Generator, label: int, size: int) -> np.ndarr
     return image
 
 
-def write_image_folder(root):
-    """train/<class>/*.png (8 per class) and test/<class>/*.png (4 per class), 16 px."""
+def photo_like(seed: int, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, 3] with a photograph's statistics: a 1/f amplitude spectrum (natural images'),
+    correlated colour channels, and a few sharp-edged shapes (occlusions)."""
+    rng = np.random.default_rng(seed)
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    amplitude = 1 / np.maximum(np.hypot(fy, fx), 1 / max(height, width))
+    planes = []
+    for _ in range(3):
+        phase = np.exp(2j * np.pi * rng.random(amplitude.shape))
+        planes.append(np.fft.irfft2(amplitude * phase, s=(height, width)))
+    pixels = np.stack(planes, -1) @ rng.uniform(0.2, 1.0, (3, 3))
+    for _ in range(6):
+        y0, x0 = rng.integers(0, height - 8), rng.integers(0, width - 8)
+        h, w = rng.integers(8, height // 3), rng.integers(8, width // 3)
+        pixels[y0 : y0 + h, x0 : x0 + w] = rng.normal(0, pixels.std(), 3)
+    pixels = (pixels - pixels.mean()) / pixels.std()
+    return np.clip(128 + 45 * pixels, 0, 255).astype(np.uint8)
+
+
+def write_image_folder(root, flat: bool = False):
+    """train/<class>/*.png (8 per class) and test/<class>/*.png (4 per class), 16 px. `flat`:
+    each image one colour (its class's hue, its own shade), which every crop-and-resize keeps
+    exactly, whatever its filter and rounding."""
     rng = np.random.default_rng(0)
     for split, count in (("train", 8), ("test", 4)):
         for label, cls in enumerate(CLASSES):
             os.makedirs(root / split / cls)
             for i in range(count):
-                Image.fromarray(synthetic_image(rng, label, 16)).save(
-                    root / split / cls / f"{i:03d}.png"
-                )
+                pixels = synthetic_image(rng, label, 16)
+                if flat:
+                    pixels[:] = pixels[4:12, 4:12].reshape(-1, 3).mean(axis=0) + 3 * i
+                Image.fromarray(pixels).save(root / split / cls / f"{i:03d}.png")
     return root
 
 

@@ -1,5 +1,7 @@
 """Datasets read from their real on-disk formats; splits; the sampler; corrupt images."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,46 @@ def test_corrupt_image_is_skipped_logged_once_and_counted(image_folder, caplog):
     )
     with pytest.raises(data.CorruptImageError, match="cat/004.png: not a decodable image"):
         strict.__getitems__([(index, 0)])
+
+
+def test_a_jpeg_cut_short_is_skipped_logged_once_counted_and_replaced(image_folder, caplog):
+    """Its header reads, so load_many hands it out; its decode fails, and it goes the way of a
+    corrupt image as before issue 27: replaced in training by the next image, cropped with its
+    own key (as a copy of that next image in its place gives), flagged and logged once; strict
+    mode stops with the line PIL's decode gives; validation leaves it out."""
+    folder = image_folder / "train"
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    whole = io.BytesIO()
+    Image.fromarray(pixels).save(whole, format="JPEG")
+    cut = folder / "cat" / "0035.jpg"  # sorts between 003.png and 004.png
+    cut.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    with pytest.raises(OSError) as pil_error:
+        Image.open(cut).convert("RGB")
+    aug = _parse_augmentation(_Reader({"image_size": 12}, "augmentation"))
+
+    def dataset(strict=False):
+        names, labels, classes = data.scan_class_folder(str(folder))
+        source = data.FileSource(names, labels, classes, data.LocalFiles(str(folder)), str(folder))
+        plan = augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
+        return data.TrainImages(source, plan, 0, data.CorruptImageLog(strict)), names
+
+    train, names = dataset()
+    index = names.index("cat/0035.jpg")
+    assert names[index + 1] == "cat/004.png"
+    with caplog.at_level("WARNING"):
+        items = train.__getitems__([(0, 0), (index, 0)]) + train.__getitems__([(index, 1)])
+    assert [int(i["corrupt"]) for i in items] == [0, 1, 1]
+    assert len([r for r in caplog.records if "cat/0035.jpg" in r.getMessage()]) == 1
+    cut.write_bytes((folder / "cat" / "004.png").read_bytes())
+    copied = dataset()[0].__getitems__([(index, 0)])[0]
+    assert int(copied["corrupt"]) == 0 and torch.equal(copied["image"], items[1]["image"])
+    cut.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    with pytest.raises(data.CorruptImageError) as error:
+        dataset(strict=True)[0].__getitems__([(index, 0)])
+    assert str(error.value) == f"{folder}/cat/0035.jpg: not a decodable image ({pil_error.value})"
+    source = dataset()[0].source
+    evaluation = data.EvalImages([(source, probe.SPLIT_TEST)], 12, data.CorruptImageLog(False))
+    assert [int(evaluation[i]["valid"]) for i in (index, index + 1)] == [0, 1]
 
 
 def test_evaluation_images_are_centre_cropped_to_the_training_size(image_folder):

@@ -234,7 +234,8 @@ def test_augmented_evaluation_scores_a_planted_class_exactly_and_chooses_the_lr_
 
 
 def test_augmented_crops_are_deterministic_and_agree_between_arrays_and_files(trained):
-    """Arrays are cropped as a batch (roi_align), files one by one (PIL): same boxes, same flips."""
+    """Arrays are cropped as a batch (roi_align), files one by one (images.EncodedImage.crops):
+    same boxes, same flips."""
     files = data.open_folder(
         str(trained.folder / "train"), None, parse_data_config({}), data.run_here
     )

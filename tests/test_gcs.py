@@ -293,7 +293,7 @@ def test_build_splits_reads_gcs_folders(server):
     )
     assert splits.byol_train.classes == splits.test.classes == CLASSES
     assert len(splits.test) == len(splits.byol_train) == len(EXPECTED_NAMES)
-    image = splits.test.load_many([splits.test.names.index("dog/d1.jpeg")])[0]
+    image = splits.test.load_many([splits.test.names.index("dog/d1.jpeg")])[0].decode()
     assert image.size == (20, 14) and image.mode == "RGB"
 
 

@@ -25,6 +25,7 @@ import gcs  # noqa: E402
 import make_shards  # noqa: E402
 import shards  # noqa: E402
 from config import ConfigError, DataConfig, _parse_augmentation, _Reader, parse_data_config
+from conftest import photo_like  # noqa: E402
 from gcs_server import FakeGCS  # noqa: E402
 
 BUCKET = "byol-shards"
@@ -169,11 +170,52 @@ def test_resuming_with_another_seed_is_refused(tree, tmp_path, capsys):
     )
 
 
+def test_max_side_re_encodes_only_the_images_longer_than_it(tree, tmp_path, capsys):
+    """--max-side 40: an image whose longer side exceeds 40 is stored as a smaller JPEG of longer
+    side 40 (its aspect kept, its pixels the original's, downscaled) under its own name and
+    label; the others and the corrupt file byte for byte; the index cuts every member out as the
+    system's tar extracts it. Resuming with another --max-side is refused."""
+    shapes = {"dog/wide.png": (60, 90), "dog/tall.png": (100, 41), "dog/just.png": (41, 30)}
+    expected_sizes = {"dog/wide.png": (40, 27), "dog/tall.png": (16, 40), "dog/just.png": (29, 40)}
+    for i, (name, (h, w)) in enumerate(shapes.items()):
+        Image.fromarray(photo_like(i, h, w)).save(tree / name)
+    Image.fromarray(photo_like(9, 40, 32)).save(tree / "dog/fits.png")  # 40: not longer
+    files = originals(tree)
+    out = tmp_path / "shards"
+    assert write_shards(tree, out, "--max-side", 40) == 0, capsys.readouterr().err
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    for shard in shard_index(out)["shards"]:
+        assert shard["max_side"] == 40
+        subprocess.run(["tar", "-xf", str(out / shard["name"]), "-C", str(extracted)], check=True)
+        blob = (out / shard["name"]).read_bytes()
+        for name, offset, length, label in shard["members"]:
+            stored = (extracted / name).read_bytes()
+            assert blob[offset : offset + length] == stored
+            assert CLASSES[label] == name.split("/")[0]
+            if name not in shapes:
+                assert stored == files[name]
+                continue
+            image = Image.open(io.BytesIO(stored))
+            assert image.format == "JPEG" and image.size == expected_sizes[name]
+            assert len(stored) < len(files[name])
+            original = Image.open(io.BytesIO(files[name])).resize(image.size, Image.BILINEAR)
+            difference = np.abs(np.asarray(image, float) - np.asarray(original, float))
+            # JPEG's loss on a tiny, noisy image: about 9; another of these images: about 43.
+            assert difference.mean() < 15
+    assert write_shards(tree, out) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {out / 'shard-00000.tar'} was written with --max-side 40, this run has None: "
+        f"write to an empty DEST"
+    )
+
+
 @pytest.mark.parametrize(
     "args, code, message",
     [
         (["--shard-size-mb", "0"], 2, "'0' is not a positive number of megabytes"),
         (["--concurrency", "0"], 2, "'0' is not a whole number of at least 1"),
+        (["--max-side", "0"], 2, "'0' is not a whole number of at least 1"),
         (["--blob-list", "x.txt"], 1, "--blob-list is for a gs:// SOURCE"),
     ],
 )
@@ -210,7 +252,8 @@ def test_local_shards_decode_like_the_files_and_a_corrupt_member_is_skipped(tree
             assert isinstance(image, data.CorruptImageError)
             continue
         expected = np.asarray(Image.open(tree / name).convert("RGB"))
-        assert np.array_equal(np.asarray(image), expected) and CLASSES[label] == name.split("/")[0]
+        assert np.array_equal(np.asarray(image.decode()), expected)
+        assert CLASSES[label] == name.split("/")[0]
     # In training, the corrupt member is replaced, flagged and logged once with its shard.
     dataset = train_dataset(source)
     items = [(i, 0) for i in range(len(source))]
@@ -454,7 +497,7 @@ def test_a_transient_shard_failure_is_retried(gcs_env, gcs_shards):
     image = source.load_many([0])[0]
     name = source.names[0]
     assert np.array_equal(
-        np.asarray(image), np.asarray(Image.open(server.tree / name).convert("RGB"))
+        np.asarray(image.decode()), np.asarray(Image.open(server.tree / name).convert("RGB"))
     )
     assert shard_gets(server.proxy, "shards/train/") == {source.shard_names[0]: 3}
 
@@ -478,7 +521,7 @@ def test_the_cache_holds_whole_shards_and_answers_without_requests(gcs_env, gcs_
     for a, b in zip(first, again):
         assert isinstance(a, data.CorruptImageError) == isinstance(b, data.CorruptImageError)
         if not isinstance(a, data.CorruptImageError):
-            assert np.array_equal(np.asarray(a), np.asarray(b))
+            assert np.array_equal(np.asarray(a.decode()), np.asarray(b.decode()))
 
 
 def test_a_corrupt_member_on_gcs_is_skipped_and_counted(gcs_env, gcs_shards, caplog):
