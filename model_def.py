@@ -16,6 +16,8 @@ import logging
 import os
 import pathlib
 import sys
+import time
+import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 import determined as det
@@ -58,9 +60,12 @@ class BYOLTrial(pytorch.PyTorchTrial):
         context: pytorch.PyTorchTrialContext,
         config: ExperimentConfig,
         trial_id: Optional[int] = None,
+        tensorboard_run: Optional[str] = None,
     ) -> None:
-        """`trial_id`: the trial's id on a cluster, where its searcher may stop it; None locally."""
+        """`trial_id`: the trial's id on a cluster, where its searcher may stop it; None locally.
+        `tensorboard_run`: a local run's name (its TensorBoard folder), kept in its checkpoints."""
         self.context = context
+        self.tensorboard_run = tensorboard_run
         self.hp, self.data_config, self.run = config.hparams, config.data, config.run
         self.slots = context.distributed.get_size()
         self.device = context.device
@@ -418,17 +423,17 @@ class CheckpointMarker(pytorch.PyTorchCallback):
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
         hp = self.trial.hp
         mean, std = self.trial.splits.normalization
-        checkpoint.write_marker(
-            checkpoint_dir,
-            {
-                "backbone_name": hp.backbone_name,
-                "cifar_stem": hp.cifar_stem,
-                "image_size": hp.augmentation.image_size,
-                "dataset_name": hp.dataset_name,
-                "normalization": {"mean": list(mean), "std": list(std)},
-                "slots": self.trial.slots,
-            },
-        )
+        description = {
+            "backbone_name": hp.backbone_name,
+            "cifar_stem": hp.cifar_stem,
+            "image_size": hp.augmentation.image_size,
+            "dataset_name": hp.dataset_name,
+            "normalization": {"mean": list(mean), "std": list(std)},
+            "slots": self.trial.slots,
+        }
+        if self.trial.tensorboard_run is not None:
+            description["tensorboard_run"] = self.trial.tensorboard_run
+        checkpoint.write_marker(checkpoint_dir, description)
         if self.trial.context.distributed.rank == 0:
             logger.info("checkpoint written: %s", checkpoint_dir)
 
@@ -461,6 +466,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--allow-config-change",
         action="store_true",
         help="with --resume: continue even though the config changes the result",
+    )
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="at the end, draw the run's curves.png beside its TensorBoard files",
     )
     return parser.parse_args(argv)
 
@@ -610,7 +620,12 @@ def run_locally(args: argparse.Namespace) -> None:
     # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
     os.makedirs(os.path.join(checkpoint_dir, "determined"), exist_ok=True)
     os.environ["XDG_DATA_HOME"] = checkpoint_dir
-    tensorboard_dir = os.path.join(checkpoint_dir, "tensorboard")
+    # One TensorBoard folder per run (a resumed run continues its own), so that runs sharing
+    # a --checkpoint-dir are told apart by TensorBoard and by the curves of a checkpoint.
+    run = (checkpoint.tensorboard_run(resume) if resume else None) or new_run_name()
+    if distributed is not None:
+        run = distributed.broadcast(run)  # the chief's name
+    tensorboard_dir = checkpoint.tensorboard_folder(checkpoint_dir, run)
     torch.manual_seed(experiment.run.seed)
     np.random.seed(experiment.run.seed)
 
@@ -621,7 +636,7 @@ def run_locally(args: argparse.Namespace) -> None:
         # default to ./runs of whatever directory the command runs in: keep it beside the
         # checkpoints (the local train context reads this attribute when it makes the writer).
         context._core.train._tbd_directory = pathlib.Path(tensorboard_dir)
-        trial = BYOLTrial(context, experiment)
+        trial = BYOLTrial(context, experiment, tensorboard_run=run)
         lengths = training_lengths(trial)
         if context.distributed.rank == 0:
             if changes:
@@ -643,8 +658,19 @@ def run_locally(args: argparse.Namespace) -> None:
                 tensorboard_dir,
             )
         fit_locally(trial, context, lengths, resume)
+    if args.plot and (distributed is None or distributed.rank == 0):
+        import pictures  # matplotlib: only when asked
+
+        pictures.draw_tensorboard_curves(
+            tensorboard_dir, os.path.join(tensorboard_dir, "curves.png")
+        )
     if distributed is not None:
         dist.destroy_process_group()
+
+
+def new_run_name() -> str:
+    """A local run's name: when it started, and a random suffix for runs started together."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 if __name__ == "__main__":
