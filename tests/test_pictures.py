@@ -27,6 +27,7 @@ import cluster_eval
 import evaluate_result
 import pictures
 from conftest import CLASSES, synthetic_image, train_tiny_run, write_planted_folder
+from test_probe import brute_force_knn_accuracy
 
 PNG_SIZES = {  # pixels, width x height
     "confusion.png": (800, 700),  # up to 8 classes: 8 x 7 inches at 100 dpi
@@ -84,28 +85,35 @@ def run(tmp_path_factory):
     return trained
 
 
-def copy_every_test_image_into_every_class(folder, target):
-    """Each test image once per class folder: whatever a classifier predicts, it is right on
-    exactly one copy of each image, and a neighbour's class often differs from the query's."""
+def write_mixed_folder(root, per_class, seed):
+    """<class>/*.png of 16 px: a random colour and pattern each, the class drawn at random, so
+    features and neighbours are spread out and a neighbour's class often differs."""
+    rng = np.random.default_rng(seed)
     for cls in CLASSES:
-        os.makedirs(target / cls)
-        for source_cls in CLASSES:
-            for f in sorted(os.listdir(folder / "test" / source_cls)):
-                shutil.copy(folder / "test" / source_cls / f, target / cls / f"{source_cls}-{f}")
-    return target
+        os.makedirs(root / cls, exist_ok=True)
+    for i in range(per_class * len(CLASSES)):
+        image = rng.integers(0, 256, 3) * rng.uniform(0.3, 1.0, (16, 16, 1))
+        image[rng.integers(0, 16) :, : rng.integers(1, 17)] = rng.integers(0, 256, 3)
+        cls = CLASSES[rng.integers(len(CLASSES))]
+        Image.fromarray(image.astype(np.uint8)).save(root / cls / f"{i:03d}.png")
+    return root
 
 
 @pytest.fixture(scope="module")
 def drawn(run, tmp_path_factory):
-    """--pictures of the run's checkpoint, scored on 36 test images (every-class copies)."""
+    """--pictures of the run's checkpoint, on images without a pattern to their classes:
+    24 training and 36 test images."""
     root = tmp_path_factory.mktemp("drawn")
-    test_dir = copy_every_test_image_into_every_class(run.folder, root / "every-class")
+    train_dir = write_mixed_folder(root / "train", 8, seed=1)
+    test_dir = write_mixed_folder(root / "test", 12, seed=2)
     printed = evaluate(
         "--checkpoint",
         run.checkpoint,
         "--classifier-train-epochs",
         3,
         "--no-augment",
+        "--set",
+        f"data.train_dir={train_dir}",
         "--set",
         f"data.test_dir={test_dir}",
         "--output",
@@ -114,7 +122,7 @@ def drawn(run, tmp_path_factory):
         root / "pictures",
     )
     result = json.loads((root / "evaluation.json").read_text())
-    return root / "pictures", test_dir, printed, result
+    return root / "pictures", train_dir, test_dir, printed, result
 
 
 def read_csv(path):
@@ -150,7 +158,7 @@ def test_queries_are_a_seeded_choice_of_sixteen_test_images():
 
 
 def test_every_picture_opens_at_its_size_and_its_path_is_printed(drawn):
-    directory, _, printed, _ = drawn
+    directory, _, _, printed, _ = drawn
     names = ["neighbours.png", "neighbours.csv", "confusion.png", "per_class.csv"]
     names += ["embedding.png", "curves.png"]
     for name in names:
@@ -180,16 +188,38 @@ def backbone_features(ckpt_dir, files):
         return model(torch.from_numpy(x).permute(0, 3, 1, 2).float()).double().numpy()
 
 
+def image_files(folder):
+    """<class>/<image> files and their labels, in the order of the class names."""
+    files = [
+        (str(folder / c / f), i) for i, c in enumerate(CLASSES) for f in os.listdir(folder / c)
+    ]
+    return [f for f, _ in sorted(files)], np.array([label for _, label in sorted(files)])
+
+
+def test_the_evaluations_knn_accuracy_is_the_brute_force_one_on_these_features(run, drawn):
+    """The number in neighbours.png's title: weighted kNN (k 5, temperature 0.1, the run's)
+    of the test images among all labelled training images, on the features computed here."""
+    _, train_dir, test_dir, _, result = drawn
+    (train, train_y), (test, test_y) = image_files(train_dir), image_files(test_dir)
+    expected = brute_force_knn_accuracy(
+        backbone_features(run.checkpoint, train),
+        train_y,
+        backbone_features(run.checkpoint, test),
+        test_y,
+        len(CLASSES),
+        k=5,
+        temperature=0.1,
+    )
+    assert 0 < expected < 1  # not a saturated case any features would give
+    assert result["knn_accuracy"] == pytest.approx(expected, abs=1e-7)  # a float32 there
+
+
 def test_the_neighbours_drawn_are_the_brute_force_nearest_training_images(run, drawn):
-    directory, test_dir, _, _ = drawn
+    directory, train_dir, test_dir, _, _ = drawn
     rows = read_csv(directory / "neighbours.csv")
     queries = list(dict.fromkeys(r["query"] for r in rows))
     assert len(queries) == 16 and all(q.startswith(str(test_dir)) for q in queries)
-    train = sorted(
-        str(run.folder / "train" / c / f)
-        for c in CLASSES
-        for f in os.listdir(run.folder / "train" / c)
-    )
+    train, _ = image_files(train_dir)
     bank = backbone_features(run.checkpoint, train)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     query_features = backbone_features(run.checkpoint, queries)
@@ -224,18 +254,16 @@ def test_the_neighbours_drawn_are_the_brute_force_nearest_training_images(run, d
 
 
 def test_the_confusion_matrix_agrees_with_the_printed_accuracy(drawn):
-    directory, test_dir, printed, result = drawn
+    directory, _, test_dir, printed, result = drawn
     per_class = read_csv(directory / "per_class.csv")
     assert [r["class"] for r in per_class] == CLASSES
     assert [int(r["test_images"]) for r in per_class] == [
         len(os.listdir(test_dir / c)) for c in CLASSES
     ]
     for r in per_class:
-        assert float(r["accuracy"]) == pytest.approx(int(r["correct"]) / int(r["test_images"]))
-    correct = sum(int(r["correct"]) for r in per_class)
-    # Every image is in every class folder: right on exactly one copy, whatever is predicted.
-    assert (correct, result["test_accuracy"]) == (12, pytest.approx(1 / 3))
-    accuracy = correct / sum(int(r["test_images"]) for r in per_class)
+        written = float(r["accuracy"])  # 6 decimals
+        assert written == pytest.approx(int(r["correct"]) / int(r["test_images"]), abs=5e-7)
+    accuracy = sum(int(r["correct"]) for r in per_class) / 36
     assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-7)  # a float32 there
     assert f"test top-1 {100 * accuracy:.2f}%" in printed  # the report's summary line
 
