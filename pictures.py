@@ -32,7 +32,7 @@ import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -434,7 +434,7 @@ def draw_embedding(
     with a legend up to 20 classes."""
     figure = _new_figure(1000, 800, dpi=100, layout="constrained")
     ax = figure.add_subplot()
-    size = float(np.clip(6000 / max(1, len(coordinates)), 4, 40))
+    size = float(np.clip(20000 / max(1, len(coordinates)), 6, 40))  # points², fewer: larger
     if labels is None:
         ax.scatter(*coordinates.T, s=size, color="0.35", alpha=0.7, linewidths=0)
     else:
@@ -587,6 +587,7 @@ def draw_curves(path: str, series: Series, title: str, mark: Optional[Tuple[int,
     axes = [figure.add_subplot(grid[0, 0])]
     axes += [figure.add_subplot(grid[i // 2, i % 2], sharex=axes[0]) for i in range(1, 4)]
     axes.append(figure.add_subplot(grid[2, :], sharex=axes[0]))
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps (shared by all panels)
     if last[1] is ACCURACY:
         axes[-1].set_ylim(-0.02, 1.04)  # 100% stays inside the frame
         axes[-1].yaxis.set_major_formatter(PercentFormatter(xmax=1))

@@ -403,8 +403,8 @@ def test_plot_draws_the_runs_curves_from_what_it_reported(run):
 # ---- a run without labels -------------------------------------------------------------------------
 
 
-def write_one_class_folder(root, count):
-    rng = np.random.default_rng(3)
+def write_one_class_folder(root, count, seed):
+    rng = np.random.default_rng(seed)
     os.makedirs(root / "all")
     for i in range(count):
         Image.fromarray(synthetic_image(rng, i % 3, 16)).save(root / "all" / f"{i:03d}.png")
@@ -412,8 +412,8 @@ def write_one_class_folder(root, count):
 
 
 def test_a_run_without_labels_says_so_in_one_line_and_draws_what_it_can(tmp_path, capsys):
-    train_dir = write_one_class_folder(tmp_path / "train", 24)
-    test_dir = write_one_class_folder(tmp_path / "test", 20)
+    train_dir = write_one_class_folder(tmp_path / "train", 24, seed=3)
+    test_dir = write_one_class_folder(tmp_path / "test", 20, seed=4)
     with recorded("byol") as (out, _):
         trained = train_tiny_run(
             tmp_path,
