@@ -81,6 +81,15 @@ def _suptitle(figure: Figure, lines: Sequence[str], fontsize: float) -> None:
     )
 
 
+def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A CSV file written whole or not at all, one line per row."""
+    with utils.atomic_write(path) as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
 def _checkpoint_line(ckpt: checkpoint.Checkpoint) -> str:
     return f"checkpoint {ckpt.uuid} (step {ckpt.steps_completed})"
 
@@ -186,10 +195,10 @@ def draw_neighbours(
     """neighbours.png from uint8 crops: queries [Q, S, S, 3], neighbours [Q, K, S, S, 3];
     `same_class` [Q, K] colours the frames (None: data without labels, grey frames). The
     images are pasted pixel for pixel (figimage, no resampling); the text is matplotlib's."""
-    columns = 1 + neighbours.shape[1]
-    width = NeighbourGrid(shown(queries[0]).shape[0], len(queries), columns, 0).size()[0]
+    image_px, columns = shown(queries[0]).shape[0], 1 + neighbours.shape[1]
+    width = NeighbourGrid(image_px, len(queries), columns, 0).size()[0]
     title = _wrapped(title, width - 2 * NeighbourGrid.MARGIN, 8, 128)
-    grid = NeighbourGrid(shown(queries[0]).shape[0], len(queries), columns, len(title))
+    grid = NeighbourGrid(image_px, len(queries), columns, len(title))
     width, height = grid.size()
     canvas = np.full((height, width, 3), 255, np.uint8)
     figure = _new_figure(width, height, dpi=128)  # a power of two: pixel sizes stay exact
@@ -210,17 +219,16 @@ def draw_neighbours(
                 color=tint,
             )
 
-    black = "black"
     for row, query in enumerate(queries):
-        paste(row, 0, query, QUERY_FRAME, ["query", query_classes[row]], [black, black])
+        paste(row, 0, query, QUERY_FRAME, ["query", query_classes[row]], ["black", "black"])
         for k in range(neighbours.shape[1]):
             if same_class is None:
-                frame, tint = NO_CLASS, black
+                frame, tint = NO_CLASS, "black"
             else:
                 frame = SAME_CLASS if same_class[row, k] else OTHER_CLASS
-                tint = tuple(c / 255 for c in frame)
+                tint = tuple(c / 255 for c in frame)  # the class name in its frame's colour
             lines = [neighbour_classes[row][k], f"cos {similarities[row, k]:.3f}"]
-            paste(row, k + 1, neighbours[row, k], frame, lines, [tint, black])
+            paste(row, k + 1, neighbours[row, k], frame, lines, [tint, "black"])
     figure.figimage(canvas, 0, 0, origin="upper")
     for i, line in enumerate(title):
         figure.text(
@@ -300,26 +308,25 @@ def draw_neighbour_files(evaluation: Evaluation, directory: str) -> List[str]:
         same if labelled else None,
         title,
     )
-    neighbours_csv = os.path.join(directory, "neighbours.csv")
-    with utils.atomic_write(neighbours_csv) as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(
-            ["query", "query_class", "rank", "neighbour", "neighbour_class", "cosine_similarity"]
-            + (["same_class"] if labelled else [])
-        )
-        for q, query in enumerate(query_images):
-            for k, neighbour in enumerate(neighbour_images[q]):
-                writer.writerow(
-                    [
-                        image_name(evaluation.parts, query),
-                        classes[query_labels[q]],
-                        k + 1,
-                        image_name(evaluation.parts, neighbour),
-                        classes[neighbour_labels[q, k]],
-                        f"{table.similarities[q, k]:.6f}",
-                    ]
-                    + ([str(bool(same[q, k])).lower()] if labelled else [])
-                )
+    header = ["query", "query_class", "rank", "neighbour", "neighbour_class", "cosine_similarity"]
+    rows = [
+        [
+            image_name(evaluation.parts, query),
+            classes[query_labels[q]],
+            k + 1,
+            image_name(evaluation.parts, neighbour),
+            classes[neighbour_labels[q, k]],
+            f"{table.similarities[q, k]:.6f}",
+        ]
+        + ([str(bool(same[q, k])).lower()] if labelled else [])
+        for q, query in enumerate(query_images)
+        for k, neighbour in enumerate(neighbour_images[q])
+    ]
+    neighbours_csv = _write_csv(
+        os.path.join(directory, "neighbours.csv"),
+        header + (["same_class"] if labelled else []),
+        rows,
+    )
     return [neighbours_png, neighbours_csv]
 
 
@@ -370,13 +377,11 @@ def draw_confusion(path: str, counts: np.ndarray, classes: Sequence[str], title:
 def write_per_class(path: str, counts: np.ndarray, classes: Sequence[str]) -> str:
     """per_class.csv: each class's test images, how many the classifier got right, and the
     share (empty for a class without test images)."""
-    with utils.atomic_write(path) as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["class", "test_images", "correct", "accuracy"])
-        for c, name in enumerate(classes):
-            images, correct = int(counts[c].sum()), int(counts[c, c])
-            writer.writerow([name, images, correct, f"{correct / images:.6f}" if images else ""])
-    return path
+    rows = []
+    for c, name in enumerate(classes):
+        images, correct = int(counts[c].sum()), int(counts[c, c])
+        rows.append([name, images, correct, f"{correct / images:.6f}" if images else ""])
+    return _write_csv(path, ["class", "test_images", "correct", "accuracy"], rows)
 
 
 def draw_confusion_files(evaluation: Evaluation, directory: str) -> List[str]:
@@ -488,22 +493,27 @@ def draw_embedding_file(evaluation: Evaluation, directory: str) -> str:
 
 def draw_evaluation(evaluation: Evaluation, directory: str, curves: bool) -> List[str]:
     """Every picture of an evaluation into `directory` (an existing, writable folder), and
-    with `curves` the curves of the checkpoint's local run; each path printed. Data without
-    labels (a label-free run's) is said so in one line, and the rest is drawn."""
+    with `curves` the curves of the checkpoint's local run; each path printed. What cannot be
+    drawn is said in one line (data without labels: a label-free run's), and the rest drawn."""
     labelled = evaluation.result is not None
-    if not labelled:
-        print(
-            f"no labelled test split: the data has {len(evaluation.classes)} class "
-            f"({', '.join(evaluation.classes)}), so there is no linear evaluation, confusion.png "
-            f"or per_class.csv; neighbours.png and embedding.png show the images without classes"
-            + (", curves.png the run's validation loss" if curves else "")
-        )
-    written = draw_neighbour_files(evaluation, directory)
-    if labelled:
-        written += draw_confusion_files(evaluation, directory)
-    written.append(draw_embedding_file(evaluation, directory))
-    for path in written:
-        print(f"wrote {path}")
+    written: List[str] = []
+    if len(evaluation.features[SPLIT_TEST].labels) == 0:
+        print("no neighbours.png, confusion.png or embedding.png: no test image could be read")
+    else:
+        if not labelled:
+            print(
+                f"no labelled test split: the data has {len(evaluation.classes)} class "
+                f"({', '.join(evaluation.classes)}), so there is no linear evaluation, "
+                f"confusion.png or per_class.csv; neighbours.png and embedding.png show the "
+                f"images without classes"
+                + (", curves.png the run's validation loss" if curves else "")
+            )
+        written += draw_neighbour_files(evaluation, directory)
+        if labelled:
+            written += draw_confusion_files(evaluation, directory)
+        written.append(draw_embedding_file(evaluation, directory))
+        for path in written:
+            print(f"wrote {path}")
     if curves:
         curves_png = draw_checkpoint_curves(evaluation.checkpoint, directory, say_why=labelled)
         written += [curves_png] if curves_png else []

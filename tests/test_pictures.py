@@ -464,6 +464,30 @@ def test_a_run_without_labels_says_so_in_one_line_and_draws_what_it_can(tmp_path
     assert "linear evaluation needs at least 2" in str(refused.value.code)
 
 
+def test_a_test_split_without_a_readable_image_says_so_and_draws_the_curves(run, tmp_path):
+    unreadable = tmp_path / "test"
+    for cls in CLASSES:
+        os.makedirs(unreadable / cls)
+        (unreadable / cls / "broken.png").write_bytes(b"not a png")
+    printed = evaluate(
+        "--checkpoint",
+        run.checkpoint,
+        "--classifier-train-epochs",
+        1,
+        "--no-augment",
+        "--set",
+        f"data.test_dir={unreadable}",
+        "--output",
+        tmp_path / "evaluation.json",
+        "--pictures",
+        tmp_path / "pictures",
+    )
+    assert "no neighbours.png, confusion.png or embedding.png: no test image could be read\n" in (
+        printed
+    )
+    assert os.listdir(tmp_path / "pictures") == ["curves.png"]
+
+
 # ---- on a cluster: the evaluation task stores its pictures as a checkpoint ----------------------
 
 
