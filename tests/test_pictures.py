@@ -154,6 +154,23 @@ def test_queries_are_a_seeded_choice_of_sixteen_test_images():
     assert pictures.choose_queries(12, seed=5).tolist() == list(range(12))  # fewer: all
 
 
+def test_small_images_are_shown_in_whole_pixel_blocks_and_large_ones_reduced():
+    rng = np.random.default_rng(0)
+    cifar = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    big = pictures.shown(cifar)
+    assert big.shape == (96, 96, 3)  # 3 x 3 blocks: the README's "3 times larger"
+    for dy in range(3):
+        for dx in range(3):
+            assert np.array_equal(big[dy::3, dx::3], cifar)
+    assert pictures.shown(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)).shape == (
+        100,
+        100,
+        3,
+    )
+    photo = np.full((224, 224, 3), 77, np.uint8)
+    assert np.array_equal(pictures.shown(photo), np.full((128, 128, 3), 77, np.uint8))
+
+
 # ---- every PNG, its size and its printed path ---------------------------------------------------
 
 
