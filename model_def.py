@@ -661,9 +661,7 @@ def run_locally(args: argparse.Namespace) -> None:
     if args.plot and (distributed is None or distributed.rank == 0):
         import pictures  # matplotlib: only when asked
 
-        pictures.draw_tensorboard_curves(
-            tensorboard_dir, os.path.join(tensorboard_dir, "curves.png")
-        )
+        pictures.draw_tensorboard_curves(tensorboard_dir)
     if distributed is not None:
         dist.destroy_process_group()
 

@@ -579,8 +579,9 @@ def master_series(sdk, trial_id: int) -> Series:
     return {name: sorted(points) for name, points in series.items()}
 
 
-def probe_accuracy_missing(series: Series) -> bool:
-    return not any(name in series for name, _ in ACCURACY)
+def validated_without_labels(series: Series) -> bool:
+    """Whether the run's validations report the BYOL loss rather than the probe's accuracy."""
+    return "validation_loss" in series and not any(name in series for name, _ in ACCURACY)
 
 
 def draw_curves(path: str, series: Series, title: str, mark: Optional[Tuple[int, str]] = None):
@@ -590,9 +591,9 @@ def draw_curves(path: str, series: Series, title: str, mark: Optional[Tuple[int,
     figure = _new_figure(1200, 1000, dpi=100, layout="constrained")
     grid = figure.add_gridspec(3, 2)
     last = (
-        ("probe accuracy (validation)", ACCURACY)
-        if not probe_accuracy_missing(series)
-        else ("validation loss (the run validated without labels)", LABEL_FREE)
+        ("validation loss (the run validated without labels)", LABEL_FREE)
+        if validated_without_labels(series)
+        else ("probe accuracy (validation)", ACCURACY)
     )
     axes = [figure.add_subplot(grid[0, 0])]
     axes += [figure.add_subplot(grid[i // 2, i % 2], sharex=axes[0]) for i in range(1, 4)]
@@ -629,9 +630,9 @@ def _draw_run_curves(
     mark: Optional[Tuple[int, str]] = None,
     say_why: bool = True,
 ) -> str:
-    """curves.png, its path printed; a run without the probe's accuracies says so first
+    """curves.png, its path printed; a run that validated without labels says so first
     (unless `say_why` is false: the caller said it)."""
-    if say_why and probe_accuracy_missing(series):
+    if say_why and validated_without_labels(series):
         print(
             "no labelled test split in this run (it validated without labels, "
             "hyperparameters.validate_with_classifier=false): curves.png shows its validation "
@@ -642,10 +643,14 @@ def _draw_run_curves(
     return path
 
 
-def draw_tensorboard_curves(folder: str, path: str) -> str:
-    """curves.png of a local run from its TensorBoard folder (model_def.py --plot)."""
-    title = f"Training curves of run {os.path.basename(folder)} (its TensorBoard files)"
-    return _draw_run_curves(path, tensorboard_series(folder), title)
+def _run_title(folder: str) -> str:
+    return f"Training curves of run {os.path.basename(folder)} (its TensorBoard files)"
+
+
+def draw_tensorboard_curves(folder: str) -> str:
+    """curves.png of a local run, into its TensorBoard folder (model_def.py --plot)."""
+    path = os.path.join(folder, "curves.png")
+    return _draw_run_curves(path, tensorboard_series(folder), _run_title(folder))
 
 
 def draw_checkpoint_curves(
@@ -663,10 +668,13 @@ def draw_checkpoint_curves(
         )
         print(f"no curves.png for checkpoint {ckpt.uuid}: {where}")
         return None
-    title = f"Training curves of run {os.path.basename(folder)} (its TensorBoard files)"
     mark = (ckpt.steps_completed, _checkpoint_line(ckpt))
     return _draw_run_curves(
-        os.path.join(directory, "curves.png"), tensorboard_series(folder), title, mark, say_why
+        os.path.join(directory, "curves.png"),
+        tensorboard_series(folder),
+        _run_title(folder),
+        mark,
+        say_why,
     )
 
 

@@ -398,6 +398,17 @@ def test_tensorboard_series_name_the_metrics_as_reported_and_keep_the_later_of_a
     }
 
 
+def test_a_run_before_its_first_validation_gets_its_curves_and_no_note(tmp_path, capsys):
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step in (1, 2, 3):
+        writer.add_scalar("Determined/loss", 4.0 - step, step)
+    writer.close()
+    path = pictures.draw_tensorboard_curves(str(tmp_path / "run"))
+    assert capsys.readouterr().out == f"wrote {path}\n"  # no word of labels: none are known yet
+    with Image.open(path) as image:
+        assert image.size == PNG_SIZES["curves.png"]
+
+
 def test_plot_draws_the_runs_curves_from_what_it_reported(run):
     folder = checkpoint.run_tensorboard_folder(checkpoint.read(str(run.checkpoint)))
     assert os.path.dirname(folder) == str(run.root / "ckpt" / "tensorboard")
