@@ -217,6 +217,25 @@ def load_backbone(ckpt: Checkpoint, hp: HParams) -> Tuple[torch.nn.Module, int]:
     return backbone.eval().requires_grad_(False), feature_dim
 
 
+def tensorboard_folder(checkpoint_dir: str, run: str) -> str:
+    """A local run's TensorBoard folder: one per run under the --checkpoint-dir, whose
+    checkpoints are under determined/ beside it."""
+    return os.path.join(checkpoint_dir, "tensorboard", run)
+
+
+def tensorboard_run(path: str) -> Optional[str]:
+    """The local run a checkpoint directory belongs to (its TensorBoard folder's name), as its
+    marker records it; None for a checkpoint of a cluster or of an older version."""
+    return _read_json(os.path.join(path, MARKER)).get("tensorboard_run")
+
+
+def run_tensorboard_folder(ckpt: Checkpoint) -> Optional[str]:
+    """Where the TensorBoard files of the checkpoint's run are, if it was a local run: beside
+    the determined/ folder that holds the checkpoint."""
+    run = ckpt.marker.get("tensorboard_run")
+    return tensorboard_folder(os.path.dirname(os.path.dirname(ckpt.path)), run) if run else None
+
+
 def normalization(ckpt: Checkpoint) -> Tuple[List[float], List[float]]:
     """The normalisation the backbone was trained with (recorded in byol_checkpoint.json)."""
     norm = ckpt.marker["normalization"]

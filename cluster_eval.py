@@ -7,6 +7,9 @@ import copy
 from typing import Any, Dict, Optional, Sequence
 
 EVAL_NAME_SUFFIX = "-linear-eval"
+# The evaluation task draws its pictures here (in its working directory), then stores them as
+# a checkpoint of the evaluation trial.
+PICTURES_IN_TASK = "pictures"
 
 
 class ClusterError(RuntimeError):
@@ -22,6 +25,7 @@ def evaluation_experiment_config(
     overrides: Sequence[str] = (),
     batch_size: Optional[int] = None,
     lrs: Optional[Sequence[float]] = None,
+    pictures: bool = False,
 ) -> Dict[str, Any]:
     """The experiment config of a cluster evaluation of `checkpoint_uuid`: the training
     experiment's config (same environment, data, checkpoint storage, workspace) with one slot,
@@ -44,6 +48,8 @@ def evaluation_experiment_config(
         entrypoint += ["--batch-size", str(int(batch_size))]
     if lrs:
         entrypoint += ["--classifier-lrs", *(f"{float(lr):g}" for lr in lrs)]
+    if pictures:
+        entrypoint += ["--pictures", PICTURES_IN_TASK]
     for override in overrides:
         entrypoint += ["--set", override]
     config["entrypoint"] = entrypoint  # a list: no shell, so values need no quoting
@@ -104,6 +110,7 @@ def launch_cluster_evaluation(
     overrides: Sequence[str] = (),
     batch_size: Optional[int] = None,
     lrs: Optional[Sequence[float]] = None,
+    pictures: bool = False,
 ):
     """Find the experiment's best checkpoint and start its evaluation experiment. `sdk` is a
     determined.experimental.client.Determined (or anything with its get_experiment and
@@ -133,6 +140,7 @@ def launch_cluster_evaluation(
         overrides=overrides,
         batch_size=batch_size,
         lrs=lrs,
+        pictures=pictures,
     )
     with master_errors(master_url):
         new = sdk.create_experiment(config, model_dir)

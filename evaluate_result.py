@@ -3,14 +3,16 @@
 Local (a checkpoint directory on this machine):
     python evaluate_result.py --checkpoint CKPT_DIR --classifier-train-epochs 80
         [--no-augment] [--set DOTTED.PATH=VALUE ...] [--classifier-lrs 0.1 0.3 1]
-        [--output results.json] [--export backbone.pt [--export-only]]
+        [--output results.json] [--export backbone.pt [--export-only]] [--pictures DIR]
         [--batch-size N] [--device cpu|cuda]
 
 Cluster (the best checkpoint of a finished experiment, evaluated as a new experiment):
     python evaluate_result.py --experiment-id 17 --classifier-train-epochs 80 [--master URL]
+        [--pictures DIR]
 
 The protocol is linear_eval.py's (the paper's linear evaluation); reading checkpoints is
-checkpoint.py's, the export export.py's, submitting to a cluster cluster_eval.py's.
+checkpoint.py's, the export export.py's, submitting to a cluster cluster_eval.py's, the
+pictures pictures.py's.
 """
 
 import argparse
@@ -21,11 +23,12 @@ import sys
 from typing import Any, Callable, Dict, List, Optional
 
 import checkpoint
+import pictures
 import utils
 from cluster_eval import ClusterError, launch_cluster_evaluation, master_errors
 from config import ConfigError, add_set_option
 from export import export_backbone, sidecar_path
-from linear_eval import evaluate
+from linear_eval import Evaluation, run_evaluation
 from probe import flat_metrics
 
 EVALUATION_FILE = "evaluation.json"
@@ -71,6 +74,10 @@ def format_report(result: Dict[str, Any]) -> str:
     )
     if top5:
         summary += f", test top-5 {_percent(result['test_top5_accuracy'])}"
+    summary += (
+        f"; kNN (k={protocol['knn_k']}, T={protocol['knn_temperature']:g}) test top-1 "
+        f"{_percent(result['knn_accuracy'])}"
+    )
     return "\n".join([title, utils.format_table(rows, header), summary])
 
 
@@ -78,9 +85,10 @@ def evaluate_as_asked(
     ckpt: checkpoint.Checkpoint,
     args: argparse.Namespace,
     on_epoch: Optional[Callable[[int, int], None]] = None,
-) -> Dict[str, Any]:
-    """evaluate() with the command line's options."""
-    return evaluate(
+) -> Evaluation:
+    """run_evaluation() with the command line's options. With --pictures, data without labels
+    is not refused: its pictures are drawn without classes (the result is then None)."""
+    return run_evaluation(
         ckpt,
         args.classifier_train_epochs,
         not args.no_augment,
@@ -88,6 +96,7 @@ def evaluate_as_asked(
         args.batch_size,
         args.device,
         on_epoch,
+        labels_required=not args.pictures,
     )
 
 
@@ -104,9 +113,12 @@ def write_json(path: str, value: Dict[str, Any]) -> None:
 
 def evaluate_in_cluster(
     args: argparse.Namespace, core_context, data_section: Optional[Dict[str, Any]]
-) -> Dict[str, Any]:
+) -> Optional[Dict[str, Any]]:
     """Inside the evaluation task: fetch the checkpoint from checkpoint storage, evaluate, and
-    report the result as validation metrics."""
+    report the result as validation metrics. With --pictures, the pictures are stored as a
+    checkpoint of this task, at the validation's step, for the user to download."""
+    if args.pictures:
+        utils.writable_directory(args.pictures, "--pictures")
     epochs_done = {"n": 0}
 
     def on_epoch(done: int, total: int) -> None:
@@ -116,13 +128,21 @@ def evaluate_in_cluster(
     with core_context.checkpoint.restore_path(args.checkpoint_uuid) as path:
         ckpt = checkpoint.read(str(path), args.overrides, data_section)
         ckpt = ckpt._replace(uuid=args.checkpoint_uuid)
-        result = evaluate_as_asked(ckpt, args, on_epoch)
-    print(format_report(result), flush=True)
-    core_context.train.report_validation_metrics(
-        steps_completed=max(1, epochs_done["n"]), metrics=flat_metrics(result)
-    )
-    if args.output:
-        write_json(args.output, result)
+        evaluation = evaluate_as_asked(ckpt, args, on_epoch)
+    result = evaluation.result
+    steps = max(1, epochs_done["n"])
+    if result is not None:
+        print(format_report(result), flush=True)
+        core_context.train.report_validation_metrics(
+            steps_completed=steps, metrics=flat_metrics(result)
+        )
+        if args.output:
+            write_json(args.output, result)
+    if args.pictures:
+        # No curves: the task has no TensorBoard files; --experiment-id drew them from the master.
+        pictures.draw_evaluation(evaluation, args.pictures, curves=False)
+        uuid = core_context.checkpoint.upload(args.pictures, metadata={"steps_completed": steps})
+        print(f"pictures stored as checkpoint {uuid}: det checkpoint download {uuid}", flush=True)
     return result
 
 
@@ -182,10 +202,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--export-only", action="store_true", help="with --export: export and skip the evaluation"
     )
+    parser.add_argument(
+        "--pictures",
+        metavar="DIR",
+        help="also draw neighbours.png, confusion.png (+ per_class.csv), embedding.png and "
+        "curves.png into DIR (with --experiment-id: curves.png here, the others into the "
+        "evaluation's checkpoint)",
+    )
     parser.add_argument("--master", metavar="URL", help="Determined master (default: $DET_MASTER)")
     args = parser.parse_args(argv)
     if args.export_only and not args.export:
         parser.error("--export-only needs --export FILE.pt")
+    if args.export_only and args.pictures:
+        parser.error("--pictures draws what the evaluation computes; --export-only skips it")
     if args.experiment_id is not None and (args.export or args.output):
         parser.error(
             "--export and --output work on a local --checkpoint; on a cluster the result "
@@ -203,6 +232,8 @@ def run_local(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         utils.writable_directory(os.path.dirname(os.path.abspath(args.export)), "--export")
     if not args.export_only:
         utils.writable_directory(os.path.dirname(os.path.abspath(output)), "--output")
+    if args.pictures:
+        utils.writable_directory(args.pictures, "--pictures")
     if args.export:
         export_backbone(ckpt, hp, args.export)
         print(
@@ -210,10 +241,14 @@ def run_local(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         )
     if args.export_only:
         return None
-    result = evaluate_as_asked(ckpt, args)
-    write_json(output, result)
-    print(format_report(result))
-    print(f"wrote {output} ({result['wall_time_s']:.0f} s)")
+    evaluation = evaluate_as_asked(ckpt, args)
+    result = evaluation.result
+    if result is not None:
+        write_json(output, result)
+        print(format_report(result))
+        print(f"wrote {output} ({result['wall_time_s']:.0f} s)")
+    if args.pictures:
+        pictures.draw_evaluation(evaluation, args.pictures, curves=True)
     return result
 
 
@@ -222,6 +257,8 @@ def run_launch(args: argparse.Namespace, sdk=None) -> None:
 
     if args.classifier_train_epochs is None:
         raise ConfigError("--experiment-id needs --classifier-train-epochs N")
+    if args.pictures:
+        utils.writable_directory(args.pictures, "--pictures")
     master_url = api.canonicalize_master_url(args.master or api.get_default_master_url())
     if sdk is None:
         from determined.experimental import client
@@ -242,6 +279,7 @@ def run_launch(args: argparse.Namespace, sdk=None) -> None:
         overrides=args.overrides,
         batch_size=args.batch_size,
         lrs=args.classifier_lrs,
+        pictures=bool(args.pictures),
     )
     print(f"experiment {args.experiment_id}: best checkpoint {best.uuid}")
     print(f"started evaluation experiment {new.id}: {master_url}/det/experiments/{new.id}/overview")
@@ -249,6 +287,14 @@ def run_launch(args: argparse.Namespace, sdk=None) -> None:
         f"its test_accuracy appears there as a validation metric when it finishes "
         f"(logs: det -m {master_url} experiment logs {new.id} --follow)"
     )
+    if args.pictures:
+        with master_errors(master_url):
+            pictures.draw_trial_curves(sdk, args.experiment_id, best, args.pictures)
+        print(
+            f"the evaluation stores neighbours.png, confusion.png, per_class.csv and "
+            f"embedding.png as its checkpoint; when it finishes: "
+            f"det -m {master_url} experiment download {new.id} --output-dir {args.pictures}"
+        )
 
 
 def run_in_cluster(args: argparse.Namespace) -> None:

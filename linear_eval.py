@@ -11,13 +11,14 @@ faster (one pass over the images instead of one per epoch), but not the paper's 
 
 Features are standardised with the mean/std of the fit split's centre-crop features (an affine
 map, so the classifier stays linear in the backbone features) exactly as the in-training probe
-does; held-out and test images are always scored on centre crops.
+does; held-out and test images are always scored on centre crops. Beside it, the kNN accuracy of
+the test images on the same centre-crop features, as validation computes it (probe.knn_accuracy).
 """
 
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,13 +32,14 @@ from augment import (
     sample_crop_boxes,
     uniforms,
 )
-from config import ConfigError, parse_data_config, parse_run_config
+from config import ConfigError, HParams, parse_data_config, parse_run_config
 from device import Normalize, autocast, autocast_dtype, resolve, uses_channels_last
 from probe import (
     SPLIT_FIT,
     SPLIT_HOLDOUT,
     SPLIT_TEST,
     LinearHeads,
+    knn_accuracy,
     score_heads,
     standardization,
     standardize,
@@ -75,25 +77,40 @@ class FrozenBackbone:
             return self.backbone(self.normalize(images)).float()
 
 
+class SplitFeatures(NamedTuple):
+    """Centre-crop features of one split, corrupt images left out."""
+
+    features: torch.Tensor  # [N, D] on the CPU, as the backbone gives them (not standardised)
+    labels: torch.Tensor  # [N]
+    images: torch.Tensor  # [N]: each row's index in data.EvalImages(parts, ...), to show it
+
+
 def extract_features(
     features_of: FrozenBackbone, parts, size: int, batch_size: int, num_workers: int, corrupt_log
-) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+) -> Dict[int, SplitFeatures]:
     """Centre-crop features of every image of `parts` ([(source, split id)]), as
-    {split id: (features [N, D] on the CPU, labels [N])}. Corrupt images are left out."""
+    {split id: SplitFeatures}."""
     loader = torch.utils.data.DataLoader(
         data.EvalImages(parts, size, corrupt_log),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=features_of.device.type == "cuda",
     )
-    columns: Dict[str, List[torch.Tensor]] = {"features": [], "label": [], "split": []}
+    columns: Dict[str, List[torch.Tensor]] = {"features": [], "label": [], "split": [], "index": []}
     for batch in loader:
         valid = batch["valid"].bool()
         columns["features"].append(features_of(batch["image"][valid]).cpu())
-        columns["label"].append(batch["label"][valid])
-        columns["split"].append(batch["split"][valid])
-    features, labels, splits = (torch.cat(columns[k]) for k in ("features", "label", "split"))
-    return {split: (features[splits == split], labels[splits == split]) for _, split in parts}
+        for name in ("label", "split", "index"):
+            columns[name].append(batch[name][valid])
+    features, labels, splits, indices = (
+        torch.cat(columns[k]) for k in ("features", "label", "split", "index")
+    )
+    return {
+        split: SplitFeatures(
+            features[splits == split], labels[splits == split], indices[splits == split]
+        )
+        for _, split in parts
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -231,6 +248,19 @@ def train_heads_augmented(
 # ------------------------------------------------------------------------------------------
 
 
+class Evaluation(NamedTuple):
+    """An evaluation's result and what its pictures (pictures.py) are drawn from."""
+
+    result: Optional[Dict[str, Any]]  # evaluation.json; None: the data has fewer than 2 classes
+    checkpoint: checkpoint.Checkpoint
+    hparams: HParams
+    seed: int
+    classes: List[str]
+    parts: List[Tuple[Any, int]]  # (source, split id): the images that `images` of features index
+    features: Dict[int, SplitFeatures]  # SPLIT_FIT, SPLIT_HOLDOUT and SPLIT_TEST
+    test_predictions: Optional[torch.Tensor]  # the chosen classifier's class for each test row
+
+
 def evaluate(
     ckpt: checkpoint.Checkpoint,
     classifier_epochs: Optional[int] = None,
@@ -241,7 +271,26 @@ def evaluate(
     on_epoch: Optional[Callable[[int, int], None]] = None,
 ) -> Dict[str, Any]:
     """Linear evaluation of the checkpoint's online backbone (see the module docstring): the
-    result as a dict (per-LR and chosen accuracies, the checkpoint, the protocol, image counts)."""
+    result as a dict (per-LR and chosen accuracies, the kNN accuracy, the checkpoint, the
+    protocol, image counts)."""
+    return run_evaluation(
+        ckpt, classifier_epochs, augment, lrs, batch_size, device, on_epoch
+    ).result
+
+
+def run_evaluation(
+    ckpt: checkpoint.Checkpoint,
+    classifier_epochs: Optional[int] = None,
+    augment: bool = True,
+    lrs: Optional[Sequence[float]] = None,
+    batch_size: Optional[int] = None,
+    device: Optional[str] = None,
+    on_epoch: Optional[Callable[[int, int], None]] = None,
+    labels_required: bool = True,
+) -> Evaluation:
+    """evaluate(), keeping the features and the chosen classifier's test predictions. Data
+    with fewer than 2 classes (a label-free run's) is refused, unless `labels_required` is
+    false: then only the features are extracted and the result is None."""
     started = time.time()
     hp = checkpoint.hparams_of(ckpt)
     data_config = parse_data_config(ckpt.config.get("data"))
@@ -259,7 +308,8 @@ def evaluate(
 
     splits = data.build_splits(hp.dataset_name, data_config)
     classes = splits.labeled_train.classes
-    if len(classes) < 2:
+    labelled = len(classes) >= 2
+    if not labelled and labels_required:
         raise ConfigError(
             f"the labeled training images have {len(classes)} class(es) ({classes}); "
             f"linear evaluation needs at least 2"
@@ -282,16 +332,24 @@ def evaluate(
         len(held_source),
         len(splits.test),
     )
-    feats = extract_features(
-        features_of,
-        [(fit_source, SPLIT_FIT), (held_source, SPLIT_HOLDOUT), (splits.test, SPLIT_TEST)],
-        size,
-        batch_size,
-        workers,
-        corrupt_log,
-    )
-    (fit_x, fit_y), (held_x, held_y), (test_x, test_y) = (
+    parts = [(fit_source, SPLIT_FIT), (held_source, SPLIT_HOLDOUT), (splits.test, SPLIT_TEST)]
+    feats = extract_features(features_of, parts, size, batch_size, workers, corrupt_log)
+    evaluation = Evaluation(None, ckpt, hp, seed, list(classes), parts, feats, None)
+    if not labelled:
+        return evaluation
+    (fit_x, fit_y, _), (held_x, held_y, _), (test_x, test_y, _) = (
         feats[s] for s in (SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST)
+    )
+    # The kNN on the features as they are (cosine), the training images as its bank, as
+    # validation's kNN (probe.probe_metrics).
+    knn = knn_accuracy(
+        torch.cat([fit_x, held_x]).to(dev),
+        torch.cat([fit_y, held_y]).to(dev),
+        test_x.to(dev),
+        test_y.to(dev),
+        len(classes),
+        hp.probe.knn_k,
+        hp.probe.knn_temperature,
     )
     fit_x, held_x, test_x = (t.to(dev) for t in standardize(fit_x, held_x, test_x))
     fit_y, held_y, test_y = (t.to(dev) for t in (fit_y, held_y, test_y))
@@ -308,7 +366,7 @@ def evaluate(
         heads = train_heads_augmented(
             features_of,
             dataset,
-            standardization(feats[SPLIT_FIT][0]),
+            standardization(feats[SPLIT_FIT].features),
             feature_dim,
             len(classes),
             lrs,
@@ -324,7 +382,9 @@ def evaluate(
             on_epoch(epochs, epochs)
 
     result = score_heads(heads, (held_x, held_y), (test_x, test_y), lrs, top5=len(classes) > 10)
+    test_predictions = heads.predictions(test_x, lrs.index(result["chosen_lr"])).cpu()
     result.update(
+        knn_accuracy=knn,
         checkpoint={
             "path": ckpt.path,
             "uuid": ckpt.uuid,
@@ -343,10 +403,12 @@ def evaluate(
             "optimizer": "SGD, Nesterov momentum 0.9, cosine decay",
             "frozen_backbone": "eval mode",
             "features": "standardised by the fit split's mean/std",
+            "knn_k": hp.probe.knn_k,
+            "knn_temperature": hp.probe.knn_temperature,
         },
         dataset={"name": hp.dataset_name, "classes": list(classes)},
         images={"fit": len(fit_y), "holdout": len(held_y), "test": len(test_y)},
         device=str(dev),
         wall_time_s=round(time.time() - started, 1),
     )
-    return result
+    return evaluation._replace(result=result, test_predictions=test_predictions)

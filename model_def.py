@@ -16,6 +16,8 @@ import logging
 import os
 import pathlib
 import sys
+import time
+import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 import determined as det
@@ -61,10 +63,13 @@ class BYOLTrial(pytorch.PyTorchTrial):
         config: ExperimentConfig,
         trial_id: Optional[int] = None,
         startup: Optional[Startup] = None,
+        tensorboard_run: Optional[str] = None,
     ) -> None:
         """`trial_id`: the trial's id on a cluster, where its searcher may stop it; None locally.
-        `startup`: the processes' agreed start-up (startup.py), shared with the config's check."""
+        `startup`: the processes' agreed start-up (startup.py), shared with the config's parsing.
+        `tensorboard_run`: a local run's name (its TensorBoard folder), kept in its checkpoints."""
         self.context = context
+        self.tensorboard_run = tensorboard_run
         self.hp, self.data_config, self.run = config.hparams, config.data, config.run
         self.slots = context.distributed.get_size()
         self.device = context.device
@@ -406,17 +411,17 @@ class CheckpointMarker(pytorch.PyTorchCallback):
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
         hp = self.trial.hp
         mean, std = self.trial.splits.normalization
-        checkpoint.write_marker(
-            checkpoint_dir,
-            {
-                "backbone_name": hp.backbone_name,
-                "cifar_stem": hp.cifar_stem,
-                "image_size": hp.augmentation.image_size,
-                "dataset_name": hp.dataset_name,
-                "normalization": {"mean": list(mean), "std": list(std)},
-                "slots": self.trial.slots,
-            },
-        )
+        description = {
+            "backbone_name": hp.backbone_name,
+            "cifar_stem": hp.cifar_stem,
+            "image_size": hp.augmentation.image_size,
+            "dataset_name": hp.dataset_name,
+            "normalization": {"mean": list(mean), "std": list(std)},
+            "slots": self.trial.slots,
+        }
+        if self.trial.tensorboard_run is not None:
+            description["tensorboard_run"] = self.trial.tensorboard_run
+        checkpoint.write_marker(checkpoint_dir, description)
         if self.trial.context.distributed.rank == 0:
             logger.info("checkpoint written: %s", checkpoint_dir)
 
@@ -456,6 +461,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="check CONFIG as a cluster's trials would parse it, at every corner of its "
         "hyperparameter search space, and its data locations reachable from here; then exit "
         "(0: ok, 1: problems). Nothing is trained or downloaded",
+    )
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="at the end, draw the run's curves.png beside its TensorBoard files",
     )
     return parser.parse_args(argv)
 
@@ -620,7 +630,12 @@ def run_locally(args: argparse.Namespace) -> None:
     # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
     os.makedirs(os.path.join(checkpoint_dir, "determined"), exist_ok=True)
     os.environ["XDG_DATA_HOME"] = checkpoint_dir
-    tensorboard_dir = os.path.join(checkpoint_dir, "tensorboard")
+    # One TensorBoard folder per run (a resumed run continues its own), so that runs sharing
+    # a --checkpoint-dir are told apart by TensorBoard and by the curves of a checkpoint.
+    run = (checkpoint.tensorboard_run(resume) if resume else None) or new_run_name()
+    if distributed is not None:
+        run = distributed.broadcast(run)  # the chief's name
+    tensorboard_dir = checkpoint.tensorboard_folder(checkpoint_dir, run)
     torch.manual_seed(experiment.run.seed)
     np.random.seed(experiment.run.seed)
 
@@ -631,7 +646,7 @@ def run_locally(args: argparse.Namespace) -> None:
         # default to ./runs of whatever directory the command runs in: keep it beside the
         # checkpoints (the local train context reads this attribute when it makes the writer).
         context._core.train._tbd_directory = pathlib.Path(tensorboard_dir)
-        trial = BYOLTrial(context, experiment)
+        trial = BYOLTrial(context, experiment, tensorboard_run=run)
         lengths = training_lengths(trial)
         if context.distributed.rank == 0:
             if changes:
@@ -653,8 +668,17 @@ def run_locally(args: argparse.Namespace) -> None:
                 tensorboard_dir,
             )
         fit_locally(trial, context, lengths, resume)
+    if args.plot and (distributed is None or distributed.rank == 0):
+        import pictures  # matplotlib: only when asked
+
+        pictures.draw_tensorboard_curves(tensorboard_dir)
     if distributed is not None:
         dist.destroy_process_group()
+
+
+def new_run_name() -> str:
+    """A local run's name: when it started, and a random suffix for runs started together."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 if __name__ == "__main__":

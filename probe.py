@@ -56,6 +56,11 @@ class LinearHeads(nn.Module):
             out.append((top == labels[:, None]).any(dim=1).sum())
         return torch.stack(out)
 
+    @torch.no_grad()
+    def predictions(self, features: torch.Tensor, head: int) -> torch.Tensor:
+        """One head's class for each row: its top-1, as `correct` counts it."""
+        return self.heads[head](features).topk(1, dim=1).indices[:, 0]
+
 
 def train_heads_on_features(
     fit_features: torch.Tensor,
@@ -102,6 +107,25 @@ def standardize(train: torch.Tensor, *others: torch.Tensor) -> List[torch.Tensor
 
 
 @torch.no_grad()
+def cosine_neighbours(
+    bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 1024
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k rows of `bank` most cosine-similar to each query, most similar first:
+    (similarities [Q, k], bank row indices [Q, k]); queries go `chunk` at a time, so the
+    similarity matrix is never [Q, len(bank)] whole. The one similarity of the kNN accuracy
+    and of the neighbour pictures (pictures.py)."""
+    bank = F.normalize(bank, dim=1)
+    k = min(k, len(bank))
+    found = [
+        (F.normalize(queries[start : start + chunk], dim=1) @ bank.T).topk(k, dim=1)
+        for start in range(0, len(queries), chunk)
+    ]
+    if not found:
+        return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.int64, device=queries.device)
+    return torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])
+
+
+@torch.no_grad()
 def knn_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -114,15 +138,13 @@ def knn_accuracy(
 ) -> float:
     """Weighted kNN (Wu et al. 2018): each of the k most cosine-similar train features votes for
     its class with weight exp(similarity / temperature)."""
-    train = F.normalize(train_features, dim=1)
-    k = min(k, len(train))
+    sims, idx = cosine_neighbours(train_features, test_features, k, chunk)
     correct = 0
     for start in range(0, len(test_features), chunk):
-        test = F.normalize(test_features[start : start + chunk], dim=1)
-        sims, idx = (test @ train.T).topk(k, dim=1)
-        votes = torch.zeros(len(test), num_classes, device=test.device)
-        votes.scatter_add_(1, train_labels[idx], torch.exp(sims / temperature))
-        correct += (votes.argmax(dim=1) == test_labels[start : start + chunk]).sum().item()
+        rows = slice(start, start + chunk)
+        votes = torch.zeros(len(idx[rows]), num_classes, device=test_features.device)
+        votes.scatter_add_(1, train_labels[idx[rows]], torch.exp(sims[rows] / temperature))
+        correct += (votes.argmax(dim=1) == test_labels[rows]).sum().item()
     return correct / max(1, len(test_features))
 
 
@@ -171,8 +193,9 @@ def flat_metrics(result: Dict[str, Any]) -> Dict[str, float]:
         "holdout_accuracy": result["holdout_accuracy"],
         "classifier_best_lr": result["chosen_lr"],
     }
-    if "test_top5_accuracy" in result:
-        metrics["test_top5_accuracy"] = result["test_top5_accuracy"]
+    for name in ("test_top5_accuracy", "knn_accuracy"):
+        if name in result:
+            metrics[name] = result[name]
     for row in result["classifiers"]:
         for name in ("holdout_accuracy", "test_accuracy", "test_top5_accuracy"):
             if name in row:

@@ -98,7 +98,7 @@ def probe(backbone, parts, hp, normalization, num_classes, device):
     features, labels, splits = (
         torch.cat(column)
         for column in zip(
-            *((f, y, torch.full_like(y, split)) for split, (f, y) in by_split.items())
+            *((f, y, torch.full_like(y, split)) for split, (f, y, _) in by_split.items())
         )
     )
     settings = dataclasses.replace(hp.probe, epochs=100, batch_size=256)

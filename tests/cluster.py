@@ -777,6 +777,40 @@ class Cluster:
                     )
         raise NotFound(f"checkpoint {uuid} not found")
 
+    def get_GetMetrics(self, call: Call) -> List[bindings.v1GetMetricsResponse]:
+        """One trial's metrics of a group (the SDK's iter_trials_metrics asks for one trial
+        here), as 0.38.1's streamMetrics sends them (master/internal/api_trials.go,
+        db.GetMetrics): ordered by steps, 1,000 a message, the stream ending after the last
+        stored one, also while the trial runs. Each report holds the body the master stores
+        (model.TrialMetricsJSONPath): a validation's metrics under validation_metrics, other
+        groups' under avg_metrics with batch_metrics beside them."""
+        trial = self.trials[int(call.query["trialIds"])]
+        group = call.query["group"]
+        body = (
+            (lambda m: {"validation_metrics": m})
+            if group == "validation"
+            else (lambda m: {"avg_metrics": m, "batch_metrics": None})
+        )
+        reports = [
+            bindings.v1MetricsReport(
+                archived=False,
+                endTime="2026-11-28T00:00:00Z",
+                group=group,
+                id=number,
+                metrics=body(m["metrics"]),
+                totalBatches=m["steps"],
+                trialId=trial.id,
+                trialRunId=trial.run_id,
+            )
+            for number, m in enumerate(trial.metrics, start=1)
+            if m["group"] == group
+        ]
+        reports.sort(key=lambda r: r.totalBatches)
+        return [
+            bindings.v1GetMetricsResponse(metrics=reports[start : start + 1000])
+            for start in range(0, len(reports), 1000)
+        ]
+
     def post_ReportTrialProgress(self, call: Call) -> None:
         self.trials[call.body.trialId].progress.append(call.body.progress)
 

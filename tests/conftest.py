@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -121,6 +122,19 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         with self.lock:
             self.now += seconds
+
+
+def write_planted_folder(root, per_class):
+    """<class>/*.png whose whole area carries the class: channel c bright (200-255) for class
+    c, the others dark (0-60), so every crop of every image shows it."""
+    rng = np.random.default_rng(5)
+    for label, cls in enumerate(CLASSES):
+        os.makedirs(root / cls)
+        for i in range(per_class):
+            image = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+            image[..., label] = rng.integers(200, 256, (16, 16), dtype=np.uint8)
+            Image.fromarray(image).save(root / cls / f"{i:03d}.png")
+    return root
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -274,6 +288,39 @@ def tiny_config(tmp_path, **hparams):
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     return path
+
+
+def train_tiny_run(root, *args, **hparams):
+    """The real training command (tiny_config, 1 epoch unless told: 3 steps) on a tiny image
+    folder written under `root`, run from the package's directory as a user runs it
+    (Determined copies the working dir into checkpoints). `args` go to the command line.
+    Returns SimpleNamespace(root, folder, config, checkpoint, uuid) of its one checkpoint."""
+    import model_def
+
+    folder = write_image_folder(root / "images")
+    config = tiny_config(root, **dict({"epochs": 1}, **hparams))
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        model_def.main(
+            [
+                str(config),
+                "--checkpoint-dir",
+                str(root / "ckpt"),
+                *map(str, folder_overrides(folder)),
+            ]
+            + [str(a) for a in args]
+        )
+    finally:
+        os.chdir(cwd)
+    (uuid,) = os.listdir(root / "ckpt" / "determined")
+    return SimpleNamespace(
+        root=root,
+        folder=folder,
+        config=config,
+        checkpoint=root / "ckpt" / "determined" / uuid,
+        uuid=uuid,
+    )
 
 
 def fetch_commit_if_missing(repo, commit):

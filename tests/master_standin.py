@@ -12,7 +12,9 @@ module reads that file, so
     things grpc-gateway does before the master sees it: path parameters merged into the body,
     and protojson's acceptance of snake_case field names (`is_raw` for `isRaw`); a body that the
     class cannot decode is answered 400 and recorded, as a real master would refuse it;
-  - every answer is an instance of the endpoint's response class, serialised with `to_json`.
+  - every answer is an instance of the endpoint's response class, serialised with `to_json`; a
+    streaming endpoint's handler answers a list of them, sent as grpc-gateway streams them: one
+    `{"result": message}` JSON line each.
 Every call is recorded in `calls` (method, path, binding name, decoded body) for assertions.
 """
 
@@ -37,6 +39,7 @@ class Route:
     pattern: "re.Pattern[str]"
     request_class: Optional[str]
     response_class: Optional[str]
+    streaming: bool  # a server stream: the answer is one {"result": message} line per message
 
 
 def _path_template(node: ast.expr) -> str:
@@ -106,6 +109,10 @@ def load_routes() -> List[Route]:
                 pattern=re.compile(regex + "$"),
                 request_class=_annotation(body) if body is not None else None,
                 response_class=response,
+                streaming=any(
+                    k.arg == "stream" and getattr(k.value, "value", False) is True
+                    for k in request.keywords
+                ),
             )
         )
     # Literal segments beat parameters (/trials/{id}/metrics before /trials/{a}/{b}).
@@ -213,7 +220,7 @@ class MasterStandIn:
 
             def _serve(self):
                 status, payload = standin.dispatch(self.command, self.path, self._body())
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -289,6 +296,10 @@ class MasterStandIn:
         if route.response_class is None:
             return 200, {}
         expected = getattr(bindings, route.response_class)
+        if route.streaming:
+            assert all(isinstance(r, expected) for r in response), route.name
+            lines = (json.dumps({"result": r.to_json(True)}) + "\n" for r in response)
+            return 200, "".join(lines).encode()
         assert isinstance(response, expected), f"{route.name} must answer a {expected.__name__}"
         return 200, response.to_json(True)
 

@@ -4,6 +4,7 @@ Determined's real harness talking to a loopback master stand-in built from its o
 bindings (tests/master_standin.py). Every assertion is on what that stand-in received or on the
 files in the cluster's shared_fs checkpoint storage."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -519,6 +520,72 @@ def test_evaluate_result_launches_the_evaluation_of_the_best_checkpoint(uninterr
     expected = json.loads((tmp_path / "local.json").read_text())
     assert reported["test_accuracy"] == pytest.approx(expected["test_accuracy"], abs=1e-9)
     assert reported["holdout_accuracy"] == pytest.approx(expected["holdout_accuracy"], abs=1e-9)
+
+
+def test_evaluate_result_pictures_come_from_the_master_and_the_evaluations_checkpoint(
+    uninterrupted, tmp_path
+):
+    """--experiment-id with --pictures DIR: curves.png here, drawn from the master's metrics of
+    the best checkpoint's trial (what the harness reported); the evaluation's trial stores
+    neighbours.png, confusion.png, per_class.csv and embedding.png as a checkpoint at its
+    validation's step, the one `det experiment download` fetches (the best by the searcher's
+    metric)."""
+    import io
+
+    from determined.experimental import client
+    from PIL import Image
+
+    import evaluate_result
+    import pictures
+
+    cluster, _, experiment_id, trial, _, _ = uninterrupted
+    known = set(cluster.experiments)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        evaluate_result.main(
+            [
+                "--experiment-id",
+                str(experiment_id),
+                "--classifier-train-epochs",
+                "2",
+                "--no-augment",
+                "--master",
+                cluster.master.url,
+                "--pictures",
+                str(tmp_path / "pictures"),
+            ]
+        )
+    (evaluation_id,) = set(cluster.experiments) - known
+    submitted = yaml.safe_load(cluster.experiments[evaluation_id]["original"])
+    assert validation_errors(submitted) == []
+    at = submitted["entrypoint"].index("--pictures")
+    assert submitted["entrypoint"][at + 1] == "pictures"
+    curves = tmp_path / "pictures" / "curves.png"
+    assert f"wrote {curves}\n" in printed.getvalue()
+    with Image.open(curves) as image:
+        assert (image.format, image.size) == ("PNG", (1200, 1000))
+    sdk = client.Determined(master=cluster.master.url, user="determined", password="")
+    series = pictures.master_series(sdk, trial.id)
+    for group, names in (
+        ("training", ("loss", "learning_rate", "tau", "representation_std")),
+        ("validation", ("holdout_accuracy", "knn_accuracy")),
+    ):
+        reported = trial.reported(group)
+        for name in names:
+            assert series[name] == [(s, reported[s][name]) for s in sorted(reported)], name
+    assert cluster.master.called("get_GetMetrics") and cluster.master.refused == []
+
+    evaluation = cluster.add_trial(evaluation_id)
+    result = run(cluster, evaluation)
+    assert result.returncode == 0, result.stdout[-4000:]
+    (stored,) = evaluation.checkpoints
+    assert stored.metadata["steps_completed"] == next(iter(evaluation.reported("validation")))
+    drawn = {"neighbours.png", "neighbours.csv", "confusion.png", "per_class.csv", "embedding.png"}
+    assert drawn <= set(stored.resources)
+    assert all((cluster.storage / stored.uuid / name).is_file() for name in drawn)
+    assert f"pictures stored as checkpoint {stored.uuid}" in result.stdout
+    (best,) = sdk.get_experiment(evaluation_id).list_checkpoints(max_results=1)
+    assert best.uuid == stored.uuid
 
 
 def test_the_stand_in_refuses_what_a_master_would_not_accept(tmp_path):

@@ -25,16 +25,15 @@ import cluster_eval
 import data
 import evaluate_result
 import linear_eval
-import model_def
 from config import parse_data_config, parse_hparams
 from conftest import (
     CLASSES,
     HANG_GUARD_S,
     ROOT,
     folder_overrides,
-    tiny_config,
     torchrun,
-    write_image_folder,
+    train_tiny_run,
+    write_planted_folder,
 )
 
 CHECKER = os.path.join(ROOT, "..", "shared", "tools", "expconf", "check.py")
@@ -43,30 +42,7 @@ CHECKER = os.path.join(ROOT, "..", "shared", "tools", "expconf", "check.py")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One epoch (3 steps) of the real training command on the tiny image folder."""
-    root = tmp_path_factory.mktemp("evaluate")
-    folder = write_image_folder(root / "images")
-    config = tiny_config(root, epochs=1)
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # as a user runs it: Determined copies the working dir into checkpoints
-    try:
-        model_def.main(
-            [
-                str(config),
-                "--checkpoint-dir",
-                str(root / "ckpt"),
-                *map(str, folder_overrides(folder)),
-            ]
-        )
-    finally:
-        os.chdir(cwd)
-    (uuid,) = os.listdir(root / "ckpt" / "determined")
-    return SimpleNamespace(
-        root=root,
-        folder=folder,
-        config=config,
-        checkpoint=root / "ckpt" / "determined" / uuid,
-        uuid=uuid,
-    )
+    return train_tiny_run(tmp_path_factory.mktemp("evaluate"))
 
 
 def run(args, capsys, sdk=None):
@@ -184,19 +160,6 @@ def test_augmented_evaluation_writes_evaluation_json_beside_the_checkpoint(train
     assert len(result["classifiers"]) == 2 and result["chosen_lr"] in (0.1, 1.0)
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["images"]["test"] == 12
     assert "random-resized crop + flip" in printed and printed.count("<- chosen") == 1
-
-
-def write_planted_folder(root, per_class):
-    """<class>/*.png whose whole area carries the class: channel c bright (200-255) for class
-    c, the others dark (0-60), so every crop of every image shows it."""
-    rng = np.random.default_rng(5)
-    for label, cls in enumerate(CLASSES):
-        os.makedirs(root / cls)
-        for i in range(per_class):
-            image = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-            image[..., label] = rng.integers(200, 256, (16, 16), dtype=np.uint8)
-            Image.fromarray(image).save(root / cls / f"{i:03d}.png")
-    return root
 
 
 def test_augmented_evaluation_scores_a_planted_class_exactly_and_chooses_the_lr_that_learns_it(

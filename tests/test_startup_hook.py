@@ -99,8 +99,9 @@ def older_image(tmp_path_factory):
 # NGC 24.03 (nvcr.io/nvidia/pytorch:24.03-py3): torch, torchvision, numpy, tensorboard, PyYAML.
 # determined-ai/environments' Dockerfile-pytorch-ngc then installs determined's dependencies
 # (google-cloud-storage unpinned: a 2.x release in 2024; 2.18.2 stands for it) and Pillow>=8.3.2,<=9.5.0
-# (dockerfile_scripts/additional-requirements.txt); the master's task-setup.sh installs the
-# determined wheel of the cluster before the startup hook runs.
+# and matplotlib, unpinned as determined's dependency is (dockerfile_scripts/additional-
+# requirements.txt; 3.9.4 stands for it); the master's task-setup.sh installs the determined
+# wheel of the cluster before the startup hook runs.
 DEFAULT_IMAGE = {
     "torch": "2.3.0a0+40ec155e58.nv24.3",
     "torchvision": "0.18.0a0",
@@ -109,6 +110,7 @@ DEFAULT_IMAGE = {
     "PyYAML": "6.0.1",
     "google-cloud-storage": "2.18.2",
     "Pillow": "9.5.0",
+    "matplotlib": "3.9.4",
     "determined": "0.38.1",
 }
 

@@ -525,6 +525,14 @@ def test_a_run_shows_progress_and_summaries_and_writes_tensorboard_beside_checkp
         )
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [p.split("  loss")[0] for p in progress] == ["step 6/6  epoch 2/2"]
+    # One TensorBoard folder per run: the resumed run goes on in the one its checkpoint names,
+    # under the new --checkpoint-dir; every checkpoint of it names the same run.
+    run = checkpoint.tensorboard_run(saved[3][0])
+    (resumed,) = checkpoints_by_step(tmp_path / "ckpt2")[6]
+    assert checkpoint.tensorboard_run(resumed) == run
+    assert os.listdir(tmp_path / "ckpt" / "tensorboard") == [run]
+    assert os.listdir(tmp_path / "ckpt2" / "tensorboard") == [run]
+    assert list((tmp_path / "ckpt2" / "tensorboard" / run).glob("events.out.tfevents.*"))
 
 
 def test_resume_takes_the_checkpoints_own_config_and_refuses_a_changed_result(
