@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import data
 import gcs
 from config import ConfigError
-from utils import atomic_write, format_table
+from utils import atomic_write, exit_status, format_table
 
 
 class Failure(Exception):
@@ -172,15 +172,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # exits with 2 on bad arguments
-    try:
-        run(args)
-    except Failure as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: run(args), (Failure,))
 
 
 if __name__ == "__main__":

@@ -261,23 +261,6 @@ class Evaluation(NamedTuple):
     test_predictions: Optional[torch.Tensor]  # the chosen classifier's class for each test row
 
 
-def evaluate(
-    ckpt: checkpoint.Checkpoint,
-    classifier_epochs: Optional[int] = None,
-    augment: bool = True,
-    lrs: Optional[Sequence[float]] = None,
-    batch_size: Optional[int] = None,
-    device: Optional[str] = None,
-    on_epoch: Optional[Callable[[int, int], None]] = None,
-) -> Dict[str, Any]:
-    """Linear evaluation of the checkpoint's online backbone (see the module docstring): the
-    result as a dict (per-LR and chosen accuracies, the kNN accuracy, the checkpoint, the
-    protocol, image counts)."""
-    return run_evaluation(
-        ckpt, classifier_epochs, augment, lrs, batch_size, device, on_epoch
-    ).result
-
-
 def run_evaluation(
     ckpt: checkpoint.Checkpoint,
     classifier_epochs: Optional[int] = None,
@@ -288,9 +271,11 @@ def run_evaluation(
     on_epoch: Optional[Callable[[int, int], None]] = None,
     labels_required: bool = True,
 ) -> Evaluation:
-    """evaluate(), keeping the features and the chosen classifier's test predictions. Data
-    with fewer than 2 classes (a label-free run's) is refused, unless `labels_required` is
-    false: then only the features are extracted and the result is None."""
+    """Linear evaluation of the checkpoint's online backbone (see the module docstring): its
+    `result` as a dict (per-LR and chosen accuracies, the kNN accuracy, the checkpoint, the
+    protocol, image counts), with the features and the chosen classifier's test predictions
+    kept. Data with fewer than 2 classes (a label-free run's) is refused, unless
+    `labels_required` is false: then only the features are extracted and the result is None."""
     started = time.time()
     hp = checkpoint.hparams_of(ckpt)
     data_config = parse_data_config(ckpt.config.get("data"))

@@ -39,7 +39,7 @@ import gcs
 import shards
 from config import ConfigError
 from images import CorruptImageError, EncodedImage
-from utils import atomic_write, format_duration
+from utils import atomic_write, exit_status, format_duration
 
 INDEX_NAME = "index.json"
 # Images read at once per shard being written (concurrently from GCS).
@@ -326,15 +326,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # exits with 2 on bad arguments
-    try:
-        run(args)
-    except (Failure, gcs.GCSError) as e:  # a GCSError: writing DEST failed for good
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    # A GCSError: writing DEST failed for good.
+    return exit_status(lambda: run(args), (Failure, gcs.GCSError))
 
 
 if __name__ == "__main__":

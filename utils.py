@@ -1,10 +1,11 @@
 """Small helpers shared by the trial and the commands: atomic files, writable directories,
-terminal tables and durations."""
+terminal tables and durations, a command's exit status."""
 
 import contextlib
 import os
+import sys
 import tempfile
-from typing import Any, Iterator, List
+from typing import Any, Callable, Iterator, List, Tuple, Type
 
 from config import ConfigError
 
@@ -57,3 +58,17 @@ def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
     return f"{h}h{rem // 60:02d}m{rem % 60:02d}s"
+
+
+def exit_status(run: Callable[[], None], failures: Tuple[Type[BaseException], ...]) -> int:
+    """A command's exit status: 0 when run() returns; 1 with one `error:` line on stderr for a
+    failure the user can act on (`failures`); 130 on Ctrl-C."""
+    try:
+        run()
+    except failures as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

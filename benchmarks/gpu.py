@@ -16,7 +16,6 @@ Timings wait for the device (torch.cuda.synchronize) and report medians.
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,16 +33,7 @@ CIFAR10_IMAGES = 50_000
 
 
 def median_ms(fn, repeats, sync, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return speed.interleaved({"fn": fn}, repeats, warmup, sync)["fn"] * 1000
 
 
 def measure(trial, size, batch_size, epoch_images, repeats, sync):
@@ -109,12 +99,7 @@ def main():
     )
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no GPU here; use --device cpu --smoke")
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Determined's context takes a GPU it sees
-    on_gpu = args.device == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else lambda: None
+    on_gpu, sync = speed.use_device(parser, args.device)
     batch_size, epoch_images, repeats = (8, 16, 2) if args.smoke else (512, CIFAR10_IMAGES, 20)
     settings = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.compile]
     where = torch.cuda.get_device_name() if on_gpu else "CPU"
