@@ -58,7 +58,7 @@ import sys
 import tarfile
 import tempfile
 import threading
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import psutil
 from determined.common.api import bindings
@@ -389,6 +389,29 @@ class Cluster:
 
         sdk = client.Determined(master=self.master.url, user="determined", password="")
         return sdk.create_experiment(config, str(model_dir)).id
+
+    def submit_evaluation(self, experiment_id: int, *options: str) -> Tuple[int, Dict[str, Any]]:
+        """`evaluate_result.py --experiment-id ID --classifier-train-epochs 2 OPTIONS...` against
+        this master: the evaluation experiment it created, and that experiment's config as it
+        was submitted."""
+        import yaml
+
+        import evaluate_result
+
+        known = set(self.experiments)
+        evaluate_result.main(
+            [
+                "--experiment-id",
+                str(experiment_id),
+                "--classifier-train-epochs",
+                "2",
+                "--master",
+                self.master.url,
+                *options,
+            ]
+        )
+        (evaluation_id,) = set(self.experiments) - known
+        return evaluation_id, yaml.safe_load(self.experiments[evaluation_id]["original"])
 
     # ---- the agent's side: start a trial container ---------------------------------------------
 

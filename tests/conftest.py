@@ -1,5 +1,6 @@
 """Tiny datasets in the real on-disk formats, and a helper that runs the real training command."""
 
+import contextlib
 import os
 import pickle
 import socket
@@ -69,6 +70,19 @@ def write_image_folder(root, flat: bool = False):
     return root
 
 
+def run_python(*args, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
+    """`python ARGS...` in a process of its own (this interpreter), as a user runs a command;
+    its output captured as text."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -135,6 +149,27 @@ def write_planted_folder(root, per_class):
             image[..., label] = rng.integers(200, 256, (16, 16), dtype=np.uint8)
             Image.fromarray(image).save(root / cls / f"{i:03d}.png")
     return root
+
+
+@contextlib.contextmanager
+def talking_to(gcs_server, monkeypatch):
+    """The real google-cloud-storage client pointed at a FakeGCS (tests/gcs_server.py), with no
+    queued faults and fast retries that wait on a FakeClock, shared with the proxy's timed
+    faults. Yields the clock."""
+    import gcs
+
+    clock = FakeClock()
+    monkeypatch.setattr(gcs, "RETRY_CLOCK", clock)
+    monkeypatch.setattr(gcs_server.proxy, "clock", clock)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.host)
+    # gcs_client() sets this with os.environ.setdefault; set here, it is undone after the test.
+    monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "1")
+    monkeypatch.setattr(gcs, "GCS_RETRY_BASE_S", 0.001)
+    monkeypatch.setattr(gcs, "GCS_RETRY_CAP_S", 0.01)
+    gcs_server.proxy.latency_s = 0.0
+    gcs_server.proxy.clear()
+    yield clock
+    gcs_server.proxy.clear()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -249,6 +284,29 @@ def write_stl10(root, train_count=10, unlabeled_count=12, test_count=10):
             (labels + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
         written[split] = (images, labels)
     return written
+
+
+def train_images(source, strict: bool = False):
+    """BYOL's training dataset over `source`, 16-px views, seed 0 (data.TrainImages)."""
+    import augment
+    import data
+    from config import _parse_augmentation, _Reader
+
+    aug = _parse_augmentation(_Reader({"image_size": 16}, "augmentation"))
+    return data.TrainImages(
+        source,
+        augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
+        seed=0,
+        corrupt_log=data.CorruptImageLog(strict),
+    )
+
+
+def data_dirs(train_dir=None, test_dir=None):
+    """`--set` arguments that point data.train_dir and data.test_dir elsewhere."""
+    return [
+        *(["--set", f"data.train_dir={train_dir}"] if train_dir is not None else []),
+        *(["--set", f"data.test_dir={test_dir}"] if test_dir is not None else []),
+    ]
 
 
 def folder_overrides(folder):

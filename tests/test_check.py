@@ -6,8 +6,6 @@ import itertools
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -15,7 +13,7 @@ import hpspace
 import model_def
 import preflight
 from config import ConfigError
-from conftest import ROOT, write_cifar10, write_stl10
+from conftest import ROOT, run_python, write_cifar10, write_stl10
 from gcs_server import FakeGCS
 
 SEARCHED_POINT = "learning_rate=0.1, weight_decay=1e-06, tau_base=0.97"
@@ -261,12 +259,12 @@ def test_the_command_as_a_user_runs_it(tmp_path):
     env = dict(os.environ, GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "none.json"))
     shutil.copy(os.path.join(ROOT, "search-cifar10.yaml"), tmp_path)
     (tmp_path / "elsewhere").mkdir()
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "model_def.py"), "../search-cifar10.yaml", "--check"],
+    done = run_python(
+        os.path.join(ROOT, "model_def.py"),
+        "../search-cifar10.yaml",
+        "--check",
         cwd=tmp_path / "elsewhere",
         env=env,
-        capture_output=True,
-        text=True,
     )
     out = done.stdout.splitlines()
     assert done.returncode == 0 and out[-1] == "ok: 8 hyperparameter points checked", done

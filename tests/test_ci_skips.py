@@ -2,12 +2,10 @@
 skip. Checked on a throwaway test file run by pytest with our conftest as its plugin."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import HANG_GUARD_S, ROOT
+from conftest import ROOT, run_python
 
 SKIPPING = """
 import pytest
@@ -30,14 +28,19 @@ def test_passes():
 )
 def test_a_skip_fails_only_under_ci(tmp_path, ci, expected):
     (tmp_path / "test_skipping.py").write_text(SKIPPING)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest"]
-        + [str(tmp_path / "test_skipping.py"), "--rootdir", str(tmp_path)],
+    result = run_python(
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "conftest",
+        tmp_path / "test_skipping.py",
+        "--rootdir",
+        tmp_path,
         cwd=tmp_path,
         env=dict(os.environ, CI=ci, PYTHONPATH=os.path.join(ROOT, "tests")),
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
     )
     assert result.stdout.splitlines()[-1].startswith(expected), result.stdout[-2000:]
     assert (result.returncode != 0) == bool(ci)

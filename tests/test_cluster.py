@@ -10,8 +10,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -21,7 +19,7 @@ from determined.common.api import bindings
 
 import checkpoint
 from cluster import SCHEMAS, Cluster
-from conftest import HANG_GUARD_S, ROOT, tiny_config
+from conftest import ROOT, run_python, tiny_config
 from slots_reference import TOLERANCE, largest_parameter_difference, reference_training
 
 pytestmark = pytest.mark.skipif(
@@ -468,25 +466,12 @@ def test_evaluate_result_launches_the_evaluation_of_the_best_checkpoint(uninterr
     """evaluate_result.py --experiment-id against the master: the best checkpoint by
     holdout_accuracy, an evaluation experiment the master accepts, and that experiment's trial
     reading the checkpoint from shared_fs and reporting what a local evaluation computes."""
-    import evaluate_result
 
     cluster, _, experiment_id, trial, _, _ = uninterrupted
     validation = trial.reported("validation")
     best_step = max(validation, key=lambda s: (validation[s]["holdout_accuracy"], -s))
     best = next(c for c in trial.checkpoints if c.metadata["steps_completed"] == best_step)
-    known = set(cluster.experiments)
-    evaluate_result.main(
-        [
-            "--experiment-id",
-            str(experiment_id),
-            "--classifier-train-epochs",
-            "2",
-            "--master",
-            cluster.master.url,
-        ]
-    )
-    (evaluation_id,) = set(cluster.experiments) - known
-    submitted = yaml.safe_load(cluster.experiments[evaluation_id]["original"])
+    evaluation_id, submitted = cluster.submit_evaluation(experiment_id)
     assert validation_errors(submitted) == []
     assert submitted["entrypoint"][:4] == [
         "python3",
@@ -500,21 +485,14 @@ def test_evaluate_result_launches_the_evaluation_of_the_best_checkpoint(uninterr
     result = run(cluster, evaluation)
     assert result.returncode == 0, result.stdout[-4000:]
     (reported,) = evaluation.reported("validation").values()
-    local = subprocess.run(
-        [
-            sys.executable,
-            "evaluate_result.py",
-            "--checkpoint",
-            str(cluster.storage / best.uuid),
-            "--classifier-train-epochs",
-            "2",
-            "--output",
-            str(tmp_path / "local.json"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
+    local = run_python(
+        "evaluate_result.py",
+        "--checkpoint",
+        cluster.storage / best.uuid,
+        "--classifier-train-epochs",
+        "2",
+        "--output",
+        tmp_path / "local.json",
     )
     assert local.returncode == 0, local.stderr[-3000:]
     expected = json.loads((tmp_path / "local.json").read_text())
@@ -535,28 +513,14 @@ def test_evaluate_result_pictures_come_from_the_master_and_the_evaluations_check
     from determined.experimental import client
     from PIL import Image
 
-    import evaluate_result
     import pictures
 
     cluster, _, experiment_id, trial, _, _ = uninterrupted
-    known = set(cluster.experiments)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        evaluate_result.main(
-            [
-                "--experiment-id",
-                str(experiment_id),
-                "--classifier-train-epochs",
-                "2",
-                "--no-augment",
-                "--master",
-                cluster.master.url,
-                "--pictures",
-                str(tmp_path / "pictures"),
-            ]
+        evaluation_id, submitted = cluster.submit_evaluation(
+            experiment_id, "--no-augment", "--pictures", str(tmp_path / "pictures")
         )
-    (evaluation_id,) = set(cluster.experiments) - known
-    submitted = yaml.safe_load(cluster.experiments[evaluation_id]["original"])
     assert validation_errors(submitted) == []
     at = submitted["entrypoint"].index("--pictures")
     assert submitted["entrypoint"][at + 1] == "pictures"

@@ -10,7 +10,7 @@ import yaml
 import device
 import model_def
 from config import ConfigError, apply_override, load_config, parse_experiment_config, parse_hparams
-from conftest import folder_overrides, tiny_config
+from conftest import data_dirs, folder_overrides, tiny_config
 
 
 def run(args):
@@ -113,10 +113,7 @@ def test_missing_and_empty_data_dirs(tmp_path, image_folder):
             config,
             "--set",
             "hyperparameters.dataset_name=image_folder",
-            "--set",
-            f"data.train_dir={tmp_path / 'nowhere'}",
-            "--set",
-            f"data.test_dir={image_folder / 'test'}",
+            *data_dirs(tmp_path / "nowhere", image_folder / "test"),
         ]
     )
     assert f"image folder '{tmp_path / 'nowhere'}' does not exist" in message
@@ -126,10 +123,7 @@ def test_missing_and_empty_data_dirs(tmp_path, image_folder):
             config,
             "--set",
             "hyperparameters.dataset_name=image_folder",
-            "--set",
-            f"data.train_dir={tmp_path / 'empty'}",
-            "--set",
-            f"data.test_dir={image_folder / 'test'}",
+            *data_dirs(tmp_path / "empty", image_folder / "test"),
         ]
     )
     assert "holds no images" in message and str(tmp_path / "empty") in message

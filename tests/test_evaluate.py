@@ -30,6 +30,7 @@ from conftest import (
     CLASSES,
     HANG_GUARD_S,
     ROOT,
+    data_dirs,
     folder_overrides,
     torchrun,
     train_tiny_run,
@@ -179,10 +180,7 @@ def test_augmented_evaluation_scores_a_planted_class_exactly_and_chooses_the_lr_
             "--classifier-lrs",
             1e-7,
             1.0,
-            "--set",
-            f"data.train_dir={train_dir}",
-            "--set",
-            f"data.test_dir={test_dir}",
+            *data_dirs(train_dir, test_dir),
             "--output",
             tmp_path / "planted.json",
         ],
@@ -444,16 +442,20 @@ class FakeExperiment:
         return self.checkpoints[:max_results]
 
 
+# evaluate_result.py --experiment-id against the FakeSDK's master.
+LAUNCH = [
+    "--experiment-id",
+    17,
+    "--classifier-train-epochs",
+    80,
+    "--master",
+    "http://master.example:8080",
+]
+
+
 def test_missing_experiment_gives_one_line_error():
     message = error_of(
-        [
-            "--experiment-id",
-            17,
-            "--classifier-train-epochs",
-            80,
-            "--master",
-            "http://master.example:8080",
-        ],
+        LAUNCH,
         sdk=FakeSDK({}),
     )
     assert "experiment 17 was not found on the master at http://master.example:8080" in message
@@ -476,14 +478,7 @@ def test_launch_starts_the_evaluation_experiment_from_the_best_checkpoint(capsys
     experiment = FakeExperiment([best, SimpleNamespace(uuid="worse")])
     sdk = FakeSDK({17: experiment})
     printed = run(
-        [
-            "--experiment-id",
-            17,
-            "--classifier-train-epochs",
-            80,
-            "--master",
-            "http://master.example:8080",
-        ],
+        LAUNCH,
         capsys,
         sdk,
     )

@@ -18,12 +18,11 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gcs_server
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package
 
-import augment  # noqa: E402
 import data  # noqa: E402
 import gcs  # noqa: E402
 import generate_blob_list  # noqa: E402
-from config import ConfigError, DataConfig, _parse_augmentation, _Reader, parse_data_config
-from conftest import FakeClock  # noqa: E402
+from config import ConfigError, DataConfig, parse_data_config
+from conftest import talking_to, train_images  # noqa: E402
 from gcs_server import FakeGCS  # noqa: E402
 
 BUCKET = "byol-test"
@@ -83,26 +82,11 @@ def server():
 
 @pytest.fixture(autouse=True)
 def clock(server, monkeypatch):
-    """Retries wait on a fake clock, which the proxy's timed faults share: a deadline or a
-    throttling episode passes as the client waits, at once and the same on any machine."""
-    fake = FakeClock()
-    monkeypatch.setattr(gcs, "RETRY_CLOCK", fake)
-    monkeypatch.setattr(server.proxy, "clock", fake)
-    return fake
-
-
-@pytest.fixture(autouse=True)
-def env(server, monkeypatch):
-    """Every test talks to the proxy, starts with no queued faults, and retries fast."""
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.host)
-    # gcs_client() sets this with os.environ.setdefault; set here, it is undone after the test.
-    monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "1")
-    monkeypatch.setattr(gcs, "GCS_RETRY_BASE_S", 0.001)
-    monkeypatch.setattr(gcs, "GCS_RETRY_CAP_S", 0.01)
-    server.proxy.latency_s = 0.0
-    server.proxy.clear()
-    yield
-    server.proxy.clear()
+    """Every test talks to the proxy (conftest.talking_to): retries wait on a fake clock, which
+    the proxy's timed faults share, so a deadline or a throttling episode passes as the client
+    waits, at once and the same on any machine."""
+    with talking_to(server, monkeypatch) as fake:
+        yield fake
 
 
 def data_config(**overrides) -> DataConfig:
@@ -141,22 +125,16 @@ def object_requests(proxy, object_name):
 # ---------------------------------------------------------------------------------------------
 
 
+def blob_list(path, output, *options, bucket=BUCKET):
+    """generate_blob_list.py --bucket-name BUCKET --bucket-path PATH --output-file OUTPUT ..."""
+    return generate_blob_list.main(
+        ["--bucket-name", bucket, "--bucket-path", path, "--output-file", str(output), *options]
+    )
+
+
 def test_generate_blob_list_writes_summary_and_uploads(server, tmp_path, capsys):
     out = tmp_path / "train-blob-list.txt"
-    rc = generate_blob_list.main(
-        [
-            "--bucket-name",
-            BUCKET,
-            "--bucket-path",
-            "ds/train",
-            "--output-file",
-            str(out),
-            "--progress-every",
-            "1",
-            "--upload",
-            "lists/generated.txt",
-        ]
-    )
+    rc = blob_list("ds/train", out, "--progress-every", "1", "--upload", "lists/generated.txt")
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     lines = out.read_text().splitlines()
@@ -178,18 +156,7 @@ def test_generate_blob_list_writes_summary_and_uploads(server, tmp_path, capsys)
 
 def test_generate_blob_list_extension_flag(tmp_path, capsys):
     out = tmp_path / "list.txt"
-    rc = generate_blob_list.main(
-        [
-            "--bucket-name",
-            BUCKET,
-            "--bucket-path",
-            "ds/train/",
-            "--output-file",
-            str(out),
-            "--extensions",
-            "PNG,.txt",
-        ]
-    )
+    rc = blob_list("ds/train/", out, "--extensions", "PNG,.txt")
     assert rc == 0, capsys.readouterr().err
     assert out.read_text().splitlines() == [
         "ds/train/" + n
@@ -220,9 +187,7 @@ def test_generate_blob_list_errors_are_one_line(
     if inject:
         server.proxy.fail_next(1, inject)
     out = tmp_path / "list.txt"
-    rc = generate_blob_list.main(
-        ["--bucket-name", bucket, "--bucket-path", path, "--output-file", str(out)]
-    )
+    rc = blob_list(path, out, bucket=bucket)
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 1 and len(errors) == 1 and message in errors[0], (err, server.proxy.requests)
@@ -231,32 +196,12 @@ def test_generate_blob_list_errors_are_one_line(
 
 def test_generate_blob_list_bad_arguments_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        generate_blob_list.main(
-            [
-                "--bucket-name",
-                BUCKET,
-                "--bucket-path",
-                "ds",
-                "--output-file",
-                str(tmp_path / "x"),
-                "--extensions",
-                ",,",
-            ]
-        )
+        blob_list("ds", tmp_path / "x", "--extensions", ",,")
     assert exit_info.value.code == 2 and "not a comma-separated list" in capsys.readouterr().err
 
 
 def test_generate_blob_list_unwritable_output(tmp_path, capsys):
-    rc = generate_blob_list.main(
-        [
-            "--bucket-name",
-            BUCKET,
-            "--bucket-path",
-            "ds/train",
-            "--output-file",
-            str(tmp_path / "no-dir" / "x.txt"),
-        ]
-    )
+    rc = blob_list("ds/train", tmp_path / "no-dir" / "x.txt")
     err = capsys.readouterr().err
     assert rc == 1 and "error: cannot write --output-file" in err and "Traceback" not in err
 
@@ -350,21 +295,11 @@ def test_every_process_raises_when_the_chief_fails():
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dataset(source, strict: bool) -> data.TrainImages:
-    aug = _parse_augmentation(_Reader({"image_size": 16}, "augmentation"))
-    return data.TrainImages(
-        source,
-        augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
-        seed=0,
-        corrupt_log=data.CorruptImageLog(strict),
-    )
-
-
 def test_corrupt_image_is_skipped_logged_once_and_counted(caplog):
     source = data.open_gcs_folder(
         f"gs://{BUCKET}/ds/train", "lists/train.txt", data_config(), CountingShare()
     )
-    dataset = train_dataset(source, strict=False)
+    dataset = train_images(source, strict=False)
     items = [(i, 0) for i in range(len(source))]
     with caplog.at_level("WARNING", logger="byol.data"):
         first = dataset.__getitems__(items)
@@ -383,7 +318,7 @@ def test_strict_mode_raises_with_the_name():
     source = data.open_gcs_folder(
         f"gs://{BUCKET}/ds/train", "lists/train.txt", data_config(), CountingShare()
     )
-    dataset = train_dataset(source, strict=True)
+    dataset = train_images(source, strict=True)
     with pytest.raises(data.CorruptImageError, match="gs://byol-test/ds/train/cat/corrupt.png"):
         dataset.__getitems__([(i, 0) for i in range(len(source))])
 
@@ -393,7 +328,7 @@ def test_data_loader_workers_read_through_their_own_client():
     reused there); corrupt counts come back through the batches."""
     source = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", None, data_config(), CountingShare())
     source.store.read(source.names[0])  # the parent now holds a client and a pool
-    dataset = train_dataset(source, strict=False)
+    dataset = train_images(source, strict=False)
     sampler = data.EpochBatchSampler(len(source), global_batch=3, slots=1, seed=0)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=2
@@ -602,7 +537,7 @@ def test_an_image_unreadable_past_the_deadline_is_skipped_or_refused(server, mon
     monkeypatch.setattr(gcs, "GCS_RETRY_DEADLINE_S", 0.3)
     server.proxy.fail_for(30, 503, path_contains="ds/train/cat/c1.png")
     source = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", None, data_config(), CountingShare())
-    dataset = train_dataset(source, strict)
+    dataset = train_images(source, strict)
     items = [(i, 0) for i in range(len(source))]
     if strict:
         with pytest.raises(data.CorruptImageError, match="gs://byol-test/ds/train/cat/c1.png"):
@@ -613,24 +548,21 @@ def test_an_image_unreadable_past_the_deadline_is_skipped_or_refused(server, mon
     assert flagged == [int(i in unreadable) for i in range(len(source))]
 
 
-def test_not_found_fails_fast(server, clock):
+@pytest.mark.parametrize(
+    "name, status, says",
+    [("cat/missing.png", 404, "not found (404)"), ("cat/c1.png", 403, "permission denied (403)")],
+    ids=["not-found", "forbidden"],
+)
+def test_a_permanent_error_fails_at_once(server, clock, name, status, says):
+    if status == 403:
+        server.proxy.fail_next(1, 403)
     store = gcs.GCSFiles(BUCKET, "ds/train/", None, 1)
     with pytest.raises(
-        gcs.GCSError, match=re.escape("gs://byol-test/ds/train/cat/missing.png: not found (404)")
-    ) as error:
-        store.read("cat/missing.png")
-    assert error.value.status == 404 and len(server.proxy.requests) == 1
+        gcs.GCSError, match=re.escape(f"gs://byol-test/ds/train/{name}: {says}")
+    ) as e:
+        store.read(name)
+    assert e.value.status == status and len(server.proxy.requests) == 1
     assert clock.sleeps == []  # a permanent error is never waited on
-
-
-def test_forbidden_fails_fast(server):
-    server.proxy.fail_next(1, 403)
-    store = gcs.GCSFiles(BUCKET, "ds/train/", None, 1)
-    with pytest.raises(
-        gcs.GCSError, match=re.escape("gs://byol-test/ds/train/cat/c1.png: permission denied (403)")
-    ) as error:
-        store.read("cat/c1.png")
-    assert error.value.status == 403 and len(server.proxy.requests) == 1
 
 
 def test_backoff_is_exponential_jittered_and_capped(monkeypatch):
@@ -684,19 +616,7 @@ def test_training_reads_from_gcs(server, tmp_path, image_folder, monkeypatch, ca
             str(path)
         )
     assert (
-        generate_blob_list.main(
-            [
-                "--bucket-name",
-                BUCKET,
-                "--bucket-path",
-                "folder/train",
-                "--output-file",
-                str(tmp_path / "list.txt"),
-                "--upload",
-                "lists/folder-train.txt",
-            ]
-        )
-        == 0
+        blob_list("folder/train", tmp_path / "list.txt", "--upload", "lists/folder-train.txt") == 0
     )
     (tmp_path / "run").mkdir()
     config = tiny_config(tmp_path / "run", epochs=1, warmup_epochs=0, dataset_name="image_folder")

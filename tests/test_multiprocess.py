@@ -14,7 +14,15 @@ import pytest
 
 import checkpoint
 from config import load_config
-from conftest import HANG_GUARD_S, ROOT, folder_overrides, tiny_config, torchrun
+from conftest import (
+    HANG_GUARD_S,
+    ROOT,
+    data_dirs,
+    folder_overrides,
+    run_python,
+    tiny_config,
+    torchrun,
+)
 from slots_reference import TOLERANCE, largest_parameter_difference, reference_training
 
 pytestmark = pytest.mark.multiprocess
@@ -128,35 +136,20 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, i
         str(tmp_path / "ckpt"),
         "--set",
         "hyperparameters.dataset_name=image_folder",
-        "--set",
-        f"data.train_dir={image_folder / 'train'}",
-        "--set",
-        f"data.test_dir={image_folder / 'test'}",
+        *data_dirs(image_folder / "train", image_folder / "test"),
         "--set",
         "min_checkpoint_period={batches: 1}",
         "--set",
         "min_validation_period={batches: 100}",
     ]
-    result = subprocess.run(
-        [sys.executable, "-c", CRASH_ON_SECOND_SAVE, "model_def.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    result = run_python("-c", CRASH_ON_SECOND_SAVE, "model_def.py", *args)
     assert result.returncode == -signal.SIGKILL
     dirs = list((tmp_path / "ckpt" / "determined").iterdir())
     complete = [d for d in dirs if (d / "byol_checkpoint.json").exists()]
     partial = [d for d in dirs if not (d / "byol_checkpoint.json").exists()]
     assert len(complete) == 1 and len(partial) == 1
     # The cut-off one is refused with a clear message; the previous one resumes to the end.
-    refused = subprocess.run(
-        [sys.executable, "model_def.py", *args, "--resume", str(partial[0])],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    refused = run_python("model_def.py", *args, "--resume", partial[0])
     assert refused.returncode != 0 and "is incomplete" in refused.stderr
     log = run_training(
         config, tmp_path / "ckpt2", image_folder, extra=["--resume", str(complete[0])]

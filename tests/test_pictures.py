@@ -26,7 +26,7 @@ import checkpoint
 import cluster_eval
 import evaluate_result
 import pictures
-from conftest import CLASSES, synthetic_image, train_tiny_run, write_planted_folder
+from conftest import CLASSES, data_dirs, synthetic_image, train_tiny_run, write_planted_folder
 from test_probe import brute_force_knn_accuracy
 
 PNG_SIZES = {  # pixels, width x height
@@ -112,10 +112,7 @@ def drawn(run, tmp_path_factory):
         "--classifier-train-epochs",
         3,
         "--no-augment",
-        "--set",
-        f"data.train_dir={train_dir}",
-        "--set",
-        f"data.test_dir={test_dir}",
+        *data_dirs(train_dir, test_dir),
         "--output",
         root / "evaluation.json",
         "--pictures",
@@ -307,10 +304,7 @@ def test_confusion_rows_are_true_classes_and_per_class_accuracy_is_by_true_class
         "--classifier-lrs",
         1e-7,
         1.0,
-        "--set",
-        f"data.train_dir={train_dir}",
-        "--set",
-        f"data.test_dir={test_dir}",
+        *data_dirs(train_dir, test_dir),
         "--pictures",
         tmp_path / "pictures",
     )
@@ -446,7 +440,7 @@ def test_a_run_without_labels_says_so_in_one_line_and_draws_what_it_can(tmp_path
         trained = train_tiny_run(
             tmp_path,
             "--plot",
-            *("--set", f"data.train_dir={train_dir}", "--set", f"data.test_dir={test_dir}"),
+            *data_dirs(train_dir, test_dir),
             *(
                 "--set",
                 "searcher.metric=validation_loss",

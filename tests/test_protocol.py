@@ -383,19 +383,7 @@ def test_evaluate_result_evaluates_the_checkpoint_best_on_held_out_images_not_on
                     taskId=f"{experiment_id}.{trial.id}",
                 )
             )
-        known = set(cluster.experiments)
-        evaluate_result.main(
-            [
-                "--experiment-id",
-                str(experiment_id),
-                "--classifier-train-epochs",
-                "2",
-                "--master",
-                cluster.master.url,
-            ]
-        )
-        (evaluation_id,) = set(cluster.experiments) - known
-        submitted = yaml.safe_load(cluster.experiments[evaluation_id]["original"])
+        _, submitted = cluster.submit_evaluation(experiment_id)
         assert cluster.master.refused == []
     assert submitted["entrypoint"][2:4] == ["--checkpoint-uuid", "checkpoint-of-step-10"]
     assert submitted["searcher"]["metric"] == "holdout_accuracy"

@@ -21,11 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import augment  # noqa: E402
 import data  # noqa: E402
-import gcs  # noqa: E402
 import make_shards  # noqa: E402
 import shards  # noqa: E402
-from config import ConfigError, DataConfig, _parse_augmentation, _Reader, parse_data_config
-from conftest import photo_like  # noqa: E402
+from config import ConfigError, DataConfig, parse_data_config
+from conftest import data_dirs, photo_like, talking_to, train_images  # noqa: E402
 from gcs_server import FakeGCS  # noqa: E402
 
 BUCKET = "byol-shards"
@@ -73,16 +72,6 @@ def data_config(**overrides) -> DataConfig:
     raw = {"num_workers": 0, "gcs_concurrency": 4}
     raw.update(overrides)
     return parse_data_config(raw)
-
-
-def train_dataset(source, strict=False) -> data.TrainImages:
-    aug = _parse_augmentation(_Reader({"image_size": 16}, "augmentation"))
-    return data.TrainImages(
-        source,
-        augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
-        seed=0,
-        corrupt_log=data.CorruptImageLog(strict),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +244,7 @@ def test_local_shards_decode_like_the_files_and_a_corrupt_member_is_skipped(tree
         assert np.array_equal(np.asarray(image.decode()), expected)
         assert CLASSES[label] == name.split("/")[0]
     # In training, the corrupt member is replaced, flagged and logged once with its shard.
-    dataset = train_dataset(source)
+    dataset = train_images(source)
     items = [(i, 0) for i in range(len(source))]
     with caplog.at_level("WARNING", logger="byol.data"):
         flagged = [
@@ -393,14 +382,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def gcs_env(server, monkeypatch):
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.host)
-    monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "1")
-    monkeypatch.setattr(gcs, "GCS_RETRY_BASE_S", 0.001)
-    monkeypatch.setattr(gcs, "GCS_RETRY_CAP_S", 0.01)
-    server.proxy.latency_s = 0.0
-    server.proxy.clear()
-    yield server
-    server.proxy.clear()
+    with talking_to(server, monkeypatch):
+        yield server
 
 
 def shard_gets(proxy, prefix):
@@ -464,7 +447,7 @@ def test_each_slot_fetches_its_own_shards_once_not_one_request_per_image(gcs_env
     slots, fetched, images = 4, {}, 0
     for slot in range(slots):
         source = data.open_folder(url, None, data_config(), data.run_here)  # a fresh process
-        dataset = train_dataset(source)
+        dataset = train_images(source)
         sampler = data.EpochBatchSampler(
             len(source), 8, slots, seed=0, order=data.epoch_order(source, 8)
         )
@@ -528,7 +511,7 @@ def test_a_corrupt_member_on_gcs_is_skipped_and_counted(gcs_env, gcs_shards, cap
     source = data.open_folder(
         f"gs://{BUCKET}/shards/train/index.json", None, data_config(), data.run_here
     )
-    dataset = train_dataset(source)
+    dataset = train_images(source)
     with caplog.at_level("WARNING", logger="byol.data"):
         flagged = [
             int(x["corrupt"]) for x in dataset.__getitems__([(i, 0) for i in range(len(source))])
@@ -538,7 +521,7 @@ def test_a_corrupt_member_on_gcs_is_skipped_and_counted(gcs_env, gcs_shards, cap
     shard = source.shard_names[source.shard_of[corrupt]]
     assert f"gs://{BUCKET}/shards/train/{shard}:{CORRUPT}" in caplog.text
     with pytest.raises(data.CorruptImageError, match=re.escape(f"{shard}:{CORRUPT}")):
-        train_dataset(source, strict=True).__getitems__([(corrupt, 0)])
+        train_images(source, strict=True).__getitems__([(corrupt, 0)])
 
 
 def test_a_missing_shard_fails_with_its_name(gcs_env, gcs_shards):
@@ -611,10 +594,10 @@ def test_training_resumed_from_local_shards_is_exact(tmp_path, image_folder):
         assert write_shards(image_folder / split, tmp_path / "shards" / split) == 0
     config = tiny_config(tmp_path, epochs=2)
     shard_sets = [
-        "--set",
-        f"data.train_dir={tmp_path / 'shards' / 'train' / 'index.json'}",
-        "--set",
-        f"data.test_dir={tmp_path / 'shards' / 'test' / 'index.json'}",
+        *data_dirs(
+            tmp_path / "shards" / "train" / "index.json",
+            tmp_path / "shards" / "test" / "index.json",
+        ),
         "--set",
         "min_checkpoint_period={batches: 1}",
         "--set",

@@ -21,7 +21,13 @@ import nonfinite
 import progress as progress_module
 from benchmarks import speed
 from config import load_config, parse_data_config, parse_hparams
-from conftest import HANG_GUARD_S, ROOT, fetch_commit_if_missing, folder_overrides, tiny_config
+from conftest import (
+    ROOT,
+    fetch_commit_if_missing,
+    folder_overrides,
+    run_python,
+    tiny_config,
+)
 
 
 def train(config, checkpoint_dir, *extra):
@@ -433,7 +439,6 @@ def test_checkpoints_written_before_the_split_resume_exactly_and_evaluate(tmp_pa
     evaluate_result.py reads and exports them. The images are flat colours: the loader's crops
     changed filter since (issue 27: torch's resize of the box alone, not PIL's, which reads
     pixels beyond the box), and flat crops are the same pixels through either."""
-    import sys
 
     from conftest import write_image_folder
 
@@ -448,20 +453,14 @@ def test_checkpoints_written_before_the_split_resume_exactly_and_evaluate(tmp_pa
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     config = tiny_config(tmp_path, epochs=2, compile=False)  # the old code knows no `auto`
     every_step = ["--set", "min_checkpoint_period={batches: 1}"]
-    written = subprocess.run(
-        [
-            sys.executable,
-            "model_def.py",
-            str(config),
-            "--checkpoint-dir",
-            str(tmp_path / "old"),
-            *map(str, folder_overrides(image_folder)),
-            *every_step,
-        ],
+    written = run_python(
+        "model_def.py",
+        config,
+        "--checkpoint-dir",
+        tmp_path / "old",
+        *folder_overrides(image_folder),
+        *every_step,
         cwd=old,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
     )
     assert written.returncode == 0, written.stderr[-3000:]
     by_old = checkpoints_by_step(tmp_path / "old")
