@@ -180,7 +180,7 @@ def watching(files: Dict[bytes, File]):
     def augmented_images(real):
         def recorded(source, *args):
             images = source.load_many(range(len(source)))
-            traced = [files.get(np.asarray(image.convert("RGB")).tobytes()) for image in images]
+            traced = [files.get(np.asarray(image.decode()).tobytes()) for image in images]
             seen.heads_fit_on = list(zip(traced, source.labels.tolist()))
             return real(source, *args)
 
