@@ -241,7 +241,8 @@ def test_a_start_up_problem_on_one_machine_stops_every_machine_with_one_line(tmp
     for a peer that has left, until the master kills it: ERROR or CANCELED.)"""
     from conftest import write_image_folder
 
-    # Kill only what a broken start-up leaves waiting: a clean exit takes seconds.
+    # Kill only what a broken start-up leaves waiting (the master's 10 s would also catch a
+    # clean exit that a loaded machine makes slow).
     with Cluster(tmp_path, invalid_hp_kill_delay_s=120) as cluster:
         config = experiment_config(tmp_path, tmp_path / "unused")
         config["resources"]["slots_per_trial"] = 2
@@ -448,7 +449,9 @@ def test_a_config_error_on_a_cluster_fails_once_as_invalid_hyperparameters(tmp_p
     config = experiment_config(tmp_path, image_folder)
     config["searcher"]["max_length"] = {"epochs": 2}
     assert validation_errors(config) == []
-    with Cluster(tmp_path) as cluster:
+    # The master kills a trial still running 10 s after its early exit; a clean exit needs no
+    # such deadline here, where a loaded machine may take longer to tear a process down.
+    with Cluster(tmp_path, invalid_hp_kill_delay_s=120) as cluster:
         experiment_id = cluster.create_experiment(config)
         trial = cluster.add_trial(experiment_id)
         result = run(cluster, trial)
