@@ -29,7 +29,7 @@ import gcs
 import shards
 from augment import TwoViewAugmentation, epoch_permutation, item_keys
 from config import ConfigError, DataConfig
-from images import CorruptImageError, DecodedImage, EncodedImage
+from images import CorruptImageError, DecodedImage, EncodedImage, crops_or_error
 
 logger = logging.getLogger("byol.data")
 
@@ -498,7 +498,7 @@ class TrainImages(torch.utils.data.Dataset):
         boxes = self.view_boxes(keys, images)
         out = []
         for j, (index, image) in enumerate(zip(indices, images)):
-            views = self._views(image, boxes[j])
+            views = crops_or_error(image, boxes[j], self.augment.size)
             corrupt = isinstance(views, CorruptImageError)
             if corrupt:
                 self.corrupt_log.report(views)
@@ -516,22 +516,13 @@ class TrainImages(torch.utils.data.Dataset):
         views = [self.augment.crop_boxes(keys, view, heights, widths) for view in (0, 1)]
         return torch.stack(views, dim=1)
 
-    def _views(self, image, boxes: torch.Tensor):
-        """uint8 [2, 3, S, S]: the image's two crops, or the CorruptImageError it is or raises
-        when decoded."""
-        if isinstance(image, CorruptImageError):
-            return image
-        try:
-            return image.crops(boxes, self.augment.size)
-        except CorruptImageError as error:
-            return error
-
     def _replacement(self, index: int, key: torch.Tensor) -> torch.Tensor:
         """A corrupt image is replaced by the next decodable one, cropped with the corrupt
         image's key, so batch shapes stay fixed."""
         for step in range(1, len(self.source)):
             candidate = self.source.load_many([(index + step) % len(self.source)])
-            views = self._views(candidate[0], self.view_boxes(key, candidate)[0])
+            boxes = self.view_boxes(key, candidate)[0]
+            views = crops_or_error(candidate[0], boxes, self.augment.size)
             if not isinstance(views, CorruptImageError):
                 return views
             self.corrupt_log.report(views)
@@ -733,10 +724,12 @@ def blob_list_object(bucket: str, blob_list: str) -> Tuple[str, str]:
     return bucket, blob_list
 
 
-def _find_gcs_images(store: gcs.GCSFiles, blob_list: Optional[str], url: str):
-    """(names, labels, classes) of gs://bucket/prefix, or the message of a ConfigError. Runs on
-    the chief only: an error is returned rather than raised so that every process raises it,
-    instead of the chief failing while the others wait for its answer."""
+def find_gcs_images(
+    store: gcs.GCSFiles, blob_list: Optional[str], url: str
+) -> Tuple[List[str], List[int], List[str]]:
+    """(names, labels, classes) of gs://bucket/prefix. Every failure is a ConfigError naming
+    `url` (an unexpected one's traceback is logged), which Startup.share hands from the chief to
+    every process."""
     try:
         if blob_list:
             list_bucket, list_name = blob_list_object(store.bucket, blob_list)
@@ -753,18 +746,20 @@ def _find_gcs_images(store: gcs.GCSFiles, blob_list: Optional[str], url: str):
         rule = f"{url.rstrip('/')}/<class>/<image> objects with extensions {', '.join(IMAGE_EXTENSIONS)}"
         if blob_list:
             first = f", the first is {object_names[0]!r}" if object_names else ""
-            return (
+            raise ConfigError(
                 f"blob list {where} (for {url}) names no images under the prefix: it holds "
                 f"{len(object_names)} names{first}; expected full object names of {rule}"
             )
-        return f"{url} holds no images: found {len(object_names)} objects under it; expected {rule}"
+        raise ConfigError(
+            f"{url} holds no images: found {len(object_names)} objects under it; expected {rule}"
+        )
+    except ConfigError:
+        raise
     except gcs.GCSError as e:
-        return f"cannot open {url}: {e}"
-    except ConfigError as e:
-        return str(e)
+        raise ConfigError(f"cannot open {url}: {e}") from None
     except Exception as e:  # a bug or an unexpected failure: keep its traceback in the chief's log
         logger.exception("opening %s failed", url)
-        return f"cannot open {url}: {gcs.describe_error(e)}"
+        raise ConfigError(f"cannot open {url}: {gcs.describe_error(e)}") from None
 
 
 def open_gcs_folder(
@@ -780,8 +775,5 @@ def open_gcs_folder(
             f"reads per loader process)"
         )
     store = gcs.GCSFiles(bucket, prefix, data.cache_dir, data.gcs_concurrency)
-    found = share(functools.partial(_find_gcs_images, store, blob_list, url))
-    if isinstance(found, str):
-        raise ConfigError(found)
-    names, labels, classes = found
+    names, labels, classes = share(functools.partial(find_gcs_images, store, blob_list, url))
     return FileSource(names, labels, classes, store, url)

@@ -155,6 +155,18 @@ class DecodedImage:
         return crop_resize(torch.from_numpy(self.pixels).permute(2, 0, 1), boxes, size)
 
 
+def crops_or_error(image, boxes: torch.Tensor, size: int):
+    """`image.crops(boxes, size)`, or the CorruptImageError the image is (a source hands one out
+    in place of an unreadable image) or raises when decoded: what a loader reports and
+    replaces."""
+    if isinstance(image, CorruptImageError):
+        return image
+    try:
+        return image.crops(boxes, size)
+    except CorruptImageError as error:
+        return error
+
+
 def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [N, 3, size, size] crops of a uint8 [3, H, W] image at the whole-pixel boxes
     (x0, y0, x1, y1) [N, 4], each resized by torch's antialiased bilinear resize (PIL's triangle

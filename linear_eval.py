@@ -34,6 +34,7 @@ from augment import (
 )
 from config import ConfigError, HParams, parse_data_config, parse_run_config
 from device import Normalize, autocast, autocast_dtype, resolve, uses_channels_last
+from images import crops_or_error
 from probe import (
     SPLIT_FIT,
     SPLIT_HOLDOUT,
@@ -83,6 +84,14 @@ class SplitFeatures(NamedTuple):
     features: torch.Tensor  # [N, D] on the CPU, as the backbone gives them (not standardised)
     labels: torch.Tensor  # [N]
     images: torch.Tensor  # [N]: each row's index in data.EvalImages(parts, ...), to show it
+
+
+def knn_bank(features: Dict[int, SplitFeatures]) -> SplitFeatures:
+    """The kNN's labelled training images: the fit split, then the held-out split, as
+    validation's kNN takes them (probe.probe_metrics). The bank of the evaluation's kNN accuracy
+    and of the neighbour pictures (pictures.py)."""
+    parts = [features[SPLIT_FIT], features[SPLIT_HOLDOUT]]
+    return SplitFeatures(*(torch.cat(column) for column in zip(*parts)))
 
 
 def extract_features(
@@ -151,20 +160,22 @@ class AugmentedImages(torch.utils.data.Dataset):
             crops = torch.zeros(len(indices), 3, self.size, self.size)
             for j, image in enumerate(self.source.load_many(indices)):
                 if not isinstance(image, data.CorruptImageError):
-                    box = sample_crop_boxes(
-                        crop_u[j : j + 1],
-                        torch.tensor([image.height]),
-                        torch.tensor([image.width]),
-                        self.crop_scale,
-                        self.crop_ratio,
+                    image = crops_or_error(
+                        image,
+                        sample_crop_boxes(
+                            crop_u[j : j + 1],
+                            torch.tensor([image.height]),
+                            torch.tensor([image.width]),
+                            self.crop_scale,
+                            self.crop_ratio,
+                        ),
+                        self.size,
                     )
-                    try:
-                        crops[j] = image.crops(box, self.size)[0].float()
-                        continue
-                    except data.CorruptImageError as error:
-                        image = error
-                self.corrupt_log.report(image)
-                valid[j] = False
+                if isinstance(image, data.CorruptImageError):
+                    self.corrupt_log.report(image)
+                    valid[j] = False
+                else:
+                    crops[j] = image[0].float()
         crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
         labels = torch.as_tensor(self.source.labels[indices], dtype=torch.int64)
         return {"image": crops, "label": labels, "valid": valid}
@@ -325,11 +336,11 @@ def run_evaluation(
     (fit_x, fit_y, _), (held_x, held_y, _), (test_x, test_y, _) = (
         feats[s] for s in (SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST)
     )
-    # The kNN on the features as they are (cosine), the training images as its bank, as
-    # validation's kNN (probe.probe_metrics).
+    # The kNN on the features as they are (cosine), as validation's kNN.
+    bank = knn_bank(feats)
     knn = knn_accuracy(
-        torch.cat([fit_x, held_x]).to(dev),
-        torch.cat([fit_y, held_y]).to(dev),
+        bank.features.to(dev),
+        bank.labels.to(dev),
         test_x.to(dev),
         test_y.to(dev),
         len(classes),

@@ -139,10 +139,10 @@ def open_source(args: argparse.Namespace) -> Tuple[List[str], List[int], List[st
         return names, labels, classes, data.LocalFiles(args.source)
     bucket, prefix = gcs.parse_gcs_url(args.source)
     store = gcs.GCSFiles(bucket, prefix, None, args.concurrency)
-    found = data._find_gcs_images(store, args.blob_list, args.source)
-    if isinstance(found, str):
-        raise Failure(found)
-    return (*found, store)
+    try:
+        return (*data.find_gcs_images(store, args.blob_list, args.source), store)
+    except ConfigError as e:
+        raise Failure(str(e)) from None
 
 
 class LocalDest:

@@ -39,8 +39,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import checkpoint
 import data
 import utils
-from linear_eval import Evaluation, SplitFeatures
-from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST, cosine_neighbours
+from linear_eval import Evaluation, SplitFeatures, knn_bank
+from probe import SPLIT_TEST, cosine_neighbours
 
 QUERIES = 16
 NEIGHBOURS = 8
@@ -105,16 +105,9 @@ def choose_queries(count: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(count, size=min(QUERIES, count), replace=False))
 
 
-def training_images(features: Dict[int, SplitFeatures]) -> SplitFeatures:
-    """The kNN's labelled training images: the fit split, then the held-out split, as
-    validation's kNN takes them (probe.probe_metrics)."""
-    parts = [features[SPLIT_FIT], features[SPLIT_HOLDOUT]]
-    return SplitFeatures(*(torch.cat(column) for column in zip(*parts)))
-
-
 class NeighbourTable(NamedTuple):
     queries: np.ndarray  # [Q] rows of the test split's features
-    neighbours: np.ndarray  # [Q, K] rows of training_images(), most similar first
+    neighbours: np.ndarray  # [Q, K] rows of linear_eval.knn_bank(), most similar first
     similarities: np.ndarray  # [Q, K] cosine similarities
 
 
@@ -123,7 +116,7 @@ def nearest_training_images(features: Dict[int, SplitFeatures], seed: int) -> Ne
     test = features[SPLIT_TEST].features
     queries = choose_queries(len(test), seed)
     similarities, rows = cosine_neighbours(
-        training_images(features).features, test[torch.from_numpy(queries)], NEIGHBOURS
+        knn_bank(features).features, test[torch.from_numpy(queries)], NEIGHBOURS
     )
     return NeighbourTable(queries, rows.numpy(), similarities.numpy())
 
@@ -268,7 +261,7 @@ def draw_neighbour_files(evaluation: Evaluation, directory: str) -> List[str]:
     features, classes = evaluation.features, evaluation.classes
     labelled = evaluation.result is not None
     table = nearest_training_images(features, evaluation.seed)
-    test, train = features[SPLIT_TEST], training_images(features)
+    test, train = features[SPLIT_TEST], knn_bank(features)
     images = data.EvalImages(
         evaluation.parts,
         evaluation.hparams.augmentation.image_size,

@@ -364,18 +364,15 @@ def parse_index(raw: bytes, where: str) -> dict:
     return index
 
 
-def _read_gcs_index(store: gcs.GCSFiles, name: str, url: str):
-    """The index of a gs:// shard set, or the message of a ConfigError (run on the chief only;
-    see data._find_gcs_images)."""
+def _read_gcs_index(store: gcs.GCSFiles, name: str, url: str) -> dict:
+    """The index of a gs:// shard set (read on the chief only, see open_shards)."""
     try:
         index = parse_index(store.read(name), url)
-        count = sum(len(s["members"]) for s in index["shards"])
-        logger.info("%s: %d images in %d shards", url, count, len(index["shards"]))
-        return index
     except gcs.GCSError as e:
-        return f"cannot open shard index {url}: {e}"
-    except ConfigError as e:
-        return str(e)
+        raise ConfigError(f"cannot open shard index {url}: {e}") from None
+    count = sum(len(s["members"]) for s in index["shards"])
+    logger.info("%s: %d images in %d shards", url, count, len(index["shards"]))
+    return index
 
 
 def open_shards(path: str, data: DataConfig, share: Callable) -> ShardSource:
@@ -401,7 +398,5 @@ def open_shards(path: str, data: DataConfig, share: Callable) -> ShardSource:
             f"reads per loader process)"
         )
     store = GCSShards(bucket, prefix, data.cache_dir, data.gcs_concurrency)
-    found = share(functools.partial(_read_gcs_index, store.files, name, path))
-    if isinstance(found, str):
-        raise ConfigError(found)
-    return ShardSource(found, store, path)
+    index = share(functools.partial(_read_gcs_index, store.files, name, path))
+    return ShardSource(index, store, path)
