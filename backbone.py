@@ -54,6 +54,21 @@ def build_backbone(
     return model, BACKBONES[name].feature_dim
 
 
+def load_backbone_weights(
+    backbone: nn.Module, state: Dict[str, torch.Tensor], name: str, cifar_stem: bool, where: str
+) -> None:
+    """Load BYOL backbone weights (torchvision keys, no fc) strictly: every weight of the
+    backbone comes from `where`, or a ValueError says in one line what does not fit."""
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        details = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValueError(
+            f"the backbone weights of {where} do not fit {name} (cifar_stem={cifar_stem}): "
+            f"{details[:300]}"
+        ) from None
+
+
 def load_local_weights(model: nn.Module, path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained_weights file {path!r} does not exist")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import utils
-from backbone import build_backbone
+from backbone import build_backbone, load_backbone_weights
 from config import ConfigError, HParams, apply_override, parse_hparams
 
 MARKER = "byol_checkpoint.json"
@@ -39,10 +39,13 @@ def load_state(path: str) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=WEIGHTS_ONLY)
 
 
-def write_marker(checkpoint_dir: str, description: Dict[str, Any]) -> None:
-    """The last file of a checkpoint: what the network is, for loading it without the config."""
+def write_marker(
+    checkpoint_dir: str, description: Dict[str, Any], trial_spec: str = TRIAL_SPEC
+) -> None:
+    """The last file of a checkpoint: what the network is, for loading it without the config.
+    `trial_spec`: the trial that wrote it (BYOL's, or the fine-tuning trial's)."""
     with utils.atomic_write(os.path.join(checkpoint_dir, MARKER)) as f:
-        json.dump(dict(description, trial=TRIAL_SPEC), f, indent=2)
+        json.dump(dict(description, trial=trial_spec), f, indent=2)
 
 
 def stored_config(path: str) -> Dict[str, Any]:
@@ -61,9 +64,9 @@ def stored_config(path: str) -> Dict[str, Any]:
     return config
 
 
-def _check(path: str) -> str:
-    """Refuse anything but a complete checkpoint of this trial, before any work starts; returns
-    the absolute path."""
+def _check(path: str, trial_spec: str) -> str:
+    """Refuse anything but a complete checkpoint of `trial_spec`, before any work starts;
+    returns the absolute path."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
         raise ConfigError(f"checkpoint {path!r} does not exist or is not a directory")
@@ -77,8 +80,8 @@ def _check(path: str) -> str:
     if os.path.isfile(load_data):
         with open(load_data) as f:
             spec = json.load(f).get("trial_cls_spec")
-        if spec != TRIAL_SPEC:
-            raise ConfigError(f"checkpoint {path!r} belongs to {spec!r}, not {TRIAL_SPEC}")
+        if spec != trial_spec:
+            raise ConfigError(f"checkpoint {path!r} belongs to {spec!r}, not {trial_spec}")
     if not all(os.path.isfile(os.path.join(path, f)) for f in (MARKER, "metadata.json")):
         raise ConfigError(
             f"checkpoint {path!r} is incomplete (no {MARKER}: the save was cut off); "
@@ -113,11 +116,12 @@ def _checkpoints_below(path: str) -> List[str]:
     return sorted(found, key=os.path.getmtime, reverse=True)
 
 
-def check(path: str) -> str:
-    """Refuse anything but a complete checkpoint of this trial, before any work starts, with a
-    hint when the path holds checkpoints further down; returns the absolute path."""
+def check(path: str, trial_spec: str = TRIAL_SPEC) -> str:
+    """Refuse anything but a complete checkpoint of `trial_spec` (BYOL's trial by default),
+    before any work starts, with a hint when the path holds checkpoints further down; returns
+    the absolute path."""
     try:
-        return _check(path)
+        return _check(path, trial_spec)
     except ConfigError as error:
         full = os.path.abspath(os.path.expanduser(path))
         below = _checkpoints_below(full) if os.path.isdir(full) else []
@@ -207,13 +211,11 @@ def load_backbone(ckpt: Checkpoint, hp: HParams) -> Tuple[torch.nn.Module, int]:
     # exist on this machine.
     backbone, feature_dim = build_backbone(hp.backbone_name, hp.cifar_stem, None)
     try:
-        backbone.load_state_dict(ckpt.backbone_state, strict=True)
-    except RuntimeError as e:
-        details = " ".join(line.strip() for line in str(e).splitlines()[1:3])
-        raise ConfigError(
-            f"the checkpoint's backbone weights do not fit {hp.backbone_name} "
-            f"(cifar_stem={hp.cifar_stem}): {details[:300]}"
-        ) from None
+        load_backbone_weights(
+            backbone, ckpt.backbone_state, hp.backbone_name, hp.cifar_stem, "the checkpoint"
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return backbone.eval().requires_grad_(False), feature_dim
 
 

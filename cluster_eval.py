@@ -100,6 +100,27 @@ def master_errors(master_url: str, experiment_id: Optional[int] = None):
         raise ClusterError(f"the master at {master_url} refused: {_one_line(e)}") from None
 
 
+def best_checkpoint(sdk, experiment_id: int, master_url: str):
+    """The experiment's best checkpoint by its own searcher metric (a BYOL experiment's:
+    holdout_accuracy, or validation_loss without labels), with its trial's training metadata.
+    `sdk`: a determined.experimental.client.Determined (or anything with its get_experiment)."""
+    with master_errors(master_url, experiment_id):
+        experiment = sdk.get_experiment(experiment_id)
+        # Best first by the experiment's searcher metric (top_checkpoint() is deprecated in 0.38).
+        checkpoints = experiment.list_checkpoints(max_results=1)
+    if not checkpoints:
+        raise ClusterError(
+            f"experiment {experiment_id} has no completed checkpoint with a validation yet; "
+            f"wait for its first validation or pass a local --checkpoint"
+        )
+    best = checkpoints[0]
+    if best.training is None:
+        raise ClusterError(
+            f"checkpoint {best.uuid} of experiment {experiment_id} was not saved by a trial"
+        )
+    return best
+
+
 def launch_cluster_evaluation(
     sdk,
     experiment_id: int,
@@ -116,21 +137,8 @@ def launch_cluster_evaluation(
     determined.experimental.client.Determined (or anything with its get_experiment and
     create_experiment).
     Returns (new experiment, checkpoint)."""
-    with master_errors(master_url, experiment_id):
-        experiment = sdk.get_experiment(experiment_id)
-        # Best first by the experiment's searcher metric (top_checkpoint() is deprecated in 0.38).
-        checkpoints = experiment.list_checkpoints(max_results=1)
-    if not checkpoints:
-        raise ClusterError(
-            f"experiment {experiment_id} has no completed checkpoint with a validation yet; "
-            f"wait for its first validation or pass a local --checkpoint"
-        )
-    best = checkpoints[0]
+    best = best_checkpoint(sdk, experiment_id, master_url)
     training = best.training
-    if training is None:
-        raise ClusterError(
-            f"checkpoint {best.uuid} of experiment {experiment_id} was not saved by a trial"
-        )
     config = evaluation_experiment_config(
         training.experiment_config,
         best.uuid,

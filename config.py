@@ -378,14 +378,17 @@ def _parse_view(reader: _Reader) -> ViewAugmentation:
     return view
 
 
+def default_crop_scale(image_size: int) -> List[float]:
+    """The paper's crop scale is 0.08-1 at 224 px; on 32 px images 0.08 leaves ~9 px crops,
+    so small images default to the 0.2 lower bound that CIFAR BYOL/SimCLR runs use."""
+    return [0.2, 1.0] if image_size <= 64 else [0.08, 1.0]
+
+
 def _parse_augmentation(reader: _Reader) -> Augmentation:
     image_size = reader.integer("image_size", minimum=8)
-    # The paper's crop scale is 0.08-1 at 224 px; on 32 px images 0.08 leaves ~9 px crops,
-    # so small images default to the 0.2 lower bound that CIFAR BYOL/SimCLR runs use.
-    default_scale = [0.2, 1.0] if image_size <= 64 else [0.08, 1.0]
     aug = Augmentation(
         image_size=image_size,
-        crop_scale=reader.interval("crop_scale", default_scale, 0.0, 1.0),
+        crop_scale=reader.interval("crop_scale", default_crop_scale(image_size), 0.0, 1.0),
         crop_ratio=reader.interval("crop_ratio", [3 / 4, 4 / 3], 0.0),
         flip_prob=reader.probability("flip_prob", 0.5),
         jitter_prob=reader.probability("jitter_prob", 0.8),
@@ -559,25 +562,32 @@ def _parse_searcher(raw: Any) -> Searcher:
 def check_searcher(searcher: Searcher, hp: HParams) -> None:
     """A run chooses (searcher, checkpoint_policy: best) only by what its validation reports on
     held-out training images, and an ASHA search counts the length a trial really trains."""
+    mode = f"hyperparameters.validate_with_classifier={str(hp.validate_with_classifier).lower()}"
+    check_searcher_of(searcher, HELD_OUT_METRICS[hp.validate_with_classifier], mode, hp.epochs)
+
+
+def check_searcher_of(
+    searcher: Searcher, reported: Dict[str, bool], mode: str, epochs: int
+) -> None:
+    """searcher.metric must be one of `reported` ({held-out metric: smaller_is_better}), what
+    the trial's validation reports in `mode`; time_metric: epochs must span `epochs`."""
     if searcher.metric is not None:
-        check_metric(searcher, hp)
+        check_metric(searcher, reported, mode)
     if searcher.time_metric is not None:
         if searcher.time_metric not in TIME_METRICS:
             raise ConfigError(
                 f"searcher.time_metric={searcher.time_metric!r} is not one of: "
                 f"{', '.join(TIME_METRICS)} (the training lengths that validation reports)"
             )
-        if searcher.time_metric == "epochs" and searcher.max_time != hp.epochs:
+        if searcher.time_metric == "epochs" and searcher.max_time != epochs:
             raise ConfigError(
                 f"searcher.max_time={searcher.max_time!r} must equal hyperparameters.epochs="
-                f"{hp.epochs} (time_metric: epochs): a trial trains that long"
+                f"{epochs} (time_metric: epochs): a trial trains that long"
             )
 
 
-def check_metric(searcher: Searcher, hp: HParams) -> None:
+def check_metric(searcher: Searcher, reported: Dict[str, bool], mode: str) -> None:
     """searcher.metric must be the held-out metric of the run's validation mode."""
-    reported = HELD_OUT_METRICS[hp.validate_with_classifier]
-    mode = f"hyperparameters.validate_with_classifier={str(hp.validate_with_classifier).lower()}"
     if searcher.metric not in reported:
         raise ConfigError(
             f"searcher.metric={searcher.metric!r}: with {mode} the searcher and "
@@ -647,3 +657,152 @@ def parse_data_config(raw: Optional[Dict[str, Any]]) -> DataConfig:
     )
     r.refuse_unknown()
     return config
+
+
+# --------------------------------------------------------------------------------------------
+# The fine-tuning experiment (finetune.py): a backbone and a new linear classifier trained end
+# to end on labeled images
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedSource:
+    """Where the fine-tuned backbone's weights come from (hyperparameters.pretrained): at most
+    one of these; none is random initialisation, the baseline that shows what pretraining
+    bought."""
+
+    checkpoint: Optional[str]  # a local BYOL checkpoint directory
+    checkpoint_uuid: Optional[str]  # a BYOL checkpoint in the cluster's checkpoint storage
+    experiment_id: Optional[int]  # a cluster experiment: its best checkpoint (searcher metric)
+    export: Optional[str]  # a file written by evaluate_result.py --export
+
+    @property
+    def kind(self) -> str:
+        """checkpoint, checkpoint_uuid, experiment_id, export, or random."""
+        given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+        return given[0] if given else "random"
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneHParams:
+    dataset_name: str
+    pretrained: PretrainedSource
+    # None: as the pretrained backbone was trained (its checkpoint or export says); required
+    # for random initialisation.
+    backbone_name: Optional[str]
+    cifar_stem: Optional[bool]
+    image_size: Optional[int]
+    crop_scale: Optional[Tuple[float, float]]  # None: default_crop_scale(image size)
+    crop_ratio: Tuple[float, float]
+    label_fraction: float  # of the labeled training images outside the held-out part
+    holdout_fraction: float  # of the labeled training images, to choose LR and epoch by
+    global_batch_size: int
+    epochs: int
+    warmup_epochs: float
+    learning_rate: float  # base LR of the classifier; peak = base x global_batch_size / 256
+    momentum: float
+    weight_decay: float
+    # The backbone's LR as a fraction of the classifier's; 0 freezes it (a linear probe: the
+    # backbone then runs in eval mode, BatchNorm on its running statistics).
+    backbone_lr_scale: float
+    precision: str
+
+    @property
+    def peak_learning_rate(self) -> float:
+        return self.learning_rate * self.global_batch_size / 256
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.backbone_lr_scale == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneConfig:
+    hparams: FineTuneHParams
+    data: DataConfig
+    run: RunConfig
+
+
+# The fine-tuning trial's validation scores held-out training images (holdout_accuracy, what a
+# searcher and checkpoint_policy choose by) and the test split (test_accuracy, reported).
+FINETUNE_HELD_OUT_METRICS = {"holdout_accuracy": False}
+
+
+def _parse_pretrained(reader: _Reader) -> PretrainedSource:
+    experiment_id = reader.get("experiment_id", None)
+    if experiment_id is not None:
+        experiment_id = reader.integer("experiment_id")
+    source = PretrainedSource(
+        checkpoint=reader.optional_str("checkpoint"),
+        checkpoint_uuid=reader.optional_str("checkpoint_uuid"),
+        experiment_id=experiment_id,
+        export=reader.optional_str("export"),
+    )
+    reader.refuse_unknown()
+    given = [f.name for f in dataclasses.fields(source) if getattr(source, f.name) is not None]
+    if len(given) > 1:
+        raise ConfigError(
+            f"hyperparameters.pretrained sets {' and '.join(given)}: set at most one (none: "
+            f"random initialisation)"
+        )
+    return source
+
+
+def parse_finetune_hparams(raw: Dict[str, Any], slots: int = 1) -> FineTuneHParams:
+    from backbone import BACKBONES
+
+    r = _Reader(raw, "hyperparameters")
+    global_batch_size = r.integer("global_batch_size", minimum=2)
+    if global_batch_size % slots != 0 or global_batch_size // slots < 2:
+        raise ConfigError(
+            f"hyperparameters.global_batch_size={global_batch_size} cannot be split over "
+            f"{slots} slots: it must be a multiple of the slot count with at least 2 images "
+            f"per slot (BatchNorm needs 2)"
+        )
+    pretrained = _parse_pretrained(r.sub("pretrained", {}))
+    backbone_name = r.get("backbone_name", None)
+    if backbone_name is not None:
+        backbone_name = r.choice("backbone_name", sorted(BACKBONES))
+    elif pretrained.kind == "random":
+        raise ConfigError(
+            f"hyperparameters.backbone_name is required without a pretrained backbone (random "
+            f"initialisation); one of: {', '.join(sorted(BACKBONES))}"
+        )
+    cifar_stem = r.get("cifar_stem", None)
+    if cifar_stem is not None:
+        cifar_stem = r.boolean("cifar_stem")
+    image_size = r.get("image_size", None)
+    if image_size is not None:
+        image_size = r.integer("image_size", minimum=8)
+    crop_scale = r.get("crop_scale", None)
+    if crop_scale is not None:
+        crop_scale = r.interval("crop_scale", None, 0.0, 1.0)
+    hp = FineTuneHParams(
+        dataset_name=r.choice("dataset_name", DATASETS),
+        pretrained=pretrained,
+        backbone_name=backbone_name,
+        cifar_stem=cifar_stem,
+        image_size=image_size,
+        crop_scale=crop_scale,
+        crop_ratio=r.interval("crop_ratio", [3 / 4, 4 / 3], 0.0),
+        label_fraction=r.number("label_fraction", 1.0, 0.0, 1.0, low_inclusive=False),
+        holdout_fraction=r.number("holdout_fraction", 0.1, 0.0, 1.0, False, False),
+        global_batch_size=global_batch_size,
+        epochs=r.integer("epochs"),
+        warmup_epochs=r.number("warmup_epochs", 0),
+        learning_rate=r.positive("learning_rate"),
+        momentum=r.number("momentum", 0.9, 0.0, 1.0, high_inclusive=False),
+        weight_decay=r.number("weight_decay", 0.0),
+        backbone_lr_scale=r.number("backbone_lr_scale", 1.0, 0.0, 1.0),
+        precision=r.choice("precision", PRECISIONS, "auto"),
+    )
+    r.refuse_unknown()
+    return hp
+
+
+def parse_finetune_config(raw: Dict[str, Any], slots: int = 1) -> FineTuneConfig:
+    """Validate a whole fine-tuning experiment config and return it typed."""
+    hp = parse_finetune_hparams(raw.get("hyperparameters") or {}, slots)
+    run = parse_run_config(raw)
+    check_searcher_of(run.searcher, FINETUNE_HELD_OUT_METRICS, "fine-tuning", hp.epochs)
+    return FineTuneConfig(hp, parse_data_config(raw.get("data")), run)

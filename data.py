@@ -382,6 +382,48 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> Tuple[np.nd
     return np.sort(np.asarray(fit, np.int64)), np.sort(np.asarray(held, np.int64))
 
 
+# The stream of numpy's seeded generator that picks a label fraction (holdout_split uses the
+# seed alone), so the subset does not repeat the held-out part's draws.
+LABEL_FRACTION_STREAM = 1
+
+
+def label_fraction_subset(
+    labels: np.ndarray, classes: Sequence[str], fraction: float, seed: int
+) -> np.ndarray:
+    """Positions of a class-balanced `fraction` of the labeled images `labels` (each class keeps
+    round(fraction x its count) images, at least 1), sorted. Deterministic in the seed, and
+    nested: for one seed, a smaller fraction's subset lies inside a larger one's. A fraction
+    that leaves a class without an image is refused, before any work."""
+    rng = np.random.default_rng([seed, LABEL_FRACTION_STREAM])
+    counts = np.bincount(labels[labels >= 0])
+    present = np.flatnonzero(counts)
+    chosen = []
+    for cls in present:
+        idx = np.flatnonzero(labels == cls)
+        idx = idx[rng.permutation(len(idx))]
+        count = int(np.floor(len(idx) * fraction + 0.5))  # rounded half up
+        if count < 1:
+            raise ConfigError(
+                f"hyperparameters.label_fraction={fraction:g} gives 0 labeled images of class "
+                f"{classes[cls]!r} ({fraction:g} x its {len(idx)} images outside the held-out part); every "
+                f"class needs at least 1: the smallest fraction these images allow is "
+                f"{0.5 / counts[present].min():.4g}"
+            )
+        chosen.extend(idx[:count])
+    return np.sort(np.asarray(chosen, np.int64))
+
+
+def image_names(source, indices: Sequence[int]) -> List[str]:
+    """How a file list names images of a source: their path under the folder or shard set, or
+    their row in the array of a torchvision dataset's training split (CIFAR-10, STL-10)."""
+    if isinstance(source, Subset):
+        return image_names(source.source, [int(source.indices[i]) for i in indices])
+    names = getattr(source, "names", None)
+    if names is None:
+        return [f"row {int(i)}" for i in indices]
+    return [names[int(i)] for i in indices]
+
+
 # ----------------------------------------------------------------------------------------------
 # torch datasets and the sampler
 # ----------------------------------------------------------------------------------------------

@@ -180,10 +180,10 @@ class AugmentedImages(torch.utils.data.Dataset):
         labels = torch.as_tensor(self.source.labels[indices], dtype=torch.int64)
         return {"image": crops, "label": labels, "valid": valid}
 
-
-def _whole_batch(batch):
-    """collate_fn: AugmentedImages already returns a batch."""
-    return batch
+    @staticmethod
+    def collate(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """collate_fn: __getitems__ already returns a whole batch."""
+        return batch
 
 
 class ShuffledBatches(torch.utils.data.Sampler):
@@ -223,7 +223,7 @@ def train_heads_augmented(
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=_whole_batch,
+        collate_fn=dataset.collate,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,

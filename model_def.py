@@ -8,52 +8,37 @@ One training step (BYOL paper, Section 3.1):
     LARS step on the online network -> EMA step of the target.
 """
 
-import argparse
-import copy
-import dataclasses
-import json
 import logging
-import os
-import pathlib
-import sys
-import time
-import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-import determined as det
-import numpy as np
 import torch
-import torch.distributed as dist
-from determined import core, pytorch
+from determined import pytorch
 
 import byol
 import checkpoint
 import data
 import device
+import launcher
 import optim
 import preflight
-import utils
 from augment import TwoViewAugmentation
 from backbone import build_backbone
 from config import (
     ConfigError,
     ExperimentConfig,
-    Length,
-    absolute_data_paths,
-    add_set_option,
-    apply_override,
-    load_config,
     parse_experiment_config,
-    result_changes,
 )
 from nonfinite import NonFiniteGuard
 from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
-from progress import Progress
+from progress import Progress, ValidationSummary
 from reducers import LinearProbeReducer, TrainingMetricsReducer
 from searcher_stop import SearcherStop
-from startup import Startup, StartupFailed
+from startup import Startup
 
 logger = logging.getLogger("byol")
+
+# What the line after each validation shows, in order: what the run chooses by first.
+BYOL_SUMMARY = ("holdout_accuracy", "test_accuracy", "knn_accuracy", "validation_loss")
 
 
 class BYOLTrial(pytorch.PyTorchTrial):
@@ -359,7 +344,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         return {
             "finite": FiniteCheck(self),
             "checkpoint_marker": CheckpointMarker(self),
-            "summary": ValidationSummary(self),
+            "summary": ValidationSummary(self, BYOL_SUMMARY),
             "searcher_stop": SearcherStopCheck(self),
         }
 
@@ -374,21 +359,6 @@ class FiniteCheck(pytorch.PyTorchCallback):
 
     def on_training_workload_end(self, avg_metrics: Dict[str, Any], batch_metrics: Any) -> None:
         self.trial.check_finite()
-
-
-class ValidationSummary(pytorch.PyTorchCallback):
-    """One line after each validation, on the chief: what the run chooses by first."""
-
-    NAMES = ("holdout_accuracy", "test_accuracy", "knn_accuracy", "validation_loss")
-
-    def __init__(self, trial: BYOLTrial):
-        self.trial = trial
-
-    def on_validation_end(self, metrics: Dict[str, Any]) -> None:
-        if self.trial.context.distributed.rank != 0:
-            return
-        shown = ", ".join(f"{n} {float(metrics[n]):.4f}" for n in self.NAMES if n in metrics)
-        logger.info("validation at step %d: %s", self.trial.steps_done, shown)
 
 
 class SearcherStopCheck(pytorch.PyTorchCallback):
@@ -428,257 +398,29 @@ class CheckpointMarker(pytorch.PyTorchCallback):
 
 # ------------------------------------------------------------------------------------------
 # Command line: local training through Determined's Trainer, or the cluster entrypoint
+# (launcher.py, shared with the fine-tuning trial)
 # ------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "config", nargs="?", help="experiment config yaml (not needed on a cluster)"
-    )
-    add_set_option(parser, "hyperparameters.global_batch_size=128")
-    parser.add_argument(
-        "--checkpoint-dir",
-        default="checkpoints-byol",
-        help="where local checkpoints go (keep it out of the source tree's .detignore-d paths)",
-    )
-    parser.add_argument(
-        "--resume",
-        metavar="CHECKPOINT",
-        help="continue from this checkpoint directory, with the config it was trained with "
-        "(plus --set values); a config or --set that changes the result is refused",
-    )
-    parser.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="with --resume: continue even though the config changes the result",
-    )
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="check CONFIG as a cluster's trials would parse it, at every corner of its "
-        "hyperparameter search space, and its data locations reachable from here; then exit "
-        "(0: ok, 1: problems). Nothing is trained or downloaded",
-    )
-    parser.add_argument(
-        "--plot",
-        action="store_true",
-        help="at the end, draw the run's curves.png beside its TensorBoard files",
-    )
-    return parser.parse_args(argv)
+def build_trial(context, config: ExperimentConfig, trial_id, startup, tensorboard_run):
+    return BYOLTrial(context, config, trial_id, startup, tensorboard_run)
+
+
+BYOL = launcher.TrialKind(
+    trial_spec=checkpoint.TRIAL_SPEC,
+    parse=parse_experiment_config,
+    build=build_trial,
+    check=preflight.run_check,
+    usage=__doc__,
+    example="python model_def.py const-cifar10.yaml",
+    default_checkpoint_dir="checkpoints-byol",
+    example_set="hyperparameters.global_batch_size=128",
+    schedules="the LR and EMA schedules",
+)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
-    )
-    info = None
-    try:
-        import determined as det
-
-        info = det.get_cluster_info()
-    except Exception:
-        pass
-    if info is not None and info.task_type == "TRIAL":
-        run_on_cluster(info)
-        return
-    args = parse_args(argv)
-    if args.check:
-        if args.config is None or args.resume is not None:
-            sys.exit("error: --check takes an experiment config yaml (and --set), not --resume")
-        sys.exit(preflight.run_check(args.config, args.overrides))
-    if args.config is None and args.resume is None:
-        sys.exit(
-            "error: give an experiment config yaml, e.g. python model_def.py const-cifar10.yaml"
-        )
-    try:
-        run_locally(args)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    except data.CorruptImageError as e:  # data.strict_images: true
-        sys.exit(f"error: {e.one_line} (data.strict_images is true: fix or remove the image)")
-
-
-def training_lengths(trial: BYOLTrial) -> Dict[str, Any]:
-    """The Trainer's lengths from the typed config. The run is `epochs` long, in Determined's
-    epochs (what searcher.time_metric: epochs counts); a period of 0 means never."""
-
-    def period(length: Length) -> Optional[pytorch.Batch]:
-        batches = length.batches(trial.batches_per_epoch)
-        return pytorch.Batch(batches) if batches > 0 else None
-
-    return {
-        "max_length": pytorch.Epoch(trial.hp.epochs),
-        "validation_period": period(trial.run.validation_period),
-        "checkpoint_period": period(trial.run.checkpoint_period),
-        "reporting_period": pytorch.Batch(trial.run.reporting_period),
-    }
-
-
-def run_on_cluster(info) -> None:
-    """The trial as the master started it: resolved hyperparameters from `info.trial.hparams`
-    (the expanded config holds them in the master's {type: const, val: ...} form), the rest
-    of the experiment config as the user wrote it, and the trial's own seed.
-
-    A config error, or a start-up problem on any process (startup.py), ends the trial as
-    Determined's invalid hyperparameters: every process logs the same line, reports the early
-    exit and exits 0, so the master does not restart the trial (max_restarts). Determined
-    0.38.1 then ends the trial COMPLETED, and its searcher does not replace it: ASHA's
-    INVALID_HP branch is not reached since 0.26 (trial.go ends the trial through exit(nil)), so
-    a search whose every trial hits the error ends COMPLETED after max_concurrent_trials
-    trials. `python model_def.py CONFIG --check` finds config errors before that."""
-    raw = dict(info.trial._config, hyperparameters=info.trial.hparams)
-    with pytorch.init(hparams=info.trial.hparams, exp_conf=info.trial._config) as context:
-        startup = Startup(context.distributed)
-        try:
-            config = startup.step(
-                lambda: parse_experiment_config(raw, context.distributed.get_size())
-            )
-            config = dataclasses.replace(
-                config, run=dataclasses.replace(config.run, seed=info.trial.trial_seed)
-            )
-            trial = BYOLTrial(context, config, info.trial.trial_id, startup)
-            pytorch.Trainer(trial, context).fit(
-                **training_lengths(trial),
-                checkpoint_policy=config.run.checkpoint_policy,
-                step_zero_validation=config.run.initial_validation,
-                latest_checkpoint=info.latest_checkpoint,
-                # As Determined's harness passes it for a Trainer (exec/harness.py).
-                profiling_enabled=config.run.profiling,
-            )
-        except ConfigError as e:
-            # StartupFailed (a ConfigError) reaches every process; a plain ConfigError (a lone
-            # process, or raised after start-up) is the chief's to log.
-            if isinstance(e, StartupFailed) or context.distributed.rank == 0:
-                logger.error("invalid config: %s", e)
-            # core.Context.__exit__ reports EarlyExitReason.INVALID_HP and exits with 0.
-            raise det.InvalidHP(str(e)) from None
-
-
-def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, Any], resume: Optional[str]) -> None:
-    """What `Trainer(trial, context).fit(...)` does off-cluster, except that a resumed run
-    continues at the checkpoint's step. Determined 0.38.1's local Trainer restores the weights
-    but restarts its batch count at 0 (it forces steps_completed=0 off-cluster), which would
-    replay the data order and the LR/EMA schedules from the start."""
-    steps_completed = 0
-    if resume is not None:
-        with open(os.path.join(resume, "metadata.json")) as f:
-            steps_completed = int(json.load(f)["steps_completed"])
-    pytorch._PyTorchTrialController(
-        trial_inst=trial,
-        context=context,
-        checkpoint_period=lengths["checkpoint_period"] or pytorch.Batch(sys.maxsize),
-        validation_period=lengths["validation_period"] or pytorch.Batch(sys.maxsize),
-        reporting_period=lengths["reporting_period"],
-        max_length=lengths["max_length"],
-        smaller_is_better=True,
-        steps_completed=steps_completed,
-        latest_checkpoint=resume,
-        local_training=True,
-        test_mode=False,
-        searcher_metric_name=None,
-        checkpoint_policy="all",
-        step_zero_validation=trial.run.initial_validation,
-        global_batch_size=None,
-        profiling_enabled=False,
-    ).run()
-
-
-def resumed_config(
-    args: argparse.Namespace, resume: Optional[str]
-) -> Tuple[Dict[str, Any], List[str]]:
-    """The run's config: the yaml (or, resuming without one, the checkpoint's own config) with
-    the --set values, data paths absolute; and, resuming, what it changes in the checkpoint's
-    config that alters the result (refused unless --allow-config-change)."""
-    stored = checkpoint.stored_config(resume) if resume else None
-    if args.config is not None:
-        config = load_config(args.config, args.overrides)
-    else:
-        config = copy.deepcopy(stored)
-        for override in args.overrides:
-            apply_override(config, override)
-    absolute_data_paths(config)
-    if stored is None:
-        return config, []
-    absolute_data_paths(stored)
-    changes = result_changes(stored, config)
-    if changes and not args.allow_config_change:
-        raise ConfigError(
-            f"--resume {resume}: the config differs from the checkpoint's in what it computes: "
-            f"{'; '.join(changes)}. Resume without those changes, or pass --allow-config-change"
-        )
-    return config, changes
-
-
-def run_locally(args: argparse.Namespace) -> None:
-    resume = checkpoint.check(args.resume) if args.resume else None
-    config, changes = resumed_config(args, resume)
-    distributed = None
-    slots = 1
-    if "WORLD_SIZE" in os.environ:  # started by torchrun
-        os.environ.setdefault("USE_TORCH_DISTRIBUTED", "1")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        distributed = core.DistributedContext.from_torch_distributed()
-        slots = distributed.size
-    # Validate everything a user wrote before any data is downloaded or model built.
-    experiment = parse_experiment_config(config, slots)
-    if experiment.run.profiling:
-        logger.warning("profiling.enabled: Determined's profiler runs on a cluster only; ignored")
-    checkpoint_dir = utils.writable_directory(args.checkpoint_dir, "--checkpoint-dir")
-    # Determined's local checkpoint storage lives under $XDG_DATA_HOME/determined.
-    os.makedirs(os.path.join(checkpoint_dir, "determined"), exist_ok=True)
-    os.environ["XDG_DATA_HOME"] = checkpoint_dir
-    # One TensorBoard folder per run (a resumed run continues its own), so that runs sharing
-    # a --checkpoint-dir are told apart by TensorBoard and by the curves of a checkpoint.
-    run = (checkpoint.tensorboard_run(resume) if resume else None) or new_run_name()
-    if distributed is not None:
-        run = distributed.broadcast(run)  # the chief's name
-    tensorboard_dir = checkpoint.tensorboard_folder(checkpoint_dir, run)
-    torch.manual_seed(experiment.run.seed)
-    np.random.seed(experiment.run.seed)
-
-    with pytorch.init(
-        hparams=config["hyperparameters"], exp_conf=config, distributed=distributed
-    ) as context:
-        # Determined 0.38.1's local pytorch.init takes no TensorBoard path and its writer would
-        # default to ./runs of whatever directory the command runs in: keep it beside the
-        # checkpoints (the local train context reads this attribute when it makes the writer).
-        context._core.train._tbd_directory = pathlib.Path(tensorboard_dir)
-        trial = BYOLTrial(context, experiment, tensorboard_run=run)
-        lengths = training_lengths(trial)
-        if context.distributed.rank == 0:
-            if changes:
-                logger.warning(
-                    "resuming with a changed config (%s): the LR and EMA schedules now span %d "
-                    "steps (%d epochs)",
-                    "; ".join(changes),
-                    trial.total_steps,
-                    trial.hp.epochs,
-                )
-            logger.info(
-                "training %d steps (%d epochs x %d batches of %d); checkpoints under %s; "
-                "TensorBoard: tensorboard --logdir %s",
-                trial.total_steps,
-                trial.hp.epochs,
-                trial.batches_per_epoch,
-                trial.hp.global_batch_size,
-                os.path.join(checkpoint_dir, "determined"),
-                tensorboard_dir,
-            )
-        fit_locally(trial, context, lengths, resume)
-    if args.plot and (distributed is None or distributed.rank == 0):
-        import pictures  # matplotlib: only when asked
-
-        pictures.draw_tensorboard_curves(tensorboard_dir)
-    if distributed is not None:
-        dist.destroy_process_group()
-
-
-def new_run_name() -> str:
-    """A local run's name: when it started, and a random suffix for runs started together."""
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    launcher.main(BYOL, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`python model_def.py CONFIG --check`: a config's errors, found before the cluster spends anything.
 
 On a cluster a config error inside a trial ends that trial as invalid hyperparameters
-(model_def.run_on_cluster), which Determined 0.38.1 records as COMPLETED; ASHA does not replace
+(launcher.run_on_cluster), which Determined 0.38.1 records as COMPLETED; ASHA does not replace
 it, so an error that every trial hits ends the whole search after max_concurrent_trials trials.
 The check runs the trial's own parsing (config.parse_experiment_config, over
 resources.slots_per_trial slots) at every corner point of the searcher's space (hpspace.py), and
@@ -17,18 +17,22 @@ each once, with the point where it occurs), and last "ok: N hyperparameter point
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+import checkpoint
 import data
 import gcs
 import hpspace
+import pretrained
 import shards
 from config import (
     ConfigError,
     DataConfig,
     ExperimentConfig,
+    FineTuneConfig,
     load_config,
     parse_experiment_config,
+    parse_finetune_config,
     slots_per_trial,
 )
 
@@ -92,16 +96,35 @@ class DataFacts:
     classes: Optional[List[str]] = None
 
 
-def run_check(config_path: str, overrides: List[str]) -> int:
-    """Check the config (with its --set overrides), print the report, return the exit status."""
+def run_check(
+    config_path: str,
+    overrides: List[str],
+    parse: Callable[[Dict[str, Any], int], Any] = parse_experiment_config,
+    point_problems: Callable[[DataFacts, Any], List[str]] = None,
+) -> int:
+    """Check the config (with its --set overrides), print the report, return the exit status.
+    `parse`: the trial's own parsing of a config; `point_problems(facts, typed config)`: the
+    rules that depend on the data and the hyperparameters (BYOL's by default)."""
     report = Report()
-    check_config(config_path, overrides, report)
+    check_config(config_path, overrides, report, parse, point_problems or point_data_problems)
     for line in report.lines():
         print(line)
     return 1 if report.problems else 0
 
 
-def check_config(config_path: str, overrides: List[str], report: Report) -> None:
+def run_finetune_check(config_path: str, overrides: List[str]) -> int:
+    """`python finetune.py CONFIG --check`: the fine-tuning trial's parsing and data rules."""
+    return run_check(config_path, overrides, parse_finetune_config, finetune_point_problems)
+
+
+def check_config(
+    config_path: str,
+    overrides: List[str],
+    report: Report,
+    parse: Callable[[Dict[str, Any], int], Any] = parse_experiment_config,
+    point_problems: Callable[[DataFacts, Any], List[str]] = None,
+) -> None:
+    point_problems = point_problems or point_data_problems
     try:
         raw = load_config(config_path, overrides)
     except ConfigError as e:
@@ -128,15 +151,15 @@ def check_config(config_path: str, overrides: List[str], report: Report) -> None
     for index, point in enumerate(report.points):
         hparams = hpspace.hparams_at(raw.get("hyperparameters") or {}, space, point)
         try:
-            # The trial's own parsing (model_def.run_on_cluster), at this point.
-            experiment = parse_experiment_config(dict(raw, hyperparameters=hparams), slots)
+            # The trial's own parsing (launcher.run_on_cluster), at this point.
+            experiment = parse(dict(raw, hyperparameters=hparams), slots)
         except ConfigError as e:
             report.problem(str(e), index)
             continue
         name = experiment.hparams.dataset_name
         if name not in surveys:
             surveys[name] = survey_data(name, experiment.data, report.notes)
-        for message in surveys[name].problems + point_data_problems(surveys[name], experiment):
+        for message in surveys[name].problems + point_problems(surveys[name], experiment):
             report.problem(message, index)
 
 
@@ -192,6 +215,28 @@ def point_data_problems(facts: DataFacts, experiment: ExperimentConfig) -> List[
             data.check_probe_classes(facts.classes, hp.validate_with_classifier)
         except ConfigError as e:
             problems.append(str(e))
+    return problems
+
+
+def finetune_point_problems(facts: DataFacts, config: FineTuneConfig) -> List[str]:
+    """The fine-tuning trial's rules on what is known here: a local pretrained backbone must be
+    a complete BYOL checkpoint or an export with its description; the classifier needs 2+
+    classes. (The label fraction's rule needs the per-class counts: the trial refuses a
+    fraction too small for its data at start, before any work.)"""
+    problems = []
+    source = config.hparams.pretrained
+    try:
+        if source.kind == "checkpoint":
+            checkpoint.check(source.checkpoint)
+        elif source.kind == "export":
+            pretrained.from_export(source.export)
+    except ConfigError as e:
+        problems.append(f"hyperparameters.pretrained.{source.kind}: {e}")
+    if facts.classes is not None and len(facts.classes) < 2:
+        problems.append(
+            f"the labeled training images have {len(facts.classes)} class(es); a classifier "
+            f"needs at least 2 class folders"
+        )
     return problems
 
 

@@ -2,9 +2,10 @@
 
 import logging
 import time
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+from determined import pytorch
 
 from utils import format_duration
 
@@ -62,3 +63,17 @@ class Progress:
             speed,
         )
         self.since = (now, steps_done)
+
+
+class ValidationSummary(pytorch.PyTorchCallback):
+    """One line after each validation, on the chief: the metrics `names` (those reported) of a
+    trial with `context` and `steps_done`."""
+
+    def __init__(self, trial, names: Sequence[str]):
+        self.trial, self.names = trial, names
+
+    def on_validation_end(self, metrics: Dict[str, Any]) -> None:
+        if self.trial.context.distributed.rank != 0:
+            return
+        shown = ", ".join(f"{n} {float(metrics[n]):.4f}" for n in self.names if n in metrics)
+        logger.info("validation at step %d: %s", self.trial.steps_done, shown)

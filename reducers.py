@@ -1,4 +1,5 @@
-"""Determined's cross-slot metric reducers: validation's linear probe + kNN, and training metrics.
+"""Determined's cross-slot metric reducers: validation's linear probe + kNN, training metrics, and
+the fine-tuned classifier's accuracy.
 
 LinearProbeReducer: each slot extracts features of its share of the labeled images; the reducer
 gathers every slot's features, orders them by image index (so the result does not depend on how
@@ -142,4 +143,45 @@ class TrainingMetricsReducer(pytorch.MetricReducer):
                 metrics["representation_std"],
                 self.collapse_threshold,
             )
+        return metrics
+
+
+class ClassifierAccuracyReducer(pytorch.MetricReducer):
+    """A classifier's accuracy and cross-entropy per split (`split_names`: {split id: name}),
+    from every slot's per-image results. Each image counts once: the results are joined by image
+    index across slots, since Determined's validation loader may pad a slot's share."""
+
+    def __init__(self, split_names: Dict[int, str]):
+        self.split_names = split_names
+        self.reset()
+
+    def reset(self) -> None:
+        self.parts: List[Tuple[torch.Tensor, ...]] = []
+
+    def update(
+        self, indices: torch.Tensor, splits: torch.Tensor, correct: torch.Tensor, loss: torch.Tensor
+    ) -> None:
+        self.parts.append(tuple(t.detach() for t in (indices, splits, correct, loss.float())))
+
+    def per_slot_reduce(self) -> Optional[Tuple[np.ndarray, ...]]:
+        if not self.parts:
+            return None
+        return tuple(torch.cat(column).cpu().numpy() for column in zip(*self.parts))
+
+    def cross_slot_reduce(self, per_slot: Sequence[Optional[Tuple[np.ndarray, ...]]]):
+        parts = [p for p in per_slot if p is not None]
+        if not parts:
+            return {}
+        indices, splits, correct, loss = (np.concatenate(column) for column in zip(*parts))
+        _, first = np.unique(indices, return_index=True)
+        splits, correct, loss = splits[first], correct[first], loss[first]
+        metrics = {}
+        for split, name in self.split_names.items():
+            mine = splits == split
+            if mine.any():
+                metrics[f"{name}_accuracy"] = float(correct[mine].mean())
+                metrics[f"{name}_images"] = int(mine.sum())
+                mean_loss = float(loss[mine].mean())
+                if np.isfinite(mean_loss):  # a diverged model's loss is left out, not sent
+                    metrics[f"{name}_loss"] = mean_loss
         return metrics
