@@ -41,7 +41,13 @@ import optim
 import pretrained
 import utils
 from backbone import build_backbone, load_backbone_weights
-from config import ConfigError, FineTuneConfig, default_crop_scale, parse_finetune_config
+from config import (
+    ConfigError,
+    FineTuneConfig,
+    FineTuneHParams,
+    default_crop_scale,
+    parse_finetune_config,
+)
 from linear_eval import AugmentedImages
 from preflight import run_finetune_check
 from probe import SPLIT_HOLDOUT, SPLIT_TEST
@@ -54,6 +60,17 @@ logger = logging.getLogger("byol")
 TRIAL_SPEC = "finetune:FineTuneTrial"
 SUBSET_FILE = "labeled_subset.csv"  # in every checkpoint: the labeled images trained on
 SUMMARY = ("holdout_accuracy", "test_accuracy", "holdout_loss")
+
+
+def labeled_split(labeled, hp: FineTuneHParams, seed: int):
+    """(the labeled subset trained on, the pool it is drawn from, the held-out images): indices
+    into the labeled training images. Held-out images first, then the label fraction of the
+    rest: the subset never holds a held-out image (the test split is a source of its own)."""
+    pool, held = data.holdout_split(labeled.labels, hp.holdout_fraction, seed)
+    chosen = data.label_fraction_subset(
+        labeled.labels[pool], labeled.classes, hp.label_fraction, seed
+    )
+    return pool[chosen], pool, held
 
 
 class Classifier(nn.Module):
@@ -120,13 +137,7 @@ class FineTuneTrial(pytorch.PyTorchTrial):
                 f"the labeled training images have {len(self.classes)} class(es) "
                 f"({self.classes}); a classifier needs at least 2 class folders"
             )
-        # Held-out images first, then the label fraction of the rest: the subset never holds a
-        # held-out image, and the test split is a source of its own.
-        fit_pool, held = data.holdout_split(labeled.labels, hp.holdout_fraction, self.run.seed)
-        chosen = data.label_fraction_subset(
-            labeled.labels[fit_pool], self.classes, hp.label_fraction, self.run.seed
-        )
-        self.train_indices = fit_pool[chosen]
+        self.train_indices, fit_pool, held = labeled_split(labeled, hp, self.run.seed)
         self.labeled = labeled
         self.train_images = data.Subset(labeled, self.train_indices)
         self.holdout_images = data.Subset(labeled, held)

@@ -1,6 +1,7 @@
 """Tiny datasets in the real on-disk formats, and a helper that runs the real training command."""
 
 import contextlib
+import json
 import os
 import pickle
 import socket
@@ -379,6 +380,24 @@ def train_tiny_run(root, *args, **hparams):
         checkpoint=root / "ckpt" / "determined" / uuid,
         uuid=uuid,
     )
+
+
+def checkpoints_by_step(checkpoint_dir):
+    """{steps_completed: [checkpoint dirs]} of a local run's --checkpoint-dir."""
+    out = {}
+    base = checkpoint_dir / "determined"
+    for uuid in os.listdir(base) if base.exists() else []:
+        meta = base / uuid / "metadata.json"
+        if meta.exists():
+            out.setdefault(json.loads(meta.read_text())["steps_completed"], []).append(base / uuid)
+    return out
+
+
+def load_state(path):
+    """A checkpoint directory's state_dict.pth."""
+    import checkpoint
+
+    return checkpoint.load_state(str(path / "state_dict.pth"))
 
 
 def fetch_commit_if_missing(repo, commit):

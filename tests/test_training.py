@@ -23,8 +23,10 @@ from benchmarks import speed
 from config import load_config, parse_data_config, parse_hparams
 from conftest import (
     ROOT,
+    checkpoints_by_step,
     fetch_commit_if_missing,
     folder_overrides,
+    load_state,
     run_python,
     tiny_config,
 )
@@ -33,20 +35,6 @@ from conftest import (
 def train(config, checkpoint_dir, *extra):
     os.chdir(ROOT)  # as a user runs it: Determined copies the working dir into checkpoints
     model_def.main([str(config), "--checkpoint-dir", str(checkpoint_dir), *map(str, extra)])
-
-
-def checkpoints_by_step(checkpoint_dir):
-    out = {}
-    base = checkpoint_dir / "determined"
-    for uuid in os.listdir(base) if base.exists() else []:
-        meta = base / uuid / "metadata.json"
-        if meta.exists():
-            out.setdefault(json.loads(meta.read_text())["steps_completed"], []).append(base / uuid)
-    return out
-
-
-def load_state(path):
-    return checkpoint.load_state(str(path / "state_dict.pth"))
 
 
 def test_checkpoint_state_loads_determineds_rng_state_and_refuses_other_objects(tmp_path):
