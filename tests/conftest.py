@@ -349,6 +349,34 @@ def tiny_config(tmp_path, **hparams):
     return path
 
 
+def tiny_finetune_config(tmp_path, folder, **hparams):
+    """finetune-cifar10.yaml shrunk to seconds on a CPU (random init unless told), on an image
+    folder with train/ and test/, validated and checkpointed every epoch."""
+    with open(os.path.join(ROOT, "finetune-cifar10.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["hyperparameters"].update(
+        dataset_name="image_folder",
+        backbone_name="resnet18",
+        cifar_stem=False,
+        image_size=16,
+        global_batch_size=8,
+        epochs=1,
+        label_fraction=1.0,
+        holdout_fraction=0.25,
+    )
+    config["hyperparameters"].update(hparams)
+    config["data"].update(
+        train_dir=str(folder / "train"),
+        test_dir=str(folder / "test"),
+        download_dir=str(tmp_path / "downloads"),
+        num_workers=0,
+    )
+    config["min_validation_period"] = {"epochs": 1}
+    config["min_checkpoint_period"] = {"epochs": 1}
+    config["scheduling_unit"] = 1
+    return config
+
+
 def train_tiny_run(root, *args, **hparams):
     """The real training command (tiny_config, 1 epoch unless told: 3 steps) on a tiny image
     folder written under `root`, run from the package's directory as a user runs it

@@ -555,6 +555,57 @@ def test_evaluate_result_pictures_come_from_the_master_and_the_evaluations_check
     assert best.uuid == stored.uuid
 
 
+def test_a_fine_tuning_experiment_starts_from_a_pretraining_experiments_best_checkpoint(
+    uninterrupted, tmp_path
+):
+    """finetune-cifar10.yaml with hyperparameters.pretrained.experiment_id, created as `det
+    experiment create` creates it: its trial asks the master (with its own session) for the
+    pretraining experiment's best checkpoint by holdout_accuracy, reads it from shared_fs and
+    trains on it. With the backbone frozen, its checkpoint's backbone is that checkpoint's online
+    backbone, weight for weight; the marker records where it came from."""
+    from conftest import tiny_finetune_config
+
+    cluster, _, experiment_id, trial, _, folder = uninterrupted
+    validation = trial.reported("validation")
+    best_step = max(validation, key=lambda s: (validation[s]["holdout_accuracy"], -s))
+    best = next(c for c in trial.checkpoints if c.metadata["steps_completed"] == best_step)
+    config = tiny_finetune_config(
+        tmp_path,
+        folder,
+        pretrained={"experiment_id": experiment_id},
+        backbone_name=None,
+        cifar_stem=None,
+        image_size=None,
+        backbone_lr_scale=0.0,
+    )
+    assert validation_errors(config) == []
+    asked_before = len(cluster.master.called("get_GetExperimentCheckpoints"))
+    tuning = cluster.add_trial(cluster.create_experiment(config))
+    result = run(cluster, tuning)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert tuning.outcomes == ["COMPLETED"]
+    assert len(cluster.master.called("get_GetExperimentCheckpoints")) == asked_before + 1
+    # 8 training images a class: 2 held out, 6 trained on; batch 8: 2 steps.
+    (reported,) = tuning.reported("validation").values()
+    assert reported["holdout_images"] == 6 and reported["test_images"] == 12
+    assert 0.0 <= reported["holdout_accuracy"] <= 1.0
+    (saved,) = tuning.checkpoints
+    tuned = checkpoint.load_state(str(cluster.storage / saved.uuid / "state_dict.pth"))
+    source = checkpoint.load_state(str(cluster.storage / best.uuid / "state_dict.pth"))
+    source = checkpoint.online_backbone_state(source["models_state_dict"][0], "best")
+    for name, weight in source.items():
+        assert torch.equal(tuned["models_state_dict"][0][f"backbone.{name}"], weight), name
+    marker = json.loads((cluster.storage / saved.uuid / checkpoint.MARKER).read_text())
+    assert marker["pretrained"] == {
+        "kind": "experiment_id",
+        "experiment_id": experiment_id,
+        "best_by": {"holdout_accuracy": validation[best_step]["holdout_accuracy"]},
+        "checkpoint_uuid": best.uuid,
+        "steps_completed": best_step,
+    }
+    assert (cluster.storage / saved.uuid / "labeled_subset.csv").is_file()
+
+
 def test_the_stand_in_refuses_what_a_master_would_not_accept(tmp_path):
     """Unknown routes, unknown fields and routes it does not model fail loudly."""
     import requests

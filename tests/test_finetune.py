@@ -23,39 +23,17 @@ from conftest import (
     checkpoints_by_step,
     load_state,
     run_python,
+    tiny_finetune_config,
     train_tiny_run,
     write_planted_folder,
 )
 
 
 def finetune_config(tmp_path, folder, **hparams):
-    """finetune-cifar10.yaml shrunk to seconds on a CPU (random init unless told), on an image
-    folder with train/ and test/, validated and checkpointed every epoch."""
-    with open(os.path.join(ROOT, "finetune-cifar10.yaml")) as f:
-        config = yaml.safe_load(f)
-    config["hyperparameters"].update(
-        dataset_name="image_folder",
-        backbone_name="resnet18",
-        cifar_stem=False,
-        image_size=16,
-        global_batch_size=8,
-        epochs=1,
-        label_fraction=1.0,
-        holdout_fraction=0.25,
-    )
-    config["hyperparameters"].update(hparams)
-    config["data"].update(
-        train_dir=str(folder / "train"),
-        test_dir=str(folder / "test"),
-        download_dir=str(tmp_path / "downloads"),
-        num_workers=0,
-    )
-    config["min_validation_period"] = {"epochs": 1}
-    config["min_checkpoint_period"] = {"epochs": 1}
-    config["scheduling_unit"] = 1
+    """conftest.tiny_finetune_config written to tmp_path/finetune.yaml."""
     path = tmp_path / "finetune.yaml"
     with open(path, "w") as f:
-        yaml.safe_dump(config, f)
+        yaml.safe_dump(tiny_finetune_config(tmp_path, folder, **hparams), f)
     return path
 
 
