@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+import finetune
 import hpspace
 import model_def
 import preflight
@@ -28,14 +29,16 @@ def no_credentials(monkeypatch, tmp_path):
 
 
 def check(config, *sets, download_dir=None):
-    """model_def's command line with --check: (exit status, printed lines)."""
+    """The config's command line (finetune.py for a fine-tuning config, else model_def.py) with
+    --check: its exit status."""
     argv = [os.path.join(ROOT, config) if not os.path.isabs(config) else config, "--check"]
     if download_dir is not None:
         sets += (f"data.download_dir={download_dir}",)
     for value in sets:
         argv += ["--set", value]
+    command = finetune.main if "finetune" in os.path.basename(config) else model_def.main
     with pytest.raises(SystemExit) as exit_info:
-        model_def.main(argv)
+        command(argv)
     return exit_info.value.code
 
 
@@ -230,6 +233,8 @@ IMAGENET_BUCKET = (
         ("search-cifar10.yaml", (), "8 hyperparameter points"),
         ("distributed-stl10.yaml", (), "1 hyperparameter point"),
         ("distributed-imagenet.yaml", IMAGENET_BUCKET, "1 hyperparameter point"),
+        ("finetune-cifar10.yaml", (), "1 hyperparameter point"),
+        ("search-finetune-cifar10.yaml", (), "2 hyperparameter points"),
     ],
 )
 def test_shipped_configs_pass(config, sets, points, tmp_path, capsys):
@@ -238,6 +243,23 @@ def test_shipped_configs_pass(config, sets, points, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert status == 0 and out[-1] == f"ok: {points} checked", out
     assert not [line for line in out if line.startswith("error:")]
+
+
+def test_a_fine_tuning_config_with_two_backbone_sources_or_a_missing_checkpoint_fails(
+    tmp_path, capsys
+):
+    two = ("hyperparameters.pretrained.checkpoint=/x", "hyperparameters.pretrained.export=/y.pt")
+    assert check("finetune-cifar10.yaml", *two, download_dir=tmp_path) == 1
+    assert lines_of(capsys, "error:") == [
+        "error: hyperparameters.pretrained sets checkpoint and export: set at most one (none: "
+        "random initialisation)"
+    ]
+    missing = f"hyperparameters.pretrained.checkpoint={tmp_path / 'nowhere'}"
+    assert check("search-finetune-cifar10.yaml", missing, download_dir=tmp_path) == 1
+    assert lines_of(capsys, "error:") == [
+        f"error: hyperparameters.pretrained.checkpoint: checkpoint '{tmp_path / 'nowhere'}' does "
+        f"not exist or is not a directory (at all 2 points)"
+    ]
 
 
 def test_shipped_imagenet_config_asks_for_its_bucket(capsys):
