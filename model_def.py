@@ -102,10 +102,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
             self.startup.share,
             self.startup.first_on_machine,
         )
-        self.num_classes = len(self.splits.labeled_train.classes)
-        data.check_probe_classes(
-            self.splits.labeled_train.classes, self.hp.validate_with_classifier
-        )
+        if self.hp.validate_with_classifier:  # labeled images exist (config.has_labels)
+            self.num_classes = len(self.splits.labeled_train.classes)
+            data.check_probe_classes(self.splits.labeled_train.classes, True)
         self.train_sampler = data.EpochBatchSampler(
             len(self.splits.byol_train),
             self.hp.global_batch_size,
@@ -245,7 +244,8 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,  # they keep the crops
             )
-        # Without labels, validation scores the BYOL loss on held-out images with fixed views.
+        # Without the probe, validation scores the BYOL loss on fixed views of the test images
+        # (without labeled folders, of training images: data.loss_sample).
         dataset = data.TrainImages(self.splits.test, self.augment, self.run.seed, self.corrupt_log)
         sampler = data.EpochBatchSampler(
             len(self.splits.test),
@@ -623,7 +623,7 @@ def run_locally(args: argparse.Namespace) -> None:
         distributed = core.DistributedContext.from_torch_distributed()
         slots = distributed.size
     # Validate everything a user wrote before any data is downloaded or model built.
-    experiment = parse_experiment_config(config, slots)
+    experiment = parse_experiment_config(config, slots, local=True)
     if experiment.run.profiling:
         logger.warning("profiling.enabled: Determined's profiler runs on a cluster only; ignored")
     checkpoint_dir = utils.writable_directory(args.checkpoint_dir, "--checkpoint-dir")
