@@ -143,7 +143,8 @@ def scan_class_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
     if not names:
         raise ConfigError(
             f"image folder {root!r} holds no images: expected {root}/<class>/<image> files with "
-            f"extensions {', '.join(IMAGE_EXTENSIONS)}"
+            f"extensions {', '.join(IMAGE_EXTENSIONS)} (images without labels, in any layout: "
+            f"data.unlabeled_dir)"
         )
     return names, labels, classes
 
@@ -159,7 +160,10 @@ def scan_unlabeled_folder(root: str) -> List[str]:
         if f.lower().endswith(IMAGE_EXTENSIONS)
     ]
     if not names:
-        raise ConfigError(f"data.unlabeled_dir {root!r} holds no images")
+        raise ConfigError(
+            f"data.unlabeled_dir {root!r} holds no images: no file under it, at any depth, has "
+            f"one of the extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
     return names
 
 
@@ -754,12 +758,16 @@ def image_object_names(
     object_names: Sequence[str], prefix: str, extensions: Sequence[str] = IMAGE_EXTENSIONS
 ) -> Tuple[List[str], List[int], List[str]]:
     """Full object names -> (names relative to prefix, all UNLABELED, no classes): every image
-    under the prefix at any depth, sorted, as the local scan_unlabeled_folder finds them."""
+    under the prefix at any depth, in the local scan_unlabeled_folder's order (by folder, then
+    by name in it), so a folder copied to a bucket trains in the same order."""
     extensions = tuple(e.lower() for e in extensions)
     names = sorted(
-        name[len(prefix) :]
-        for name in object_names
-        if name.startswith(prefix) and name.lower().endswith(extensions) and name != prefix
+        (
+            name[len(prefix) :]
+            for name in object_names
+            if name.startswith(prefix) and name.lower().endswith(extensions) and name != prefix
+        ),
+        key=lambda name: os.path.split(name),
     )
     return names, [UNLABELED] * len(names), []
 
