@@ -9,11 +9,14 @@ receives, for `model_def.py CONFIG --check` (preflight.py).
 """
 
 import dataclasses
+import logging
 import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
+
+logger = logging.getLogger("byol.config")
 
 
 class ConfigError(ValueError):
@@ -586,6 +589,45 @@ def check_searcher_of(
             )
 
 
+def has_labels(dataset_name: str, data: DataConfig) -> bool:
+    """Whether the run has labeled images for the linear probe: CIFAR-10 and STL-10 always; an
+    image folder when data.train_dir is set, not when data.unlabeled_dir is its only images."""
+    return dataset_name != "image_folder" or data.train_dir is not None
+
+
+def check_image_folders(data: DataConfig) -> None:
+    """dataset_name=image_folder reads labeled <class>/<image> folders (data.train_dir with
+    data.test_dir), images without labels (data.unlabeled_dir, any layout), or both."""
+    if data.train_dir is None and data.test_dir is None and data.unlabeled_dir is not None:
+        return
+    for key in ("train_dir", "test_dir"):
+        if getattr(data, key) is None:
+            raise ConfigError(
+                f"dataset_name=image_folder needs data.{key} (a <class>/<image> folder), or "
+                f"only data.unlabeled_dir (images in any layout) to train without labels"
+            )
+
+
+# What to set for a cluster experiment on images without labels (a searcher waits for the metric
+# it names, and validation then reports only the BYOL loss).
+NO_LABELS_SEARCHER = (
+    "no labeled images (dataset_name=image_folder with only data.unlabeled_dir): validation "
+    "reports validation_loss; set searcher.metric=validation_loss and "
+    "searcher.smaller_is_better=true"
+)
+
+
+def follows_the_data(searcher: Searcher, hp: HParams, data: DataConfig) -> bool:
+    """True where the searcher is the one of the config written for labeled images (its
+    classifier metric) and the run has no labels: validation reports the BYOL loss instead."""
+    reported = HELD_OUT_METRICS[True]
+    return (
+        not has_labels(hp.dataset_name, data)
+        and searcher.metric in reported
+        and searcher.smaller_is_better == reported[searcher.metric]
+    )
+
+
 def check_metric(searcher: Searcher, reported: Dict[str, bool], mode: str) -> None:
     """searcher.metric must be the held-out metric of the run's validation mode."""
     if searcher.metric not in reported:
@@ -623,13 +665,35 @@ def parse_run_config(raw: Dict[str, Any]) -> RunConfig:
     )
 
 
-def parse_experiment_config(raw: Dict[str, Any], slots: int = 1) -> ExperimentConfig:
+def parse_experiment_config(
+    raw: Dict[str, Any], slots: int = 1, local: bool = False
+) -> ExperimentConfig:
     """Validate a whole experiment config (as a user wrote it, with resolved hyperparameter
-    values) and return it typed. `slots`: the processes the global batch is split over."""
+    values) and return it typed. `slots`: the processes the global batch is split over.
+
+    Validation uses what the data has: without labeled images hparams.validate_with_classifier
+    is false whatever the config says (the BYOL loss is all there is to report). A `local` run
+    has no searcher, so there its classifier metric follows to validation_loss too (logged); a
+    cluster's searcher would wait for the metric forever, so there it is refused in one line."""
     hp = parse_hparams(raw.get("hyperparameters") or {}, slots)
     run = parse_run_config(raw)
+    data = parse_data_config(raw.get("data"))
+    if hp.dataset_name == "image_folder":
+        check_image_folders(data)
+    if not has_labels(hp.dataset_name, data):
+        hp = dataclasses.replace(hp, validate_with_classifier=False)
+        if local and follows_the_data(run.searcher, hp, data):
+            logger.info(
+                "%s for a cluster experiment (a local run has no searcher)", NO_LABELS_SEARCHER
+            )
+            searcher = dataclasses.replace(
+                run.searcher, metric="validation_loss", smaller_is_better=True
+            )
+            run = dataclasses.replace(run, searcher=searcher)
+        elif run.searcher.metric is not None and run.searcher.metric not in HELD_OUT_METRICS[False]:
+            raise ConfigError(f"searcher.metric={run.searcher.metric!r}: {NO_LABELS_SEARCHER}")
     check_searcher(run.searcher, hp)
-    return ExperimentConfig(hp, parse_data_config(raw.get("data")), run)
+    return ExperimentConfig(hp, data, run)
 
 
 def slots_per_trial(raw: Dict[str, Any]) -> int:

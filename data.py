@@ -10,6 +10,7 @@ Data flow:
 """
 
 import bisect
+import copy
 import functools
 import hashlib
 import logging
@@ -28,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 import gcs
 import shards
 from augment import TwoViewAugmentation, epoch_permutation, item_keys
-from config import ConfigError, DataConfig
+from config import ConfigError, DataConfig, check_image_folders
 from images import CorruptImageError, DecodedImage, EncodedImage, crops_or_error
 
 logger = logging.getLogger("byol.data")
@@ -142,12 +143,14 @@ def scan_class_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
     if not names:
         raise ConfigError(
             f"image folder {root!r} holds no images: expected {root}/<class>/<image> files with "
-            f"extensions {', '.join(IMAGE_EXTENSIONS)}"
+            f"extensions {', '.join(IMAGE_EXTENSIONS)} (images without labels, in any layout: "
+            f"data.unlabeled_dir)"
         )
     return names, labels, classes
 
 
 def scan_unlabeled_folder(root: str) -> List[str]:
+    """Every image under `root`, at any depth: folder names are not labels."""
     if not os.path.isdir(root):
         raise ConfigError(f"data.unlabeled_dir {root!r} does not exist or is not a directory")
     names = [
@@ -157,7 +160,10 @@ def scan_unlabeled_folder(root: str) -> List[str]:
         if f.lower().endswith(IMAGE_EXTENSIONS)
     ]
     if not names:
-        raise ConfigError(f"data.unlabeled_dir {root!r} holds no images")
+        raise ConfigError(
+            f"data.unlabeled_dir {root!r} holds no images: no file under it, at any depth, has "
+            f"one of the extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
     return names
 
 
@@ -216,8 +222,10 @@ class Subset:
 
 class DatasetSplits(NamedTuple):
     byol_train: object  # what BYOL trains on (labels unused)
-    labeled_train: object  # labeled images the linear probe trains on
-    test: object  # labeled images the probe is scored on (or held-out images for the loss)
+    labeled_train: Optional[object]  # labeled images the linear probe trains on; None: no labels
+    # Labeled images the probe is scored on, or the images of the validation loss: these test
+    # images, or without labels a fixed sample of the training images (loss_sample).
+    test: object
     normalization: Tuple[Sequence[float], Sequence[float]]
 
 
@@ -272,32 +280,54 @@ def build_splits(
             ConcatSource([train_src, unlabeled_src]), train_src, test_src, NORMALIZATION["stl10"]
         )
     if dataset_name == "image_folder":
-        require_image_folders(data)
+        check_image_folders(data)
+        unlabeled = open_unlabeled(data.unlabeled_dir, data, share) if data.unlabeled_dir else None
+        if data.train_dir is None:
+            return DatasetSplits(
+                unlabeled, None, loss_sample(unlabeled), NORMALIZATION["image_folder"]
+            )
         train_src = open_folder(data.train_dir, data.train_blob_list, data, share)
         test_src = open_folder(data.test_dir, data.test_blob_list, data, share)
         check_same_classes(train_src.classes, test_src.classes, data)
-        byol_train = train_src
-        if data.unlabeled_dir is not None:
-            names = scan_unlabeled_folder(data.unlabeled_dir)
-            unlabeled = FileSource(
-                names,
-                [UNLABELED] * len(names),
-                train_src.classes,
-                LocalFiles(data.unlabeled_dir),
-                data.unlabeled_dir,
-            )
-            byol_train = ConcatSource([train_src, unlabeled])
+        byol_train = ConcatSource([train_src, unlabeled]) if unlabeled else train_src
         return DatasetSplits(byol_train, train_src, test_src, NORMALIZATION["image_folder"])
     raise ConfigError(f"unknown dataset {dataset_name!r}")
 
 
-def require_image_folders(data: DataConfig) -> None:
-    """dataset_name=image_folder reads data.train_dir and data.test_dir: both must be set."""
-    for key in ("train_dir", "test_dir"):
-        if getattr(data, key) is None:
-            raise ConfigError(
-                f"dataset_name=image_folder needs data.{key} (a <class>/<image> folder)"
-            )
+def open_unlabeled(path: str, data: DataConfig, share: Callable):
+    """data.unlabeled_dir: images in any layout, local or gs://bucket/prefix, or a shard set's
+    index. Nothing in it is a label: not its folder names, not a shard set's classes."""
+    if shards.is_shard_index(path):
+        return without_labels(shards.open_shards(path, data, share))
+    if path.startswith("gs://"):
+        return open_gcs_folder(path, None, data, share, labeled=False)
+    names = scan_unlabeled_folder(path)
+    return FileSource(names, [UNLABELED] * len(names), [], LocalFiles(path), path)
+
+
+def without_labels(source):
+    """A copy of `source` whose images all have the label UNLABELED and which has no classes."""
+    unlabeled = copy.copy(source)
+    unlabeled.labels = np.full(len(source), UNLABELED, np.int64)
+    unlabeled.classes = []
+    return unlabeled
+
+
+# Without labels, validation scores the BYOL loss on fixed views of at most this many training
+# images: the mean of 10,000 is stable to about 1% between validations, and on a large set it
+# costs a small part of an epoch.
+LOSS_SAMPLE_IMAGES = 10_000
+
+
+def loss_sample(source):
+    """The training images whose fixed views the validation loss scores (all of a small set).
+    From a shard set the first ones (a few whole shards, each a random mix of the set), so a
+    validation reads few shards; from a folder ones spread evenly over its sorted names."""
+    if len(source) <= LOSS_SAMPLE_IMAGES:
+        return source
+    if isinstance(source, shards.ShardSource):
+        return Subset(source, np.arange(LOSS_SAMPLE_IMAGES))
+    return Subset(source, np.linspace(0, len(source) - 1, LOSS_SAMPLE_IMAGES).astype(np.int64))
 
 
 def check_same_classes(train_classes: List[str], test_classes: List[str], data: DataConfig) -> None:
@@ -766,12 +796,31 @@ def blob_list_object(bucket: str, blob_list: str) -> Tuple[str, str]:
     return bucket, blob_list
 
 
-def find_gcs_images(
-    store: gcs.GCSFiles, blob_list: Optional[str], url: str
+def image_object_names(
+    object_names: Sequence[str], prefix: str, extensions: Sequence[str] = IMAGE_EXTENSIONS
 ) -> Tuple[List[str], List[int], List[str]]:
-    """(names, labels, classes) of gs://bucket/prefix. Every failure is a ConfigError naming
-    `url` (an unexpected one's traceback is logged), which Startup.share hands from the chief to
-    every process."""
+    """Full object names -> (names relative to prefix, all UNLABELED, no classes): every image
+    under the prefix at any depth, in the local scan_unlabeled_folder's order (by folder, then
+    by name in it), so a folder copied to a bucket trains in the same order."""
+    extensions = tuple(e.lower() for e in extensions)
+    names = sorted(
+        (
+            name[len(prefix) :]
+            for name in object_names
+            if name.startswith(prefix) and name.lower().endswith(extensions) and name != prefix
+        ),
+        key=lambda name: os.path.split(name),
+    )
+    return names, [UNLABELED] * len(names), []
+
+
+def find_gcs_images(
+    store: gcs.GCSFiles, blob_list: Optional[str], url: str, labeled: bool = True
+) -> Tuple[List[str], List[int], List[str]]:
+    """(names, labels, classes) of gs://bucket/prefix: `labeled`, its <class>/<image> objects;
+    otherwise every image under it, unlabeled. Every failure is a ConfigError naming `url` (an
+    unexpected one's traceback is logged), which Startup.share hands from the chief to every
+    process."""
     try:
         if blob_list:
             list_bucket, list_name = blob_list_object(store.bucket, blob_list)
@@ -781,11 +830,13 @@ def find_gcs_images(
             )
         else:
             object_names = gcs.list_gcs_objects(store.client(), store.bucket, store.prefix)
-        names, labels, classes = class_folder_names(object_names, store.prefix)
+        find = class_folder_names if labeled else image_object_names
+        names, labels, classes = find(object_names, store.prefix)
         if names:
             logger.info("%s: %d images in %d classes", url, len(names), len(classes))
             return names, labels, classes
-        rule = f"{url.rstrip('/')}/<class>/<image> objects with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        layout = "<class>/<image>" if labeled else "<image> (at any depth)"
+        rule = f"{url.rstrip('/')}/{layout} objects with extensions {', '.join(IMAGE_EXTENSIONS)}"
         if blob_list:
             first = f", the first is {object_names[0]!r}" if object_names else ""
             raise ConfigError(
@@ -805,11 +856,12 @@ def find_gcs_images(
 
 
 def open_gcs_folder(
-    url: str, blob_list: Optional[str], data: DataConfig, share: Callable
+    url: str, blob_list: Optional[str], data: DataConfig, share: Callable, labeled: bool = True
 ) -> FileSource:
-    """A labeled gs://bucket/prefix/<class>/<image> folder. With `blob_list` (an object name in
-    the same bucket, or a gs:// url) the names come from that list, else from listing the
-    prefix; either way once, on the chief (`share`), with the result handed to every process."""
+    """A labeled gs://bucket/prefix/<class>/<image> folder, or (not `labeled`) every image under
+    the prefix. With `blob_list` (an object name in the same bucket, or a gs:// url) the names
+    come from that list, else from listing the prefix; either way once, on the chief (`share`),
+    with the result handed to every process."""
     bucket, prefix = gcs.parse_gcs_url(url)
     if data.gcs_concurrency < 1:
         raise ConfigError(
@@ -817,5 +869,7 @@ def open_gcs_folder(
             f"reads per loader process)"
         )
     store = gcs.GCSFiles(bucket, prefix, data.cache_dir, data.gcs_concurrency)
-    names, labels, classes = share(functools.partial(find_gcs_images, store, blob_list, url))
+    names, labels, classes = share(
+        functools.partial(find_gcs_images, store, blob_list, url, labeled)
+    )
     return FileSource(names, labels, classes, store, url)

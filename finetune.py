@@ -382,6 +382,7 @@ def build_trial(context, config: FineTuneConfig, trial_id, startup, tensorboard_
 FINETUNE = launcher.TrialKind(
     trial_spec=TRIAL_SPEC,
     parse=parse_finetune_config,
+    parse_local=parse_finetune_config,
     build=build_trial,
     check=run_finetune_check,
     usage=__doc__,

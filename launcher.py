@@ -45,6 +45,7 @@ class TrialKind(NamedTuple):
     trial_spec: str  # "module:Class", as Determined records it in each checkpoint
     # (raw experiment config, slots) -> the typed config; raises ConfigError
     parse: Callable[[Dict[str, Any], int], Any]
+    parse_local: Callable[[Dict[str, Any], int], Any]  # the same, for a local run
     # (context, typed config, trial_id or None, startup or None, tensorboard_run or None)
     build: Callable[..., pytorch.PyTorchTrial]
     # (config path, --set overrides) -> exit status of `--check`
@@ -242,7 +243,7 @@ def run_locally(kind: TrialKind, args: argparse.Namespace) -> None:
         distributed = core.DistributedContext.from_torch_distributed()
         slots = distributed.size
     # Validate everything a user wrote before any data is downloaded or model built.
-    experiment = kind.parse(config, slots)
+    experiment = kind.parse_local(config, slots)
     if experiment.run.profiling:
         logger.warning("profiling.enabled: Determined's profiler runs on a cluster only; ignored")
     checkpoint_dir = utils.writable_directory(args.checkpoint_dir, "--checkpoint-dir")

@@ -303,6 +303,12 @@ def run_evaluation(
     precision = autocast_dtype(hp.precision, dev)
 
     splits = data.build_splits(hp.dataset_name, data_config)
+    if splits.labeled_train is None:
+        raise ConfigError(
+            f"the evaluation needs labeled images and data.unlabeled_dir "
+            f"{data_config.unlabeled_dir!r} has none: give <class>/<image> folders with "
+            f"--set data.train_dir=... --set data.test_dir=..."
+        )
     classes = splits.labeled_train.classes
     labelled = len(classes) >= 2
     if not labelled and labels_required:

@@ -8,6 +8,7 @@ One training step (BYOL paper, Section 3.1):
     LARS step on the online network -> EMA step of the target.
 """
 
+import functools
 import logging
 from typing import Any, Dict, List, Optional
 
@@ -87,10 +88,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
             self.startup.share,
             self.startup.first_on_machine,
         )
-        self.num_classes = len(self.splits.labeled_train.classes)
-        data.check_probe_classes(
-            self.splits.labeled_train.classes, self.hp.validate_with_classifier
-        )
+        if self.hp.validate_with_classifier:  # labeled images exist (config.has_labels)
+            self.num_classes = len(self.splits.labeled_train.classes)
+            data.check_probe_classes(self.splits.labeled_train.classes, True)
         self.train_sampler = data.EpochBatchSampler(
             len(self.splits.byol_train),
             self.hp.global_batch_size,
@@ -230,7 +230,8 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,  # they keep the crops
             )
-        # Without labels, validation scores the BYOL loss on held-out images with fixed views.
+        # Without the probe, validation scores the BYOL loss on fixed views of the test images
+        # (without labeled folders, of training images: data.loss_sample).
         dataset = data.TrainImages(self.splits.test, self.augment, self.run.seed, self.corrupt_log)
         sampler = data.EpochBatchSampler(
             len(self.splits.test),
@@ -409,6 +410,8 @@ def build_trial(context, config: ExperimentConfig, trial_id, startup, tensorboar
 BYOL = launcher.TrialKind(
     trial_spec=checkpoint.TRIAL_SPEC,
     parse=parse_experiment_config,
+    # A local run has no searcher: a labeled config's metric follows a label-free folder.
+    parse_local=functools.partial(parse_experiment_config, local=True),
     build=build_trial,
     check=preflight.run_check,
     usage=__doc__,

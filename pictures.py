@@ -531,7 +531,7 @@ ACCURACY = [
     ("holdout_accuracy", "linear probe, held-out images"),
     ("knn_accuracy", "kNN, test images"),
 ]
-LABEL_FREE = [("validation_loss", "BYOL loss of fixed views of held-out images")]
+LABEL_FREE = [("validation_loss", "BYOL loss of fixed views of the validation images")]
 # What BYOLTrial.train_batch returns: Determined's TensorBoard writer logs these per batch at the
 # batch's index (steps_completed - len(batch_metrics) + i: 0 for the first step), the reducer's
 # metrics at steps completed. One is added to the former so that both count steps completed.

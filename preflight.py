@@ -265,16 +265,20 @@ def download_note(dataset_name: str, download_dir: str) -> str:
 
 def survey_image_folders(config: DataConfig, notes: List[str], remote: "GCSCheck") -> DataFacts:
     facts = DataFacts()
-    try:
-        data.require_image_folders(config)
-    except ConfigError as e:
-        facts.problems.append(str(e))
+    unlabeled = (
+        survey_unlabeled(config.unlabeled_dir, config, remote)
+        if config.unlabeled_dir
+        else Found(images=0)
+    )
+    if config.train_dir is None:  # no labels (parse_experiment_config checked the folders)
+        notes.extend([unlabeled.note] if unlabeled.note else [])
+        facts.problems.extend([unlabeled.problem] if unlabeled.problem else [])
+        facts.training_images = unlabeled.images
         return facts
     train = survey_folder(
         "data.train_dir", config.train_dir, config.train_blob_list, config, remote
     )
     test = survey_folder("data.test_dir", config.test_dir, config.test_blob_list, config, remote)
-    unlabeled = survey_unlabeled(config.unlabeled_dir) if config.unlabeled_dir else Found(images=0)
     for location in (train, test, unlabeled):
         notes.extend([location.note] if location.note else [])
         facts.problems.extend([location.problem] if location.problem else [])
@@ -327,15 +331,20 @@ def survey_folder(
     )
 
 
-def survey_unlabeled(path: str) -> Found:
-    """data.unlabeled_dir scanned as the trial scans it (which refuses a gs:// one)."""
-    if not path.startswith("gs://") and not os.path.exists(path):
-        return not_here("data.unlabeled_dir", path)
+def survey_unlabeled(path: str, config: DataConfig, remote: "GCSCheck") -> Found:
+    """data.unlabeled_dir opened as the trial opens it where it is local (a folder scanned at
+    any depth, a shard set's index read), checked without reading where it is on gs://."""
+    what = "data.unlabeled_dir"
     try:
-        count = len(data.scan_unlabeled_folder(path))
-    except ConfigError as e:
+        if path.startswith("gs://"):
+            gcs.parse_gcs_url(path)
+            return remote.check(what, path, None)
+        if not os.path.exists(path):
+            return not_here(what, path)
+        count = len(data.open_unlabeled(path, config, data.run_here))
+    except (ConfigError, shards.MissingShardError) as e:
         return Found(problem=str(e))
-    return Found(images=count, note=f"data.unlabeled_dir={path!r}: {count} images")
+    return Found(images=count, note=f"{what}={path!r}: {count} images, labels not read")
 
 
 class GCSCheck:

@@ -475,6 +475,36 @@ def test_folder_rules_of_the_trial(image_folder, capsys):
     ]
 
 
+def test_unlabeled_images_alone_are_checked_and_the_searcher_told_what_to_set(
+    image_folder, tmp_path, capsys
+):
+    """A flat folder as data.unlabeled_dir: its images counted (every one, labels not read),
+    and a searcher still on the classifier's metric refused in one line saying what to set."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted((image_folder / "train").rglob("*.png")):
+        shutil.copy(path, flat / f"{path.parent.name}-{path.name}")
+    sets = [
+        "hyperparameters.dataset_name=image_folder",
+        f"data.unlabeled_dir={flat}",
+        "hyperparameters.global_batch_size={type: categorical, vals: [8, 32]}",
+    ]
+    assert check("const-cifar10.yaml", *sets) == 1
+    assert lines_of(capsys, "error:") == [
+        "error: searcher.metric='holdout_accuracy': no labeled images (dataset_name=image_folder "
+        "with only data.unlabeled_dir): validation reports validation_loss; set "
+        "searcher.metric=validation_loss and searcher.smaller_is_better=true (at all 2 points)"
+    ]
+    sets += ["searcher.metric=validation_loss", "searcher.smaller_is_better=true"]
+    assert check("const-cifar10.yaml", *sets) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert f"note: data.unlabeled_dir='{flat}': 24 images, labels not read" in out
+    assert [line for line in out if line.startswith("error:")] == [
+        "error: the training set has 24 images, fewer than one global batch (32); lower "
+        "hyperparameters.global_batch_size (at global_batch_size=32)"
+    ]
+
+
 @pytest.mark.parametrize(
     "config,dataset,write,first_file",
     [
@@ -518,9 +548,7 @@ def test_gcs_locations_are_checked_without_reading_them(monkeypatch, image_folde
         assert [line for line in out if line.startswith("error:")] == [
             "error: data.test_dir='gs://byol-check/gone/index.json': the shard index does not "
             "exist",
-            # The trial reads data.unlabeled_dir as a local folder only.
-            "error: data.unlabeled_dir 'gs://byol-check/unlabeled' does not exist or is not a "
-            "directory",
+            "error: data.unlabeled_dir='gs://byol-check/unlabeled': the folder holds no objects",
         ]
         # Nothing was downloaded: only metadata was asked for (GET .../o/NAME without alt=media).
         assert not [p for _, p in server.proxy.requests if "alt=media" in p]

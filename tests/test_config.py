@@ -2,6 +2,7 @@
 and what is allowed. The README's table of bad inputs lists the same cases."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -9,7 +10,14 @@ import yaml
 
 import device
 import model_def
-from config import ConfigError, apply_override, load_config, parse_experiment_config, parse_hparams
+from config import (
+    NO_LABELS_SEARCHER,
+    ConfigError,
+    apply_override,
+    load_config,
+    parse_experiment_config,
+    parse_hparams,
+)
 from conftest import data_dirs, folder_overrides, tiny_config
 
 
@@ -312,3 +320,62 @@ def test_compile_defaults_to_auto_which_compiles_on_gpus_only(tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert [device.compiles(s, cpu) for s in ("auto", True, False)] == [False, True, False]
     assert [device.compiles(s, cuda) for s in ("auto", True, False)] == [True, True, False]
+
+
+def unlabeled_only(tmp_path, **data):
+    """const-cifar10.yaml (written for labeled images: validate_with_classifier true, searcher
+    on holdout_accuracy) on an image folder given only as data.unlabeled_dir."""
+    config = load_config(
+        str(tiny_config(tmp_path)),
+        ["hyperparameters.dataset_name=image_folder", f"data.unlabeled_dir={tmp_path / 'flat'}"],
+    )
+    config["data"].update(data)
+    return config
+
+
+def test_without_labels_validation_is_the_byol_loss_and_a_local_run_follows(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        local = parse_experiment_config(unlabeled_only(tmp_path), local=True)
+    assert local.hparams.validate_with_classifier is False
+    assert (local.run.searcher.metric, local.run.searcher.smaller_is_better) == (
+        "validation_loss",
+        True,
+    )
+    assert NO_LABELS_SEARCHER in caplog.text
+    # On a cluster the master waits for the config's own metric: refused, saying what to set.
+    with pytest.raises(ConfigError) as error:
+        parse_experiment_config(unlabeled_only(tmp_path))
+    assert str(error.value) == f"searcher.metric='holdout_accuracy': {NO_LABELS_SEARCHER}"
+    config = unlabeled_only(tmp_path)
+    config["searcher"].update(metric="validation_loss", smaller_is_better=True)
+    assert parse_experiment_config(config).hparams.validate_with_classifier is False
+    # A metric wrong with labels too is refused locally as well.
+    config["searcher"].update(metric="test_accuracy", smaller_is_better=False)
+    with pytest.raises(ConfigError, match="searcher.metric='test_accuracy': no labeled images"):
+        parse_experiment_config(config, local=True)
+
+
+def test_labeled_folders_keep_the_classifier_and_its_metric(tmp_path, image_folder):
+    config = unlabeled_only(
+        tmp_path, train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test")
+    )
+    experiment = parse_experiment_config(config, local=True)
+    assert experiment.hparams.validate_with_classifier is True
+    assert experiment.run.searcher.metric == "holdout_accuracy"
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (
+            {"unlabeled_dir": None},
+            "dataset_name=image_folder needs data.train_dir (a <class>/<image> folder), or only "
+            "data.unlabeled_dir (images in any layout) to train without labels",
+        ),
+        ({"train_dir": "/t"}, "dataset_name=image_folder needs data.test_dir"),
+        ({"test_dir": "/t"}, "dataset_name=image_folder needs data.train_dir"),
+    ],
+)
+def test_an_image_folder_needs_labeled_pairs_or_unlabeled_images(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_experiment_config(unlabeled_only(tmp_path, **data), local=True)

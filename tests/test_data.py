@@ -11,7 +11,7 @@ import augment
 import data
 import probe
 from config import ConfigError, _parse_augmentation, _Reader, parse_data_config
-from conftest import CLASSES, write_cifar10, write_stl10
+from conftest import CLASSES, photo_like, write_cifar10, write_stl10
 
 
 def data_config(**kw):
@@ -217,3 +217,82 @@ def test_validation_decodes_each_image_once_per_run(image_folder, tmp_path):
     passes = [torch.cat([b["image"] for b in loader]) for _ in range(2)]
     assert torch.equal(passes[0], passes[1])
     assert sorted(log.read_text().split()) == sorted(names)
+
+
+def write_unlabeled_images(root, layout):
+    """One photograph-like image at each relative path of `layout` (JPEG or PNG by its
+    extension), each of its own size; returns the paths as written."""
+    for i, name in enumerate(layout):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like(i, 30 + i, 36)).save(root / name)
+    return sorted(layout)
+
+
+def test_a_flat_folder_of_images_is_the_whole_training_set(tmp_path):
+    """Only data.unlabeled_dir: every image trains BYOL, none has a label, and validation's
+    loss scores fixed views of those same images (there are no others)."""
+    names = write_unlabeled_images(tmp_path / "flat", [f"img{i:02d}.jpg" for i in range(12)])
+    (tmp_path / "flat" / "notes.txt").write_text("not an image")
+    splits = data.build_splits("image_folder", data_config(unlabeled_dir=str(tmp_path / "flat")))
+    assert splits.labeled_train is None
+    assert splits.byol_train.names == names and splits.byol_train.classes == []
+    assert (splits.byol_train.labels == data.UNLABELED).all()
+    assert splits.test is splits.byol_train
+    sizes = [(i.width, i.height) for i in splits.byol_train.load_many(range(12))]
+    assert sizes == [(36, 30 + i) for i in range(12)]
+
+
+def test_nested_folders_of_unlabeled_images_are_not_classes(tmp_path):
+    """Folder names mean nothing: images at every depth, none labeled by its folder."""
+    layout = ["2023/05/a.png", "2023/05/b.jpg", "2024/c.png", "top.jpeg", "x/y/z/deep.png"]
+    write_unlabeled_images(tmp_path / "photos", layout)
+    splits = data.build_splits("image_folder", data_config(unlabeled_dir=str(tmp_path / "photos")))
+    # By folder, then by name in it (a bucket's listing is put in the same order).
+    in_order = ["top.jpeg", "2023/05/a.png", "2023/05/b.jpg", "2024/c.png", "x/y/z/deep.png"]
+    assert splits.byol_train.names == in_order and splits.byol_train.classes == []
+    assert splits.byol_train.labels.tolist() == [data.UNLABELED] * len(layout)
+    object_names = [f"bucket-prefix/{name}" for name in reversed(layout)]
+    assert data.image_object_names(object_names, "bucket-prefix/")[0] == in_order
+
+
+def test_a_shard_set_as_unlabeled_images_keeps_its_images_not_its_labels(image_folder, tmp_path):
+    import make_shards
+
+    assert make_shards.main([str(image_folder / "train"), str(tmp_path / "shards")]) == 0
+    index = str(tmp_path / "shards" / "index.json")
+    labeled = data.open_folder(index, None, data_config(), data.run_here)
+    splits = data.build_splits("image_folder", data_config(unlabeled_dir=index))
+    assert len(splits.byol_train) == len(labeled) == 24 and splits.byol_train.classes == []
+    assert (splits.byol_train.labels == data.UNLABELED).all()
+    assert sorted(set(labeled.labels.tolist())) == [0, 1, 2]  # the set itself is untouched
+    first = splits.byol_train.load_many([0])[0].decode()
+    assert np.array_equal(np.asarray(first), np.asarray(labeled.load_many([0])[0].decode()))
+
+
+def test_the_loss_of_a_large_unlabeled_set_scores_a_fixed_spread_sample():
+    count = data.LOSS_SAMPLE_IMAGES * 3 + 7
+    names = [f"{i:06d}.png" for i in range(count)]
+    source = data.FileSource(names, [data.UNLABELED] * count, [], data.LocalFiles("/x"), "/x")
+    sample = data.loss_sample(source)
+    picked = sample.indices.tolist()
+    assert len(picked) == len(set(picked)) == data.LOSS_SAMPLE_IMAGES
+    assert picked[0] == 0 and picked[-1] == count - 1
+    assert max(np.diff(picked)) - min(np.diff(picked)) <= 1  # evenly spread, not the first ones
+    assert np.array_equal(data.loss_sample(source).indices, sample.indices)
+
+
+def test_empty_unlabeled_folders_and_flat_class_folders_say_what_is_expected(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="holds no images: no file under it, at any depth"):
+        data.build_splits("image_folder", data_config(unlabeled_dir=str(tmp_path / "empty")))
+    write_unlabeled_images(tmp_path / "flat", ["a.png", "b.png"])
+    flat = str(tmp_path / "flat")
+    message = (
+        f"image folder '{flat}' holds no images: expected {flat}/<class>/<image> files with "
+        f"extensions {', '.join(data.IMAGE_EXTENSIONS)} (images without labels, in any layout: "
+        "data.unlabeled_dir)"
+    )
+    with pytest.raises(ConfigError) as error:
+        data.build_splits("image_folder", data_config(train_dir=flat, test_dir=flat))
+    assert str(error.value) == message

@@ -242,6 +242,23 @@ def test_build_splits_reads_gcs_folders(server):
     assert image.size == (20, 14) and image.mode == "RGB"
 
 
+def test_a_gcs_prefix_of_unlabeled_images_trains_on_every_image_under_it(server):
+    """Only data.unlabeled_dir: every image object at any depth (loose, hidden and nested ones
+    too), none labeled by its folder; a prefix with no image says so."""
+    splits = data.build_splits(
+        "image_folder", parse_data_config({"unlabeled_dir": f"gs://{BUCKET}/ds/train"})
+    )
+    images = [n for n in TREE if n.lower().endswith((".png", ".jpg", ".jpeg"))]
+    assert sorted(splits.byol_train.names) == sorted(images) and splits.labeled_train is None
+    assert splits.byol_train.classes == [] and (splits.byol_train.labels == data.UNLABELED).all()
+    loaded = splits.byol_train.load_many([splits.byol_train.names.index("loose.png")])[0]
+    assert loaded.decode().size == (20, 14)
+    with pytest.raises(ConfigError, match=re.escape("only-text/<image> (at any depth) objects")):
+        data.build_splits(
+            "image_folder", parse_data_config({"unlabeled_dir": f"gs://{BUCKET}/only-text"})
+        )
+
+
 @pytest.mark.parametrize(
     "url, blob_list, overrides, message",
     [

@@ -11,10 +11,12 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import byol
 import checkpoint
 import device
+import evaluate_result
 import export
 import model_def
 import nonfinite
@@ -27,6 +29,7 @@ from conftest import (
     fetch_commit_if_missing,
     folder_overrides,
     load_state,
+    photo_like,
     run_python,
     tiny_config,
 )
@@ -577,3 +580,35 @@ def test_resume_takes_the_checkpoints_own_config_and_refuses_a_changed_result(
         )
     assert "the LR and EMA schedules now span 9 steps (3 epochs)" in caplog.text
     assert sorted(checkpoints_by_step(tmp_path / "longer")) == [6, 9]
+
+
+def test_a_flat_folder_of_unlabeled_photographs_trains_with_one_setting(tmp_path, caplog):
+    """The real command on const-cifar10.yaml's image-folder form with only data.unlabeled_dir:
+    24 JPEG photographs in one folder, no labels. All 24 train (batch 8: 3 steps) and all 24
+    are scored by validation's BYOL loss, with no classifier metric; an evaluation of the
+    checkpoint, which needs labels, says so in one line."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(24):
+        Image.fromarray(photo_like(i, 30, 40)).save(flat / f"IMG_{i:04d}.jpg", quality=90)
+    config = tiny_config(tmp_path, epochs=1)
+    with caplog.at_level("INFO"):
+        train(
+            config,
+            tmp_path / "ckpt",
+            "--set",
+            "hyperparameters.dataset_name=image_folder",
+            "--set",
+            f"data.unlabeled_dir={flat}",
+        )
+    ((step, metrics),) = validation_metrics(caplog)
+    assert step == 3 and np.isfinite(metrics["validation_loss"])
+    assert sorted(metrics) == ["batches", "epochs", "validation_loss"]
+    assert "validated: 24 records" in caplog.text
+    (saved,) = checkpoints_by_step(tmp_path / "ckpt")[3]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_result.main(["--checkpoint", str(saved), "--device", "cpu", "--no-augment"])
+    assert str(exit_info.value.code) == (
+        f"error: the evaluation needs labeled images and data.unlabeled_dir '{flat}' has none: "
+        "give <class>/<image> folders with --set data.train_dir=... --set data.test_dir=..."
+    )
