@@ -224,7 +224,7 @@ class DatasetSplits(NamedTuple):
     byol_train: object  # what BYOL trains on (labels unused)
     labeled_train: Optional[object]  # labeled images the linear probe trains on; None: no labels
     # Labeled images the probe is scored on, or the images of the validation loss: these test
-    # images, or without labels a fixed sample of the training images (loss_sample).
+    # images, or without labels held-out images (loss_holdout).
     test: object
     normalization: Tuple[Sequence[float], Sequence[float]]
 
@@ -283,9 +283,8 @@ def build_splits(
         check_image_folders(data)
         unlabeled = open_unlabeled(data.unlabeled_dir, data, share) if data.unlabeled_dir else None
         if data.train_dir is None:
-            return DatasetSplits(
-                unlabeled, None, loss_sample(unlabeled), NORMALIZATION["image_folder"]
-            )
+            train, held = loss_holdout(unlabeled)
+            return DatasetSplits(train, None, held, NORMALIZATION["image_folder"])
         train_src = open_folder(data.train_dir, data.train_blob_list, data, share)
         test_src = open_folder(data.test_dir, data.test_blob_list, data, share)
         check_same_classes(train_src.classes, test_src.classes, data)
@@ -313,21 +312,26 @@ def without_labels(source):
     return unlabeled
 
 
-# Without labels, validation scores the BYOL loss on fixed views of at most this many training
-# images: the mean of 10,000 is stable to about 1% between validations, and on a large set it
-# costs a small part of an epoch.
-LOSS_SAMPLE_IMAGES = 10_000
+# Without labels, validation scores the BYOL loss on fixed views of held-out images, which BYOL
+# does not train on: this fraction of the set, at least 1 and at most LOSS_HOLDOUT_IMAGES (the
+# mean of 10,000 is stable to about 1% between validations, and on a large set it costs a small
+# part of an epoch).
+LOSS_HOLDOUT_FRACTION = 0.05
+LOSS_HOLDOUT_IMAGES = 10_000
 
 
-def loss_sample(source):
-    """The training images whose fixed views the validation loss scores (all of a small set).
-    From a shard set the first ones (a few whole shards, each a random mix of the set), so a
-    validation reads few shards; from a folder ones spread evenly over its sorted names."""
-    if len(source) <= LOSS_SAMPLE_IMAGES:
-        return source
+def loss_holdout(source) -> Tuple["Subset", "Subset"]:
+    """(training images, held-out images) of a set without labels, so that a searcher or
+    checkpoint_policy: best chooses by a loss on images the run never trained on. The same
+    images for every trial of a search (no seed): from a folder ones spread evenly over its
+    sorted names, from a shard set the first ones (a few whole shards, each a random mix of the
+    set), so a validation reads few shards."""
+    count = min(LOSS_HOLDOUT_IMAGES, max(1, int(round(len(source) * LOSS_HOLDOUT_FRACTION))))
     if isinstance(source, shards.ShardSource):
-        return Subset(source, np.arange(LOSS_SAMPLE_IMAGES))
-    return Subset(source, np.linspace(0, len(source) - 1, LOSS_SAMPLE_IMAGES).astype(np.int64))
+        held = np.arange(count)
+    else:
+        held = np.linspace(0, len(source) - 1, count).astype(np.int64)
+    return Subset(source, np.setdiff1d(np.arange(len(source)), held)), Subset(source, held)
 
 
 def check_same_classes(train_classes: List[str], test_classes: List[str], data: DataConfig) -> None:
@@ -748,6 +752,15 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         per_slot = self.per_slot_batch
         for start in range(0, self.batches_per_epoch * self.global_batch, per_slot):
             yield [(i, epoch) for i in order[start : start + per_slot]]
+
+
+def fixed_view_batches(num_samples: int, batch: int) -> List[List[Tuple[int, int]]]:
+    """Validation's batches of (index, epoch -1) pairs: every image once, in order, the last
+    batch short; epoch -1 gives every validation the same views (no training epoch is < 0)."""
+    return [
+        [(i, -1) for i in range(start, min(start + batch, num_samples))]
+        for start in range(0, num_samples, batch)
+    ]
 
 
 def epoch_order(source, global_batch: int) -> Optional[Callable[[int, int], Sequence[int]]]:

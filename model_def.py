@@ -231,19 +231,13 @@ class BYOLTrial(pytorch.PyTorchTrial):
                 persistent_workers=self.num_workers > 0,  # they keep the crops
             )
         # Without the probe, validation scores the BYOL loss on fixed views of the test images
-        # (without labeled folders, of training images: data.loss_sample).
+        # (without labeled folders, of held-out images: data.loss_holdout).
         dataset = data.TrainImages(self.splits.test, self.augment, self.run.seed, self.corrupt_log)
-        sampler = data.EpochBatchSampler(
-            len(self.splits.test),
-            self.train_sampler.per_slot_batch,
-            1,
-            self.run.seed,
-            fixed_epoch=-1,
-            order=data.epoch_order(self.splits.test, self.train_sampler.per_slot_batch),
-        )
         return pytorch.DataLoader(
             dataset,
-            batch_sampler=sampler,
+            batch_sampler=data.fixed_view_batches(
+                len(self.splits.test), self.train_sampler.per_slot_batch
+            ),
             collate_fn=dataset.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

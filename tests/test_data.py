@@ -228,18 +228,20 @@ def write_unlabeled_images(root, layout):
     return sorted(layout)
 
 
-def test_a_flat_folder_of_images_is_the_whole_training_set(tmp_path):
-    """Only data.unlabeled_dir: every image trains BYOL, none has a label, and validation's
-    loss scores fixed views of those same images (there are no others)."""
+def test_a_flat_folder_of_images_is_a_training_set_with_a_held_out_part(tmp_path):
+    """Only data.unlabeled_dir: every image is read, none has a label; 1 of the 12 (5%, at
+    least 1) is held out of training for validation's loss, the rest train BYOL."""
     names = write_unlabeled_images(tmp_path / "flat", [f"img{i:02d}.jpg" for i in range(12)])
     (tmp_path / "flat" / "notes.txt").write_text("not an image")
     splits = data.build_splits("image_folder", data_config(unlabeled_dir=str(tmp_path / "flat")))
     assert splits.labeled_train is None
-    assert splits.byol_train.names == names and splits.byol_train.classes == []
-    assert (splits.byol_train.labels == data.UNLABELED).all()
-    assert splits.test is splits.byol_train
-    sizes = [(i.width, i.height) for i in splits.byol_train.load_many(range(12))]
-    assert sizes == [(36, 30 + i) for i in range(12)]
+    listed = splits.byol_train.source
+    assert listed.names == names and listed.classes == [] and splits.test.source is listed
+    assert (listed.labels == data.UNLABELED).all()
+    assert splits.test.indices.tolist() == [0]
+    assert splits.byol_train.indices.tolist() == list(range(1, 12))
+    sizes = [(i.width, i.height) for i in splits.byol_train.load_many(range(11))]
+    assert sizes == [(36, 31 + i) for i in range(11)]
 
 
 def test_nested_folders_of_unlabeled_images_are_not_classes(tmp_path):
@@ -249,8 +251,9 @@ def test_nested_folders_of_unlabeled_images_are_not_classes(tmp_path):
     splits = data.build_splits("image_folder", data_config(unlabeled_dir=str(tmp_path / "photos")))
     # By folder, then by name in it (a bucket's listing is put in the same order).
     in_order = ["top.jpeg", "2023/05/a.png", "2023/05/b.jpg", "2024/c.png", "x/y/z/deep.png"]
-    assert splits.byol_train.names == in_order and splits.byol_train.classes == []
-    assert splits.byol_train.labels.tolist() == [data.UNLABELED] * len(layout)
+    listed = splits.byol_train.source
+    assert listed.names == in_order and listed.classes == []
+    assert listed.labels.tolist() == [data.UNLABELED] * len(layout)
     object_names = [f"bucket-prefix/{name}" for name in reversed(layout)]
     assert data.image_object_names(object_names, "bucket-prefix/")[0] == in_order
 
@@ -262,23 +265,30 @@ def test_a_shard_set_as_unlabeled_images_keeps_its_images_not_its_labels(image_f
     index = str(tmp_path / "shards" / "index.json")
     labeled = data.open_folder(index, None, data_config(), data.run_here)
     splits = data.build_splits("image_folder", data_config(unlabeled_dir=index))
-    assert len(splits.byol_train) == len(labeled) == 24 and splits.byol_train.classes == []
-    assert (splits.byol_train.labels == data.UNLABELED).all()
+    # 24 images: the first (5%, at least 1; a shard set's first ones) held out, 23 train.
+    assert splits.test.indices.tolist() == [0] and len(splits.byol_train) == 23
+    assert len(splits.byol_train.source) == len(labeled) == 24
+    assert splits.byol_train.classes == [] and (splits.byol_train.labels == data.UNLABELED).all()
     assert sorted(set(labeled.labels.tolist())) == [0, 1, 2]  # the set itself is untouched
     first = splits.byol_train.load_many([0])[0].decode()
-    assert np.array_equal(np.asarray(first), np.asarray(labeled.load_many([0])[0].decode()))
+    assert np.array_equal(np.asarray(first), np.asarray(labeled.load_many([1])[0].decode()))
 
 
-def test_the_loss_of_a_large_unlabeled_set_scores_a_fixed_spread_sample():
-    count = data.LOSS_SAMPLE_IMAGES * 3 + 7
+def test_the_loss_of_a_large_unlabeled_set_holds_out_a_fixed_spread_sample():
+    """5% of 300,007 is 15,000: capped at 10,000, spread evenly over the names (not the first
+    ones), none of them trained on, the same on every call (no seed: every trial the same)."""
+    count = data.LOSS_HOLDOUT_IMAGES * 30 + 7
     names = [f"{i:06d}.png" for i in range(count)]
     source = data.FileSource(names, [data.UNLABELED] * count, [], data.LocalFiles("/x"), "/x")
-    sample = data.loss_sample(source)
-    picked = sample.indices.tolist()
-    assert len(picked) == len(set(picked)) == data.LOSS_SAMPLE_IMAGES
+    train, held = data.loss_holdout(source)
+    picked = held.indices.tolist()
+    assert len(picked) == len(set(picked)) == data.LOSS_HOLDOUT_IMAGES
     assert picked[0] == 0 and picked[-1] == count - 1
     assert max(np.diff(picked)) - min(np.diff(picked)) <= 1  # evenly spread, not the first ones
-    assert np.array_equal(data.loss_sample(source).indices, sample.indices)
+    assert len(train) == count - 10_000 and not set(train.indices.tolist()) & set(picked)
+    assert np.array_equal(data.loss_holdout(source)[1].indices, held.indices)
+    small = data.FileSource(names[:100], [data.UNLABELED] * 100, [], data.LocalFiles("/x"), "/x")
+    assert data.loss_holdout(small)[1].indices.tolist() == [0, 24, 49, 74, 99]  # 5 of 100
 
 
 def test_empty_unlabeled_folders_and_flat_class_folders_say_what_is_expected(tmp_path):

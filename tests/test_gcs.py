@@ -249,9 +249,11 @@ def test_a_gcs_prefix_of_unlabeled_images_trains_on_every_image_under_it(server)
         "image_folder", parse_data_config({"unlabeled_dir": f"gs://{BUCKET}/ds/train"})
     )
     images = [n for n in TREE if n.lower().endswith((".png", ".jpg", ".jpeg"))]
-    assert sorted(splits.byol_train.names) == sorted(images) and splits.labeled_train is None
-    assert splits.byol_train.classes == [] and (splits.byol_train.labels == data.UNLABELED).all()
-    loaded = splits.byol_train.load_many([splits.byol_train.names.index("loose.png")])[0]
+    listed = splits.byol_train.source
+    assert sorted(listed.names) == sorted(images) and splits.labeled_train is None
+    assert listed.classes == [] and (listed.labels == data.UNLABELED).all()
+    assert len(splits.byol_train) + len(splits.test) == len(images)
+    loaded = listed.load_many([listed.names.index("loose.png")])[0]
     assert loaded.decode().size == (20, 14)
     with pytest.raises(ConfigError, match=re.escape("only-text/<image> (at any depth) objects")):
         data.build_splits(
