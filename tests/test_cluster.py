@@ -606,6 +606,34 @@ def test_a_fine_tuning_experiment_starts_from_a_pretraining_experiments_best_che
     assert (cluster.storage / saved.uuid / "labeled_subset.csv").is_file()
 
 
+@pytest.mark.multiprocess
+def test_fine_tuning_on_two_slots_scores_each_held_out_image_once(tmp_path, image_folder):
+    """finetune-cifar10.yaml (random init) over 2 slots: the labeled subset is the one a single
+    slot trains on (it does not depend on the slot count), each slot takes half of each batch,
+    and validation counts every held-out and test image once, however the loader shares them
+    out: 6 held-out images of 18 labeled (3 classes x 8, a quarter held out) and the 12 test
+    images."""
+    from conftest import tiny_finetune_config
+
+    subsets = {}
+    for slots in (1, 2):
+        (tmp_path / f"slots{slots}").mkdir()
+        with Cluster(tmp_path / f"slots{slots}") as cluster:
+            config = tiny_finetune_config(tmp_path, image_folder)
+            config["resources"]["slots_per_trial"] = slots
+            trial = cluster.add_trial(cluster.create_experiment(config))
+            result = run(cluster, trial, slots=slots)
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert trial.outcomes == ["COMPLETED"]
+        (reported,) = trial.reported("validation").values()
+        assert (reported["holdout_images"], reported["test_images"]) == (6, 12)
+        (saved,) = trial.checkpoints
+        subsets[slots] = (cluster.storage / saved.uuid / "labeled_subset.csv").read_text()
+        if slots == 2:
+            assert "[rank=1]" in result.stdout
+    assert subsets[1] == subsets[2] and len(subsets[1].splitlines()) == 1 + 18
+
+
 def test_the_stand_in_refuses_what_a_master_would_not_accept(tmp_path):
     """Unknown routes, unknown fields and routes it does not model fail loudly."""
     import requests
