@@ -573,3 +573,78 @@ def test_the_stand_in_refuses_what_a_master_would_not_accept(tmp_path):
         "POST /api/v1/trials/1/progress",
         "GET /api/v1/models (get_GetModels)",
     ]
+
+
+def log_messages(result, needle):
+    """Each process's log line holding `needle`, without the launcher's [rank=N] prefix and the
+    logger's time stamp: {rank: message}, one line per rank."""
+    found = {}
+    for line in result.stdout.splitlines():
+        if needle not in line:
+            continue
+        rank = re.match(r"\[rank=(\d+)\]", line)
+        rank = int(rank.group(1)) if rank else 0
+        assert rank not in found, f"rank {rank} logged the line twice"
+        found[rank] = line[line.index(needle) :]
+    return found
+
+
+# The shrunk const-cifar10.yaml at batch 4 (6 steps an epoch, 1 warmup epoch) and a learning
+# rate no LARS step survives: step 1 (at peak/6) blows the weights up, and the forward pass of
+# step 2, mid-epoch, overflows BatchNorm's running variances (its loss is still finite).
+DIVERGING_LR = 1e12
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("slots", [1, 2], ids=["1-slot", "2-slots"])
+def test_a_diverging_trial_ends_once_ranked_last_without_a_restart(tmp_path, image_folder, slots):
+    """A trial whose step goes non-finite mid-epoch: every slot logs the same line at the
+    report after that step (scheduling_unit 1: the same step), the chief reports one last
+    validation with the searcher metric's finite worst value, and every process exits 0: one
+    outcome, COMPLETED (trial.go, handleAllocationExit), never RESTART, no early exit reported.
+    A checkpoint follows every finite step; none follows the non-finite one, and the latest
+    holds no infinite BatchNorm statistic. The line's numbers are checked against the reported
+    training metrics and the LR warmup worked out by hand."""
+    config = experiment_config(
+        tmp_path, image_folder, learning_rate=DIVERGING_LR, global_batch_size=4
+    )
+    config["resources"]["slots_per_trial"] = slots
+    config["min_checkpoint_period"] = {"batches": 1}  # a checkpoint after every finite step
+    assert validation_errors(config) == []
+    with Cluster(tmp_path) as cluster:
+        trial = cluster.add_trial(cluster.create_experiment(config))
+        result = run(cluster, trial, slots=slots)
+    print("endpoints the harness called:\n  " + "\n  ".join(cluster.master.endpoints()))
+    print("outcomes:", trial.outcomes)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert trial.outcomes == ["COMPLETED"] and trial.restarts == 0
+    assert trial.early_exits == [] and "Traceback" not in result.stdout
+    training = trial.reported("training")
+    assert sorted(training) == [1, 2, 3]  # the report after the third step (index 2) is the last
+    # The line, the same on every slot, names step 2 (2 steps done before it).
+    lines = log_messages(result, "diverged:")
+    assert sorted(lines) == list(range(slots)) and len(set(lines.values())) == 1, lines
+    line = lines[0]
+    peak = DIVERGING_LR * 4 / 256  # the linear scaling rule, global batch 4
+    lr_step_2 = peak * 2 / 6  # linear warmup over the 6 steps of epoch 0
+    assert line.startswith("diverged: step 2 went non-finite (its loss: "), line
+    loss = float(re.search(r"its loss: ([0-9.e+-]+|nan|inf);", line).group(1))
+    assert loss == pytest.approx(training[3]["loss"], rel=1e-5)  # the slots' mean
+    assert f"(epoch 0), learning rate {lr_step_2:.6g} at that step " in line
+    assert "(hyperparameters.learning_rate=1e+12)" in line
+    last_finite = float(re.search(r"last finite loss: ([0-9.e+-]+)\.", line).group(1))
+    assert last_finite == pytest.approx(training[2]["loss"], rel=1e-5)
+    assert "Lower hyperparameters.learning_rate" in line and "--resume" in line
+    assert f"trial {trial.id} diverged" in result.stdout
+    # One validation, the worst (holdout_accuracy's lower end), every value finite.
+    validation = trial.reported("validation")
+    assert validation == {
+        3: {"holdout_accuracy": 0.0, "batches": 3, "epochs": 0, "diverged_at_step": 2}
+    }
+    # No checkpoint after the divergence: step 2's is the trial's latest, and finite.
+    assert [c.metadata["steps_completed"] for c in trial.checkpoints] == [1, 2]
+    state = final_state(cluster, trial)
+    bad = [k for k, t in state["models_state_dict"][0].items() if not torch.isfinite(t).all()]
+    assert bad == [], bad
+    written = {p.name for p in cluster.storage.iterdir() if (p / "metadata.json").is_file()}
+    assert written == {c.uuid for c in trial.checkpoints}  # none written and left unreported
