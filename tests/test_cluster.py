@@ -7,6 +7,7 @@ files in the cluster's shared_fs checkpoint storage."""
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import socket
@@ -648,3 +649,56 @@ def test_a_diverging_trial_ends_once_ranked_last_without_a_restart(tmp_path, ima
     assert bad == [], bad
     written = {p.name for p in cluster.storage.iterdir() if (p / "metadata.json").is_file()}
     assert written == {c.uuid for c in trial.checkpoints}  # none written and left unreported
+
+
+def test_a_search_with_a_diverging_trial_ends_without_error_and_ranks_it_last(
+    tmp_path, image_folder
+):
+    """search-cifar10.yaml shrunk to 4 trials of 2 epochs, adaptive ASHA (aggressive mode,
+    divisor 2: one bracket of rungs at 1 and 2 epochs), run by the port of the 0.38.1 master's
+    searcher (tests/searcher_standin.py). The second trial's learning rate diverges: it reports
+    only the worst validation and exits 0. ASHA ranks it at its rung below every other trial
+    and stops it; the search creates no replacement, every searcher metric it saw was a
+    number, and the experiment ends COMPLETED, never STOPPING_ERROR."""
+    config = experiment_config(tmp_path, image_folder, "search-cifar10.yaml", epochs=2)
+    config["searcher"].update(
+        max_time=2, max_trials=4, max_concurrent_trials=4, divisor=2, mode="aggressive"
+    )
+    assert validation_errors(config) == []
+    values = iter(
+        {"learning_rate": lr, "weight_decay": 1e-5, "tau_base": 0.99}
+        for lr in (0.3, DIVERGING_LR, 1.0, 0.1)
+    )
+    seen = []  # every validation the searcher received, as the master decoded it
+
+    def record_validations(cluster, call):
+        if call.route == "post_ReportTrialMetrics" and call.body.group == "validation":
+            seen.append(dict(call.body.metrics.metrics.avgMetrics))
+
+    with Cluster(tmp_path) as cluster:
+        cluster.on_call = record_validations
+        experiment_id = cluster.create_experiment(config)
+        search = cluster.start_search(experiment_id, lambda: next(values))
+        assert len(cluster.trials) == 4  # ASHA's initial trials: max_concurrent_trials
+        cluster.run_search(experiment_id)
+        assert cluster.master.refused == [], cluster.master.refused
+    trials = list(cluster.trials.values())
+    for trial in trials:
+        print(f"trial {trial.id}: lr {trial.hparams['learning_rate']:g}, outcomes {trial.outcomes}")
+    assert search.state == "COMPLETED" and search.reasons == ["hp search completed"]
+    assert len(trials) == 4 and all(t.outcomes == ["COMPLETED"] for t in trials)
+    assert all(
+        isinstance(m["holdout_accuracy"], float) and math.isfinite(m["holdout_accuracy"])
+        for m in seen
+    ), seen
+    diverged = trials[1]
+    assert diverged.reported("validation") == {
+        3: {"holdout_accuracy": 0.0, "batches": 3, "epochs": 2, "diverged_at_step": 2}
+    }
+    # Its rung: the first (1 epoch), where all four were ranked; it is last there.
+    rung = search.searcher.rung_of(cluster.request_ids[diverged.id])
+    print("rung", rung.units_needed, "(negated holdout_accuracy):", rung.metrics)
+    assert rung.units_needed == 1 and len(rung.metrics) == 4
+    assert rung.metrics[-1] == [cluster.request_ids[diverged.id], -0.0]
+    assert all(metric < 0.0 for _, metric in rung.metrics[:-1])  # each trained one scored > 0
+    assert diverged.state == "STOPPING_COMPLETED"  # ASHA stopped it at that validation
