@@ -673,14 +673,14 @@ def run_on_cluster(info) -> None:
 
 def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, Any], resume: Optional[str]) -> None:
     """What `Trainer(trial, context).fit(...)` does off-cluster, except that a resumed run
-    continues at the checkpoint's step. Determined 0.38.1's local Trainer restores the weights
+    continues at the checkpoint's step, a cluster trial's checkpoint too. Determined 0.38.1's local Trainer restores the weights
     but restarts its batch count at 0 (it forces steps_completed=0 off-cluster), which would
     replay the data order and the LR/EMA schedules from the start."""
     steps_completed = 0
     if resume is not None:
         with open(os.path.join(resume, "metadata.json")) as f:
             steps_completed = int(json.load(f)["steps_completed"])
-    pytorch._PyTorchTrialController(
+    controller = pytorch._PyTorchTrialController(
         trial_inst=trial,
         context=context,
         checkpoint_period=lengths["checkpoint_period"] or pytorch.Batch(sys.maxsize),
@@ -697,7 +697,14 @@ def fit_locally(trial: BYOLTrial, context, lengths: Dict[str, Any], resume: Opti
         step_zero_validation=trial.run.initial_validation,
         global_batch_size=None,
         profiling_enabled=False,
-    ).run()
+    )
+    if resume is not None:
+        # The controller keeps a checkpoint's batch count only if the checkpoint's trial id is
+        # its own (0 off-cluster): a cluster trial's checkpoint (a diverged trial resumed here
+        # with a lower learning rate) would restart the count at 0 while the data and the
+        # schedules go on from the checkpoint's step.
+        controller.trial_id = checkpoint.trial_id(resume)
+    controller.run()
 
 
 def resumed_config(

@@ -187,7 +187,8 @@ class NonFiniteGuard:
             return
         step, before = record.step, record.loss_before
         raise NonFiniteLossError(
-            f"non-finite BYOL loss ({record.loss}) at step {step} (epoch "
+            f"non-finite training step (loss {record.loss}: the loss, a gradient or a BatchNorm "
+            f"statistic overflowed) at step {step} (epoch "
             f"{step // batches_per_epoch}); last finite loss: {before}. Training stopped before "
             f"this step's update; no checkpoint was written from this state. Lower "
             f"hyperparameters.learning_rate or check the input data."

@@ -19,6 +19,7 @@ import yaml
 from determined.common.api import bindings
 
 import checkpoint
+import nonfinite
 from cluster import SCHEMAS, Cluster
 from conftest import ROOT, run_python, tiny_config
 from slots_reference import TOLERANCE, largest_parameter_difference, reference_training
@@ -649,6 +650,48 @@ def test_a_diverging_trial_ends_once_ranked_last_without_a_restart(tmp_path, ima
     assert bad == [], bad
     written = {p.name for p in cluster.storage.iterdir() if (p / "metadata.json").is_file()}
     assert written == {c.uuid for c in trial.checkpoints}  # none written and left unreported
+    if slots == 1:
+        resume_with_a_lower_learning_rate(tmp_path, cluster, trial)
+
+
+def resume_with_a_lower_learning_rate(tmp_path, cluster, trial):
+    """The README's way on from a diverged trial: a checkpoint of it resumed locally with a lower
+    learning rate continues at the checkpoint's step to the end (12 steps), on the schedule of
+    the new rate. The latest (step 2) is finite but holds step 1's blown-up weights (its LR was
+    2.6e9): a resume from it diverges again at once, with the local line. The one before it
+    (step 1: step 0's LR is 0) trains on."""
+    import model_def
+
+    def resume(reported, name):
+        os.chdir(ROOT)
+        model_def.main(
+            [
+                "--resume",
+                str(cluster.storage / reported.uuid),
+                "--allow-config-change",
+                "--set",
+                "hyperparameters.learning_rate=0.1",
+                "--checkpoint-dir",
+                str(tmp_path / name),
+            ]
+        )
+        base = tmp_path / name / "determined"
+        by_step = {
+            json.loads((base / uuid / "metadata.json").read_text())["steps_completed"]: base / uuid
+            for uuid in os.listdir(base)
+        }
+        return by_step
+
+    with pytest.raises(nonfinite.NonFiniteLossError, match=r"at step 2 \(epoch 0\)"):
+        resume(trial.checkpoints[-1], "from-latest")
+    by_step = resume(trial.checkpoints[0], "from-step-1")
+    assert sorted(by_step) == list(range(2, 13))  # a checkpoint after every step from 2 on
+    state = checkpoint.load_state(str(by_step[12] / "state_dict.pth"))
+    (group, *_) = state["optimizers_state_dict"][0]["param_groups"]
+    peak = 0.1 * 4 / 256  # the new rate, the linear scaling rule
+    # Step 11 of 12 (6 warmup): the cosine at 5/6 of its half period.
+    assert group["lr"] == pytest.approx(peak * (1 + math.cos(math.pi * 5 / 6)) / 2, rel=1e-9)
+    assert all(torch.isfinite(t).all() for t in state["models_state_dict"][0].values())
 
 
 def test_a_search_with_a_diverging_trial_ends_without_error_and_ranks_it_last(
