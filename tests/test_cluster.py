@@ -745,3 +745,39 @@ def test_a_search_with_a_diverging_trial_ends_without_error_and_ranks_it_last(
     assert rung.metrics[-1] == [cluster.request_ids[diverged.id], -0.0]
     assert all(metric < 0.0 for _, metric in rung.metrics[:-1])  # each trained one scored > 0
     assert diverged.state == "STOPPING_COMPLETED"  # ASHA stopped it at that validation
+
+
+def test_a_validation_that_cannot_be_computed_never_reaches_the_searcher(tmp_path, image_folder):
+    """The model definition shipped to the cluster is patched so that the BYOL loss is NaN
+    whenever no gradient is taken, i.e. in validation only: training stays finite and the
+    validation loss of step 3 is NaN. Sent as it is, the master's ASHA would fail on it
+    (getMetric, the string "NaN") and error the whole search. The trial instead reports the
+    worst validation_loss (8.0, the loss's upper end), every slot logs the line, it writes no
+    checkpoint of that state and exits 0: COMPLETED, never restarted."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ROOT, model, ignore=shutil.ignore_patterns(".git", "__pycache__", "tests"))
+    byol_py = model / "byol.py"
+    byol_py.write_text(
+        byol_py.read_text()
+        + "\n\n_training_loss = byol_loss\n\n\n"
+        + "def byol_loss(prediction, target_projection):\n"
+        + "    loss = _training_loss(prediction, target_projection)\n"
+        + "    return loss if torch.is_grad_enabled() else loss * float('nan')\n"
+    )
+    config = experiment_config(tmp_path, image_folder, validate_with_classifier=False)
+    config["searcher"].update(metric="validation_loss", smaller_is_better=True)
+    assert validation_errors(config) == []
+    with Cluster(tmp_path) as cluster:
+        trial = cluster.add_trial(cluster.create_experiment(config, model))
+        result = run(cluster, trial)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert trial.outcomes == ["COMPLETED"] and "Traceback" not in result.stdout
+    assert sorted(trial.reported("training")) == [1, 2, 3]
+    assert trial.reported("validation") == {
+        3: {"validation_loss": 8.0, "batches": 3, "epochs": 1, "diverged_at_step": 3}
+    }
+    assert trial.checkpoints == []  # the validation's step is not checkpointed
+    (line,) = log_messages(result, "diverged:").values()
+    assert line.startswith("diverged: validation at step 3 gave validation_loss=nan (epoch 1)")
