@@ -276,8 +276,11 @@ def color_jitter(x: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor) -> 
 
 
 def blur_kernel_size(image_size: int) -> int:
-    """About 10% of the side, odd (23 px at 224, as in the BYOL paper)."""
-    return max(3, int(round(image_size * 0.1)) // 2 * 2 + 1)
+    """10% of the side, made odd, as BYOL's blur is specified (the paper's 23 x 23 at 224 px,
+    SimCLR's recipe that it follows: `kernel_size=height // 10`, then `radius * 2 + 1` with
+    `radius = kernel_size // 2`): 3 at 32 px, 9 at 96, 23 at 224. At least 3, so that a tiny
+    image's blur still blurs. (Rounding 9.6 up to 10 made 11 at 96 px before issue 30.)"""
+    return max(3, image_size // 10 // 2 * 2 + 1)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:

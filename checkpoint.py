@@ -64,6 +64,19 @@ def stored_config(path: str) -> Dict[str, Any]:
     return config
 
 
+def trial_id(path: str) -> int:
+    """The id of the trial that wrote the checkpoint, from Determined's trial_state.pkl (0 for a
+    local run, the cluster's trial id otherwise); 0 where the file is missing."""
+    import pickle
+
+    state_file = os.path.join(path, "trial_state.pkl")
+    if not os.path.isfile(state_file):
+        return 0
+    with open(state_file, "rb") as f:
+        # Determined's own file (a dict of ints), which its controller unpickles the same way.
+        return int(pickle.load(f).get("trial_id") or 0)
+
+
 def _check(path: str, trial_spec: str) -> str:
     """Refuse anything but a complete checkpoint of `trial_spec`, before any work starts;
     returns the absolute path."""

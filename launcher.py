@@ -34,6 +34,7 @@ from config import (
     load_config,
     result_changes,
 )
+from nonfinite import TrialDiverged
 from startup import Startup, StartupFailed
 
 logger = logging.getLogger("byol")
@@ -144,6 +145,9 @@ def run_on_cluster(kind: TrialKind, info) -> None:
     (the expanded config holds them in the master's {type: const, val: ...} form), the rest
     of the experiment config as the user wrote it, and the trial's own seed.
 
+    A diverged trial (BYOLTrial.stop_diverged) reports its worst validation and exits 0 on every
+    process, which ends it COMPLETED, not restarted (nonfinite.py says why not det.InvalidHP).
+
     A config error, or a start-up problem on any process (startup.py), ends the trial as
     Determined's invalid hyperparameters: every process logs the same line, reports the early
     exit and exits 0, so the master does not restart the trial (max_restarts). Determined
@@ -160,14 +164,19 @@ def run_on_cluster(kind: TrialKind, info) -> None:
                 config, run=dataclasses.replace(config.run, seed=info.trial.trial_seed)
             )
             trial = kind.build(context, config, info.trial.trial_id, startup, None)
-            pytorch.Trainer(trial, context).fit(
-                **training_lengths(trial),
-                checkpoint_policy=config.run.checkpoint_policy,
-                step_zero_validation=config.run.initial_validation,
-                latest_checkpoint=info.latest_checkpoint,
-                # As Determined's harness passes it for a Trainer (exec/harness.py).
-                profiling_enabled=config.run.profiling,
-            )
+            try:
+                pytorch.Trainer(trial, context).fit(
+                    **training_lengths(trial),
+                    checkpoint_policy=config.run.checkpoint_policy,
+                    step_zero_validation=config.run.initial_validation,
+                    latest_checkpoint=info.latest_checkpoint,
+                    # As Determined's harness passes it for a Trainer (exec/harness.py).
+                    profiling_enabled=config.run.profiling,
+                )
+            except TrialDiverged:
+                # Logged and reported on the way (BYOLTrial.stop_diverged). Leaving
+                # pytorch.init's context normally flushes the report; every process exits 0.
+                return
         except ConfigError as e:
             # StartupFailed (a ConfigError) reaches every process; a plain ConfigError (a lone
             # process, or raised after start-up) is the chief's to log.
@@ -179,14 +188,14 @@ def run_on_cluster(kind: TrialKind, info) -> None:
 
 def fit_locally(trial, context, lengths: Dict[str, Any], resume: Optional[str]) -> None:
     """What `Trainer(trial, context).fit(...)` does off-cluster, except that a resumed run
-    continues at the checkpoint's step. Determined 0.38.1's local Trainer restores the weights
+    continues at the checkpoint's step, a cluster trial's checkpoint too. Determined 0.38.1's local Trainer restores the weights
     but restarts its batch count at 0 (it forces steps_completed=0 off-cluster), which would
     replay the data order and the LR/EMA schedules from the start."""
     steps_completed = 0
     if resume is not None:
         with open(os.path.join(resume, "metadata.json")) as f:
             steps_completed = int(json.load(f)["steps_completed"])
-    pytorch._PyTorchTrialController(
+    controller = pytorch._PyTorchTrialController(
         trial_inst=trial,
         context=context,
         checkpoint_period=lengths["checkpoint_period"] or pytorch.Batch(sys.maxsize),
@@ -203,7 +212,14 @@ def fit_locally(trial, context, lengths: Dict[str, Any], resume: Optional[str]) 
         step_zero_validation=trial.run.initial_validation,
         global_batch_size=None,
         profiling_enabled=False,
-    ).run()
+    )
+    if resume is not None:
+        # The controller keeps a checkpoint's batch count only if the checkpoint's trial id is
+        # its own (0 off-cluster): a cluster trial's checkpoint (a diverged trial resumed here
+        # with a lower learning rate) would restart the count at 0 while the data and the
+        # schedules go on from the checkpoint's step.
+        controller.trial_id = checkpoint.trial_id(resume)
+    controller.run()
 
 
 def resumed_config(

@@ -10,7 +10,7 @@ One training step (BYOL paper, Section 3.1):
 
 import functools
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from determined import pytorch
@@ -20,16 +20,18 @@ import checkpoint
 import data
 import device
 import launcher
+import nonfinite
 import optim
 import preflight
 from augment import TwoViewAugmentation
 from backbone import build_backbone
 from config import (
+    HELD_OUT_METRICS,
     ConfigError,
     ExperimentConfig,
     parse_experiment_config,
 )
-from nonfinite import NonFiniteGuard
+from nonfinite import NonFiniteGuard, NonFiniteLossError, TrialDiverged
 from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
 from progress import Progress, ValidationSummary
 from reducers import LinearProbeReducer, TrainingMetricsReducer
@@ -64,6 +66,10 @@ class BYOLTrial(pytorch.PyTorchTrial):
         # Determined's automatic copy would block.
         context.experimental.disable_auto_to_device()
         self.searcher_stop = SearcherStop(context._core, trial_id)
+        # On a cluster a diverged trial ends once, ranked last (stop_diverged); locally the run
+        # stops with NonFiniteLossError's line.
+        self.trial_id = trial_id
+        self.on_cluster = trial_id is not None
         # Every process opens its data (and checks what else can fail here) before the first
         # collective of training; if any failed, all stop with the same line.
         self.startup = startup or Startup(context.distributed)
@@ -139,6 +145,8 @@ class BYOLTrial(pytorch.PyTorchTrial):
             network = network.to(memory_format=torch.channels_last)
         self.network = network
         self.wrapped_network = self.context.wrap_model(network)
+        # BatchNorm's running statistics (the integer batch counts aside), screened each step.
+        self.float_buffers = [b for b in network.buffers() if b.is_floating_point()]
         # Compiled around Determined's wrapper (DistributedDataParallel over several slots), so
         # the registered module and its checkpoint keys stay the plain network's.
         self.forward_network = (
@@ -175,7 +183,9 @@ class BYOLTrial(pytorch.PyTorchTrial):
             self.batches_per_epoch,
             self.hp.global_batch_size,
             is_chief,
-            before_line=self.check_finite,
+            # Only the chief prints: on a cluster every slot must stop together, at the report
+            # after the stretch (FiniteCheck), within one reporting period of the step.
+            before_line=(lambda: None) if self.on_cluster else self.check_finite,
         )
         self.steps_done = 0  # for the validation summary
         self.previous_loss: Optional[torch.Tensor] = None
@@ -286,15 +296,17 @@ class BYOLTrial(pytorch.PyTorchTrial):
 
         # Two augmented views of each image; online and target networks; the BYOL loss.
         batch = self.to_device(batch)
+        saved_buffers = self.non_finite.before_step(self.float_buffers)
         loss, online_projection = self.forward_loss(self.two_views(batch))
         self.context.backward(loss)
 
-        # No host sync in the step: a non-finite step's update is skipped on the device and the
-        # host raises at its next wait (check_finite), before any report or checkpoint.
+        # No host sync in the step: a non-finite step's update is skipped on the device (its
+        # BatchNorm statistics put back) and the host stops the run at its next wait
+        # (check_finite, stop_if_diverged), before any report or checkpoint.
         grads = [
             p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
         ]
-        finite = self.non_finite.screen(loss, grads, step)
+        finite = self.non_finite.screen(loss, grads, step, self.float_buffers, saved_buffers)
 
         # LARS step on the online network (backbone, projector, predictor).
         self.optimizer.apply_only_if(finite)
@@ -335,9 +347,63 @@ class BYOLTrial(pytorch.PyTorchTrial):
         """Raise NonFiniteLossError if a step so far was not finite (waits for the device)."""
         self.non_finite.check(self.batches_per_epoch)
 
+    def held_out_metric(self) -> Tuple[str, bool]:
+        """The metric the searcher ranks by (it must be this one) and its smaller_is_better."""
+        ((metric, smaller_is_better),) = HELD_OUT_METRICS[self.hp.validate_with_classifier].items()
+        return metric, smaller_is_better
+
+    def stop_if_diverged(self) -> None:
+        """On a cluster, on every slot at the same point: whether any slot's step went
+        non-finite (one allgather of the slots' records, so all agree on one line)."""
+        record = nonfinite.agreed(self.context.distributed.allgather(self.non_finite.first()))
+        if record is not None:
+            self.stop_diverged(
+                record.step,
+                f"step {record.step} went non-finite (its loss: {record.loss:.6g}; the loss, a "
+                f"gradient or a BatchNorm statistic overflowed)",
+                record.loss_before,
+            )
+
+    def stop_diverged(self, step: int, what: str, last_finite_loss: Optional[float]) -> None:
+        """A diverged trial on a cluster: every slot logs the same line, the chief reports the
+        worst validation (nonfinite.worst_validation, which says why), and every slot raises
+        TrialDiverged, which run_on_cluster turns into exit 0: no checkpoint is written after
+        the divergence, the master does not restart the trial (exit 0 ends it COMPLETED, see
+        nonfinite.py), and its latest checkpoint is the last finite state."""
+        metric, smaller_is_better = self.held_out_metric()
+        validation = nonfinite.worst_validation(
+            metric,
+            smaller_is_better,
+            self.run.searcher,
+            self.steps_done,
+            self.steps_done // self.batches_per_epoch,
+            step,
+        )
+        lr = optim.learning_rate_at(
+            step, self.total_steps, self.warmup_steps, self.hp.peak_learning_rate
+        )
+        loss = "none" if last_finite_loss is None else f"{last_finite_loss:.6g}"
+        line = (
+            f"trial {self.trial_id} diverged: {what} (epoch {step // self.batches_per_epoch}), "
+            f"learning rate {lr:.6g} at that step (hyperparameters.learning_rate="
+            f"{self.hp.learning_rate:g}); last finite loss: {loss}. Stopped without a "
+            f"checkpoint after it, not to be restarted; the searcher ranks it last ({metric} "
+            f"{validation[metric]}). Lower hyperparameters.learning_rate and resume from the "
+            f"trial's latest checkpoint: model_def.py --resume DIR --allow-config-change --set "
+            f"hyperparameters.learning_rate=LOWER (README: 'A trial that diverges')"
+        )
+        logger.error("%s", line)
+        if self.context.distributed.rank == 0:
+            self.context._core.train.report_validation_metrics(
+                steps_completed=self.steps_done, metrics=validation
+            )
+        raise TrialDiverged(line)
+
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
         return {
             "finite": FiniteCheck(self),
+            # Before the summary: it sees (and the master gets) the guarded metrics.
+            "validation_guard": ValidationGuard(self),
             "checkpoint_marker": CheckpointMarker(self),
             "summary": ValidationSummary(self, BYOL_SUMMARY),
             "searcher_stop": SearcherStopCheck(self),
@@ -353,7 +419,47 @@ class FiniteCheck(pytorch.PyTorchCallback):
         self.trial = trial
 
     def on_training_workload_end(self, avg_metrics: Dict[str, Any], batch_metrics: Any) -> None:
-        self.trial.check_finite()
+        if self.trial.on_cluster:
+            self.trial.stop_if_diverged()
+        else:
+            self.trial.check_finite()
+
+
+class ValidationGuard(pytorch.PyTorchCallback):
+    """No validation reaches the master with a NaN, infinite or missing searcher metric, which
+    errors the whole search (nonfinite.py). A model whose training loss stayed finite may still
+    validate to NaN (BatchNorm's running statistics overflow in the forward passes of a
+    diverging run, and validation uses them): a non-finite held-out metric stops the trial as
+    a divergence (the worst validation instead of this one, on a cluster; NonFiniteLossError
+    locally). Another metric that is not finite is left out: it cannot be computed.
+
+    Determined's Trainer reports, after this callback, the very dict it passes here (broadcast
+    from the chief first over several slots, so every slot decides alike): changes made here
+    are what the master gets, and a raise here reports nothing and writes no checkpoint."""
+
+    def __init__(self, trial: BYOLTrial):
+        self.trial = trial
+
+    def on_validation_end(self, metrics: Dict[str, Any]) -> None:
+        trial = self.trial
+        metric, _ = trial.held_out_metric()
+        bad = nonfinite.non_finite_metrics(metrics)
+        if metric in bad or metric not in metrics:
+            what = f"validation at step {trial.steps_done} gave {metric}={metrics.get(metric)}"
+            last = None if trial.previous_loss is None else float(trial.previous_loss)
+            if not trial.on_cluster:
+                raise NonFiniteLossError(
+                    f"{what}; last training loss: {last}. Lower hyperparameters.learning_rate."
+                )
+            trial.stop_diverged(trial.steps_done, what, last)
+        for name in bad:
+            del metrics[name]
+        if bad and trial.context.distributed.rank == 0:
+            logger.warning(
+                "validation at step %d: %s not finite, left out of the report",
+                trial.steps_done,
+                ", ".join(bad),
+            )
 
 
 class SearcherStopCheck(pytorch.PyTorchCallback):

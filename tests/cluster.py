@@ -33,6 +33,10 @@ How each piece mirrors Determined 0.38.1:
     allocation only for STOPPING_CANCELED, STOPPING_KILLED and STOPPING_ERROR). The master makes
     that decision while it handles the validation report, before it stores the metrics (which
     sets the trial's latest validation) and answers.
+  - An adaptive_asha experiment's searcher (start_search, run_search) is searcher_standin.py's
+    port of the master's: each validation reaches it before the metrics are stored
+    (ReportTrialMetrics), each trial's end after its last run (handleAllocationExit, then
+    trial.go's exit and experiment.go's trialExited); a searcher error errors the experiment.
   - Where the stand-in is stricter than the master: it refuses routes, fields and bodies it does
     not know (master_standin.py), and every container shares this machine's network namespace,
     so the chief's ports are free ones rather than Determined's fixed defaults.
@@ -65,6 +69,7 @@ from determined.common.api import bindings
 
 from conftest import HANG_GUARD_S, free_port
 from master_standin import Call, MasterError, MasterStandIn, NotFound
+from searcher_standin import AdaptiveASHASearcher, ExperimentStandIn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT.parent / "shared" / "tools" / "expconf" / "schemas"
@@ -366,6 +371,8 @@ class Cluster:
         self.trials: Dict[int, Trial] = {}
         self.allocations: Dict[str, Allocation] = {}
         self.running: Optional[Allocation] = None
+        self.searches: Dict[int, ExperimentStandIn] = {}  # by experiment id (start_search)
+        self.request_ids: Dict[int, int] = {}  # trial id -> its searcher request id
         # Called with each recorded call before it is answered (tests steer here: a trial's
         # preemption flag, the searcher's decision, a held answer, a lost node).
         self.on_call: Callable[["Cluster", Call], None] = lambda cluster, call: None
@@ -545,6 +552,9 @@ class Cluster:
                     allocation.kill("the test's launch ended")  # nothing is left running
                 self.running = None
         trial.outcomes.append(allocation.outcome(experiment["config"]["max_restarts"]))
+        search = self.searches.get(trial.experiment_id)
+        if search is not None and trial.outcomes[-1] != "RESTART":
+            search.trial_exited(self.request_ids[trial.id], trial.outcomes[-1])
         return [
             subprocess.CompletedProcess(c.process.args, c.process.returncode, c.log)
             for c in allocation.containers
@@ -555,6 +565,53 @@ class Cluster:
         self.running.kill("the agent was lost")
 
     # ---- the searcher's side -------------------------------------------------------------------
+
+    def start_search(
+        self, experiment_id: int, sample: Callable[[], Dict[str, Any]]
+    ) -> ExperimentStandIn:
+        """The experiment's searcher (searcher_standin.py), started as experiment.go's start
+        does: its initial trials are created. `sample()` gives each new trial's values."""
+        config = self.experiments[experiment_id]["config"]
+        by_request: Dict[int, Trial] = {}
+
+        def create(request_id: int, sampled: Dict[str, Any]) -> None:
+            trial = self.add_trial(experiment_id, sampled)
+            self.request_ids[trial.id] = request_id
+            by_request[request_id] = trial
+
+        search = ExperimentStandIn(
+            AdaptiveASHASearcher(config["searcher"], sample),
+            create,
+            lambda request_id: self.searcher_stops(by_request[request_id]),
+        )
+        self.searches[experiment_id] = search
+        search.start()
+        return search
+
+    def run_search(self, experiment_id: int, slots: int = 1) -> None:
+        """The agent runs the search's trials, one at a time in creation order (one slot's
+        cluster: any order is one ASHA may see), each until it ends: a RESTART is run again
+        from the trial's latest checkpoint, as the master reschedules it."""
+        search = self.searches[experiment_id]
+        while True:
+            waiting = [
+                t
+                for t in self.trials.values()
+                if t.experiment_id == experiment_id
+                and (not t.outcomes or t.outcomes[-1] == "RESTART")
+            ]
+            if not waiting or search.state != "ACTIVE":
+                return
+            trial = waiting[0]
+            latest = max(
+                trial.checkpoints, key=lambda c: c.metadata["steps_completed"], default=None
+            )
+            self.launch(
+                trial,
+                slots,
+                latest_checkpoint=latest.uuid if latest else None,
+                steps_completed=latest.metadata["steps_completed"] if latest else 0,
+            )
 
     def searcher_stops(self, trial: Trial) -> None:
         """ASHA stops the trial, as PatchSearcherState does in 0.38.1: the state only."""
@@ -703,6 +760,9 @@ class Cluster:
         metrics are stored."""
         metrics = call.body.metrics
         trial = self.trials[metrics.trialId]
+        search = self.searches.get(trial.experiment_id)
+        if search is not None and call.body.group == "validation":
+            search.validation(self.request_ids[trial.id], metrics.metrics.avgMetrics)
         trial.metrics.append(
             {
                 "group": call.body.group,

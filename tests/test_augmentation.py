@@ -409,3 +409,63 @@ def test_view_pixels_are_torchvisions_ops_in_the_recipe_order():
             y = TF.solarize(y, 0.5)
         # 1e-5 in pixel values [0, 1], as normalised: divided by the std.
         torch.testing.assert_close(out[i], TF.normalize(y, mean, std), atol=1e-5 / 0.2, rtol=0)
+
+
+# Each shipped config's augmentation, read from the config itself, and the images its data has:
+# CIFAR-10 32 x 32, STL-10 96 x 96, ImageNet's typical 375 x 500 (the loader crops those).
+SHIPPED = {
+    "const-cifar10.yaml": (32, 32),
+    "distributed-stl10.yaml": (96, 96),
+    "distributed-imagenet.yaml": (375, 500),
+}
+# The blur kernel the BYOL paper specifies (Appendix B: 23 x 23 at 224 px, 10% of the side,
+# following SimCLR, whose data_util.random_blur takes height // 10 and makes it odd as
+# 2 * (k // 2) + 1), at each shipped image size.
+PAPER_BLUR_KERNEL = {32: 3, 96: 9, 224: 23}
+
+
+def shipped_augmentation(name):
+    import yaml
+
+    with open(pathlib.Path(ROOT) / name) as f:
+        raw = yaml.safe_load(f)["hyperparameters"]["augmentation"]
+    return _parse_augmentation(_Reader(raw, "augmentation"))
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_size_dependent_parameters_are_the_papers_and_torchvisions_at_each_shipped_size(name):
+    """At the config's own image size: the blur kernel is the paper's, and the blur it applies
+    is torchvision's GaussianBlur with that kernel (sigma over the recipe's range, both
+    views' probabilities); crop boxes on the data's own image size follow torchvision's
+    RandomResizedCrop with the config's scale; views come out image_size square, as
+    RandomResizedCrop(image_size) makes them."""
+    aug = shipped_augmentation(name)
+    size = aug.image_size
+    height, width = SHIPPED[name]
+    planner = augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
+    kernel = PAPER_BLUR_KERNEL[size]
+    assert planner.blur_kernel_size == kernel
+
+    generator = torch.Generator().manual_seed(size)
+    x = torch.rand(4, 3, size, size, generator=generator)
+    sigma = torch.tensor([aug.blur_sigma[0], 0.7, 1.3, aug.blur_sigma[1]])
+    blurred = augment.gaussian_blur(x, sigma, planner.blur_kernel_size)
+    for i in range(4):
+        expected = transforms.GaussianBlur(kernel, sigma=float(sigma[i]))(x[i])
+        torch.testing.assert_close(blurred[i], expected, atol=1e-5, rtol=0)
+
+    keys = augment.sample_keys(13, 0, torch.arange(N))
+    boxes = planner.crop_boxes(keys, 1, torch.full((N,), height), torch.full((N,), width))
+    boxes = boxes.numpy()
+    ours_w, ours_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    torch.manual_seed(size)
+    image = torch.zeros(3, height, width)
+    crop = transforms.RandomResizedCrop(size, scale=tuple(aug.crop_scale))
+    theirs = np.array([crop.get_params(image, crop.scale, crop.ratio) for _ in range(N)])
+    their_area = theirs[:, 2] * theirs[:, 3] / (height * width)
+    assert stats.ks_2samp(ours_w * ours_h / (height * width), their_area).pvalue > 1e-3
+    assert stats.ks_2samp(ours_w / ours_h, theirs[:, 3] / theirs[:, 2]).pvalue > 1e-3
+
+    images = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8, generator=generator)
+    views = planner(images, augment.sample_keys(13, 0, torch.arange(2)))
+    assert views.shape[-2:] == crop(images[0]).shape[-2:] == (size, size)

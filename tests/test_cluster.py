@@ -7,6 +7,7 @@ files in the cluster's shared_fs checkpoint storage."""
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import socket
@@ -18,6 +19,7 @@ import yaml
 from determined.common.api import bindings
 
 import checkpoint
+import nonfinite
 from cluster import SCHEMAS, Cluster
 from conftest import ROOT, run_python, tiny_config
 from slots_reference import TOLERANCE, largest_parameter_difference, reference_training
@@ -652,3 +654,209 @@ def test_the_stand_in_refuses_what_a_master_would_not_accept(tmp_path):
         "POST /api/v1/trials/1/progress",
         "GET /api/v1/models (get_GetModels)",
     ]
+
+
+def log_messages(result, needle):
+    """Each process's log line holding `needle`, without the launcher's [rank=N] prefix and the
+    logger's time stamp: {rank: message}, one line per rank."""
+    found = {}
+    for line in result.stdout.splitlines():
+        if needle not in line:
+            continue
+        rank = re.match(r"\[rank=(\d+)\]", line)
+        rank = int(rank.group(1)) if rank else 0
+        assert rank not in found, f"rank {rank} logged the line twice"
+        found[rank] = line[line.index(needle) :]
+    return found
+
+
+# The shrunk const-cifar10.yaml at batch 4 (6 steps an epoch, 1 warmup epoch) and a learning
+# rate no LARS step survives: step 1 (at peak/6) blows the weights up, and the forward pass of
+# step 2, mid-epoch, overflows BatchNorm's running variances (its loss is still finite).
+DIVERGING_LR = 1e12
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("slots", [1, 2], ids=["1-slot", "2-slots"])
+def test_a_diverging_trial_ends_once_ranked_last_without_a_restart(tmp_path, image_folder, slots):
+    """A trial whose step goes non-finite mid-epoch: every slot logs the same line at the
+    report after that step (scheduling_unit 1: the same step), the chief reports one last
+    validation with the searcher metric's finite worst value, and every process exits 0: one
+    outcome, COMPLETED (trial.go, handleAllocationExit), never RESTART, no early exit reported.
+    A checkpoint follows every finite step; none follows the non-finite one, and the latest
+    holds no infinite BatchNorm statistic. The line's numbers are checked against the reported
+    training metrics and the LR warmup worked out by hand."""
+    config = experiment_config(
+        tmp_path, image_folder, learning_rate=DIVERGING_LR, global_batch_size=4
+    )
+    config["resources"]["slots_per_trial"] = slots
+    config["min_checkpoint_period"] = {"batches": 1}  # a checkpoint after every finite step
+    assert validation_errors(config) == []
+    with Cluster(tmp_path) as cluster:
+        trial = cluster.add_trial(cluster.create_experiment(config))
+        result = run(cluster, trial, slots=slots)
+    print("endpoints the harness called:\n  " + "\n  ".join(cluster.master.endpoints()))
+    print("outcomes:", trial.outcomes)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert trial.outcomes == ["COMPLETED"] and trial.restarts == 0
+    assert trial.early_exits == [] and "Traceback" not in result.stdout
+    training = trial.reported("training")
+    assert sorted(training) == [1, 2, 3]  # the report after the third step (index 2) is the last
+    # The line, the same on every slot, names step 2 (2 steps done before it).
+    lines = log_messages(result, "diverged:")
+    assert sorted(lines) == list(range(slots)) and len(set(lines.values())) == 1, lines
+    line = lines[0]
+    peak = DIVERGING_LR * 4 / 256  # the linear scaling rule, global batch 4
+    lr_step_2 = peak * 2 / 6  # linear warmup over the 6 steps of epoch 0
+    assert line.startswith("diverged: step 2 went non-finite (its loss: "), line
+    loss = float(re.search(r"its loss: ([0-9.e+-]+|nan|inf);", line).group(1))
+    assert loss == pytest.approx(training[3]["loss"], rel=1e-5)  # the slots' mean
+    assert f"(epoch 0), learning rate {lr_step_2:.6g} at that step " in line
+    assert "(hyperparameters.learning_rate=1e+12)" in line
+    last_finite = float(re.search(r"last finite loss: ([0-9.e+-]+)\.", line).group(1))
+    assert last_finite == pytest.approx(training[2]["loss"], rel=1e-5)
+    assert "Lower hyperparameters.learning_rate" in line and "--resume" in line
+    assert f"trial {trial.id} diverged" in result.stdout
+    # One validation, the worst (holdout_accuracy's lower end), every value finite.
+    validation = trial.reported("validation")
+    assert validation == {
+        3: {"holdout_accuracy": 0.0, "batches": 3, "epochs": 0, "diverged_at_step": 2}
+    }
+    # No checkpoint after the divergence: step 2's is the trial's latest, and finite.
+    assert [c.metadata["steps_completed"] for c in trial.checkpoints] == [1, 2]
+    state = final_state(cluster, trial)
+    bad = [k for k, t in state["models_state_dict"][0].items() if not torch.isfinite(t).all()]
+    assert bad == [], bad
+    written = {p.name for p in cluster.storage.iterdir() if (p / "metadata.json").is_file()}
+    assert written == {c.uuid for c in trial.checkpoints}  # none written and left unreported
+    if slots == 1:
+        resume_with_a_lower_learning_rate(tmp_path, cluster, trial)
+
+
+def resume_with_a_lower_learning_rate(tmp_path, cluster, trial):
+    """The README's way on from a diverged trial: a checkpoint of it resumed locally with a lower
+    learning rate continues at the checkpoint's step to the end (12 steps), on the schedule of
+    the new rate. The latest (step 2) is finite but holds step 1's blown-up weights (its LR was
+    2.6e9): a resume from it diverges again at once, with the local line. The one before it
+    (step 1: step 0's LR is 0) trains on."""
+    import model_def
+
+    def resume(reported, name):
+        os.chdir(ROOT)
+        model_def.main(
+            [
+                "--resume",
+                str(cluster.storage / reported.uuid),
+                "--allow-config-change",
+                "--set",
+                "hyperparameters.learning_rate=0.1",
+                "--checkpoint-dir",
+                str(tmp_path / name),
+            ]
+        )
+        base = tmp_path / name / "determined"
+        by_step = {
+            json.loads((base / uuid / "metadata.json").read_text())["steps_completed"]: base / uuid
+            for uuid in os.listdir(base)
+        }
+        return by_step
+
+    with pytest.raises(nonfinite.NonFiniteLossError, match=r"at step 2 \(epoch 0\)"):
+        resume(trial.checkpoints[-1], "from-latest")
+    by_step = resume(trial.checkpoints[0], "from-step-1")
+    assert sorted(by_step) == list(range(2, 13))  # a checkpoint after every step from 2 on
+    state = checkpoint.load_state(str(by_step[12] / "state_dict.pth"))
+    (group, *_) = state["optimizers_state_dict"][0]["param_groups"]
+    peak = 0.1 * 4 / 256  # the new rate, the linear scaling rule
+    # Step 11 of 12 (6 warmup): the cosine at 5/6 of its half period.
+    assert group["lr"] == pytest.approx(peak * (1 + math.cos(math.pi * 5 / 6)) / 2, rel=1e-9)
+    assert all(torch.isfinite(t).all() for t in state["models_state_dict"][0].values())
+
+
+def test_a_search_with_a_diverging_trial_ends_without_error_and_ranks_it_last(
+    tmp_path, image_folder
+):
+    """search-cifar10.yaml shrunk to 4 trials of 2 epochs, adaptive ASHA (aggressive mode,
+    divisor 2: one bracket of rungs at 1 and 2 epochs), run by the port of the 0.38.1 master's
+    searcher (tests/searcher_standin.py). The second trial's learning rate diverges: it reports
+    only the worst validation and exits 0. ASHA ranks it at its rung below every other trial
+    and stops it; the search creates no replacement, every searcher metric it saw was a
+    number, and the experiment ends COMPLETED, never STOPPING_ERROR."""
+    config = experiment_config(tmp_path, image_folder, "search-cifar10.yaml", epochs=2)
+    config["searcher"].update(
+        max_time=2, max_trials=4, max_concurrent_trials=4, divisor=2, mode="aggressive"
+    )
+    assert validation_errors(config) == []
+    values = iter(
+        {"learning_rate": lr, "weight_decay": 1e-5, "tau_base": 0.99}
+        for lr in (0.3, DIVERGING_LR, 1.0, 0.1)
+    )
+    seen = []  # every validation the searcher received, as the master decoded it
+
+    def record_validations(cluster, call):
+        if call.route == "post_ReportTrialMetrics" and call.body.group == "validation":
+            seen.append(dict(call.body.metrics.metrics.avgMetrics))
+
+    with Cluster(tmp_path) as cluster:
+        cluster.on_call = record_validations
+        experiment_id = cluster.create_experiment(config)
+        search = cluster.start_search(experiment_id, lambda: next(values))
+        assert len(cluster.trials) == 4  # ASHA's initial trials: max_concurrent_trials
+        cluster.run_search(experiment_id)
+        assert cluster.master.refused == [], cluster.master.refused
+    trials = list(cluster.trials.values())
+    for trial in trials:
+        print(f"trial {trial.id}: lr {trial.hparams['learning_rate']:g}, outcomes {trial.outcomes}")
+    assert search.state == "COMPLETED" and search.reasons == ["hp search completed"]
+    assert len(trials) == 4 and all(t.outcomes == ["COMPLETED"] for t in trials)
+    assert all(
+        isinstance(m["holdout_accuracy"], float) and math.isfinite(m["holdout_accuracy"])
+        for m in seen
+    ), seen
+    diverged = trials[1]
+    assert diverged.reported("validation") == {
+        3: {"holdout_accuracy": 0.0, "batches": 3, "epochs": 2, "diverged_at_step": 2}
+    }
+    # Its rung: the first (1 epoch), where all four were ranked; it is last there.
+    rung = search.searcher.rung_of(cluster.request_ids[diverged.id])
+    print("rung", rung.units_needed, "(negated holdout_accuracy):", rung.metrics)
+    assert rung.units_needed == 1 and len(rung.metrics) == 4
+    assert rung.metrics[-1] == [cluster.request_ids[diverged.id], -0.0]
+    assert all(metric < 0.0 for _, metric in rung.metrics[:-1])  # each trained one scored > 0
+    assert diverged.state == "STOPPING_COMPLETED"  # ASHA stopped it at that validation
+
+
+def test_a_validation_that_cannot_be_computed_never_reaches_the_searcher(tmp_path, image_folder):
+    """The model definition shipped to the cluster is patched so that the BYOL loss is NaN
+    whenever no gradient is taken, i.e. in validation only: training stays finite and the
+    validation loss of step 3 is NaN. Sent as it is, the master's ASHA would fail on it
+    (getMetric, the string "NaN") and error the whole search. The trial instead reports the
+    worst validation_loss (8.0, the loss's upper end), every slot logs the line, it writes no
+    checkpoint of that state and exits 0: COMPLETED, never restarted."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ROOT, model, ignore=shutil.ignore_patterns(".git", "__pycache__", "tests"))
+    byol_py = model / "byol.py"
+    byol_py.write_text(
+        byol_py.read_text()
+        + "\n\n_training_loss = byol_loss\n\n\n"
+        + "def byol_loss(prediction, target_projection):\n"
+        + "    loss = _training_loss(prediction, target_projection)\n"
+        + "    return loss if torch.is_grad_enabled() else loss * float('nan')\n"
+    )
+    config = experiment_config(tmp_path, image_folder, validate_with_classifier=False)
+    config["searcher"].update(metric="validation_loss", smaller_is_better=True)
+    assert validation_errors(config) == []
+    with Cluster(tmp_path) as cluster:
+        trial = cluster.add_trial(cluster.create_experiment(config, model))
+        result = run(cluster, trial)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert trial.outcomes == ["COMPLETED"] and "Traceback" not in result.stdout
+    assert sorted(trial.reported("training")) == [1, 2, 3]
+    assert trial.reported("validation") == {
+        3: {"validation_loss": 8.0, "batches": 3, "epochs": 1, "diverged_at_step": 3}
+    }
+    assert trial.checkpoints == []  # the validation's step is not checkpointed
+    (line,) = log_messages(result, "diverged:").values()
+    assert line.startswith("diverged: validation at step 3 gave validation_loss=nan (epoch 1)")
