@@ -105,7 +105,7 @@ def fine_tune(
     return {name: series[name][-1][1] for name in ("holdout_accuracy", "test_accuracy")}
 
 
-def draw(path: str, chosen: List[Run], title: str) -> str:
+def draw(path: str, chosen: List[Run], title: List[str]) -> str:
     figure = pictures._new_figure(900, 560, 100)
     axes = figure.add_subplot(1, 1, 1)
     for method in METHODS:
@@ -119,9 +119,9 @@ def draw(path: str, chosen: List[Run], title: str) -> str:
     axes.set_xscale("log")
     axes.set_xlabel("labeled training images used (%)")
     axes.set_ylabel("test accuracy (%)")
-    axes.set_title(title, fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend()
+    pictures._suptitle(figure, title, 10)
     return pictures._save(figure, path)
 
 
@@ -197,10 +197,10 @@ def main(argv=None) -> None:
         writer = csv.writer(f)
         writer.writerow(list(Run._fields) + ["chosen"])
         writer.writerows(list(r) + [r in chosen] for r in runs)
-    title = (
-        f"{byol.backbone_name} on {byol.dataset_name}; BYOL checkpoint {os.path.basename(ckpt_dir)}"
-        f"; LR of {args.lrs} chosen on held-out images; epochs {args.epochs}"
-    )
+    title = [
+        f"{byol.backbone_name} on {byol.dataset_name}, BYOL checkpoint {os.path.basename(ckpt_dir)}",
+        f"LR of {args.lrs} chosen on held-out images; epochs {args.epochs} for {args.fractions}",
+    ]
     draw(os.path.join(output, "label_fractions.png"), chosen, title)
     seconds = {
         (r.fraction, r.method): sum(
