@@ -408,13 +408,8 @@ def _parse_augmentation(reader: _Reader) -> Augmentation:
     return aug
 
 
-def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
-    """Validate the `hyperparameters` section and return it typed. `slots` is the number of
-    processes the global batch is split over."""
-    # Imported here so utils stays importable without torch (config checks in CI, tools).
-    from backbone import BACKBONES
-
-    r = _Reader(raw, "hyperparameters")
+def _global_batch_size(r: _Reader, slots: int) -> int:
+    """hyperparameters.global_batch_size, split evenly over `slots` processes."""
     global_batch_size = r.integer("global_batch_size", minimum=2)
     if global_batch_size % slots != 0 or global_batch_size // slots < 2:
         raise ConfigError(
@@ -422,6 +417,17 @@ def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
             f"{slots} slots: it must be a multiple of the slot count with at least 2 images "
             f"per slot (BatchNorm needs 2), e.g. {max(2 * slots, global_batch_size // slots * slots)}"
         )
+    return global_batch_size
+
+
+def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
+    """Validate the `hyperparameters` section and return it typed. `slots` is the number of
+    processes the global batch is split over."""
+    # Imported here so utils stays importable without torch (config checks in CI, tools).
+    from backbone import BACKBONES
+
+    r = _Reader(raw, "hyperparameters")
+    global_batch_size = _global_batch_size(r, slots)
     classifier_lrs = r.get("classifier_lrs", [0.01, 0.03, 0.1, 0.3, 1.0])
     if (
         not isinstance(classifier_lrs, list)
@@ -816,13 +822,7 @@ def parse_finetune_hparams(raw: Dict[str, Any], slots: int = 1) -> FineTuneHPara
     from backbone import BACKBONES
 
     r = _Reader(raw, "hyperparameters")
-    global_batch_size = r.integer("global_batch_size", minimum=2)
-    if global_batch_size % slots != 0 or global_batch_size // slots < 2:
-        raise ConfigError(
-            f"hyperparameters.global_batch_size={global_batch_size} cannot be split over "
-            f"{slots} slots: it must be a multiple of the slot count with at least 2 images "
-            f"per slot (BatchNorm needs 2)"
-        )
+    global_batch_size = _global_batch_size(r, slots)
     pretrained = _parse_pretrained(r.sub("pretrained", {}))
     backbone_name = r.get("backbone_name", None)
     if backbone_name is not None:

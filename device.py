@@ -87,3 +87,20 @@ def resolve(name: Optional[str]) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
     return torch.device(name)
+
+
+def batch_loader(
+    dataset, batch_sampler, num_workers: int, device: torch.device, loader_class: Any = None
+):
+    """A DataLoader of batches: each a list of items of `batch_sampler` made whole by
+    `dataset.collate`, pinned on a GPU machine so that the copy to the device is asynchronous,
+    by workers kept between epochs. `loader_class`: torch's DataLoader, or Determined's for a
+    trial (pytorch.DataLoader, which the trial's controller builds into torch's)."""
+    return (loader_class or torch.utils.data.DataLoader)(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=dataset.collate,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )

@@ -43,7 +43,6 @@ import utils
 from backbone import build_backbone, load_backbone_weights
 from config import (
     ConfigError,
-    FineTuneConfig,
     FineTuneHParams,
     default_crop_scale,
     parse_finetune_config,
@@ -53,7 +52,6 @@ from preflight import run_finetune_check
 from probe import SPLIT_HOLDOUT, SPLIT_TEST
 from progress import Progress, ValidationSummary
 from reducers import ClassifierAccuracyReducer
-from startup import Startup
 
 logger = logging.getLogger("byol")
 
@@ -96,25 +94,14 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
-class FineTuneTrial(pytorch.PyTorchTrial):
-    def __init__(
-        self,
-        context: pytorch.PyTorchTrialContext,
-        config: FineTuneConfig,
-        trial_id: Optional[int] = None,
-        startup: Optional[Startup] = None,
-        tensorboard_run: Optional[str] = None,
-    ) -> None:
-        self.context, self.tensorboard_run = context, tensorboard_run
-        self.hp, self.data_config, self.run = config.hparams, config.data, config.run
-        self.slots = context.distributed.get_size()
-        self.device = context.device
-        context.experimental.disable_auto_to_device()  # batches are copied in to_device()
-        # Every process reads its backbone and opens its data before the first collective of
-        # training; if any failed, all stop with the same line (startup.py).
-        self.startup = startup or Startup(context.distributed)
+class FineTuneTrial(launcher.Trial):
+    """Built from a FineTuneConfig (launcher.Trial keeps it as hp, data_config and run)."""
+
+    def build(self) -> None:
+        # The backbone first: its source says what to build, and a missing one stops every
+        # process with the same line before any data is read.
         self.pretrained = self.startup.step(
-            lambda: pretrained.resolve(self.hp.pretrained, context._core, self.startup.share)
+            lambda: pretrained.resolve(self.hp.pretrained, self.context._core, self.startup.share)
         )
         self.backbone_name, self.cifar_stem, self.image_size = self.startup.step(
             lambda: pretrained.architecture(self.hp, self.pretrained)
@@ -239,35 +226,19 @@ class FineTuneTrial(pytorch.PyTorchTrial):
             self.run.seed,
             self.corrupt_log,
         )
-        return pytorch.DataLoader(
-            dataset,
-            batch_sampler=self.train_sampler,
-            collate_fn=dataset.collate,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=self.num_workers > 0,
+        return device.batch_loader(
+            dataset, self.train_sampler, self.num_workers, self.device, pytorch.DataLoader
         )
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
-        dataset = data.EvalImages(
-            [(self.holdout_images, SPLIT_HOLDOUT), (self.test_images, SPLIT_TEST)],
-            self.image_size,
-            self.corrupt_log,
-        )
-        return pytorch.DataLoader(
-            dataset,
-            batch_size=self.train_sampler.per_slot_batch,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,  # they keep the crops
+        return self.labeled_images_loader(
+            [(self.holdout_images, SPLIT_HOLDOUT), (self.test_images, SPLIT_TEST)], self.image_size
         )
 
     def get_batch_length(self, batch: Dict[str, torch.Tensor]) -> int:
         return len(batch["label"])
 
     # ---- training --------------------------------------------------------------------------
-
-    def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
 
     def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         with device.autocast(self.device, self.autocast_dtype):
@@ -375,17 +346,12 @@ class FineTuneMarker(pytorch.PyTorchCallback):
 # ------------------------------------------------------------------------------------------
 
 
-def build_trial(context, config: FineTuneConfig, trial_id, startup, tensorboard_run):
-    return FineTuneTrial(context, config, trial_id, startup, tensorboard_run)
-
-
 FINETUNE = launcher.TrialKind(
-    trial_spec=TRIAL_SPEC,
-    parse=parse_finetune_config,
-    parse_local=parse_finetune_config,
-    build=build_trial,
-    check=run_finetune_check,
-    usage=__doc__,
+    TRIAL_SPEC,
+    parse_finetune_config,
+    FineTuneTrial,
+    run_finetune_check,
+    __doc__,
     example="python finetune.py finetune-cifar10.yaml",
     default_checkpoint_dir="checkpoints-finetune",
     example_set="hyperparameters.label_fraction=0.1",
@@ -398,7 +364,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    # Through the importable module, so checkpoints name the trial `finetune:FineTuneTrial`.
-    import finetune
-
-    finetune.main()
+    launcher.run_as_main("finetune")

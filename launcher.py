@@ -4,9 +4,11 @@ cluster's entrypoint. Each trial module names what differs in a `TrialKind`; eve
 and every rule about runs, checkpoints and resuming, is here once.
 """
 
+import abc
 import argparse
 import copy
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -40,13 +42,58 @@ from startup import Startup, StartupFailed
 logger = logging.getLogger("byol")
 
 
+class Trial(pytorch.PyTorchTrial):
+    """What every trial of this package keeps of its context and typed config; then its own
+    build steps (`build`: data, network, optimizer, metrics).
+
+    `trial_id`: the trial's id on a cluster (where its searcher may stop it); None locally.
+    `startup`: the processes' agreed start-up (startup.py), shared with the config's parsing.
+    `tensorboard_run`: a local run's name (its TensorBoard folder), kept in its checkpoints."""
+
+    def __init__(
+        self,
+        context: pytorch.PyTorchTrialContext,
+        config: Any,
+        trial_id: Optional[int] = None,
+        startup: Optional[Startup] = None,
+        tensorboard_run: Optional[str] = None,
+    ) -> None:
+        self.context, self.trial_id, self.tensorboard_run = context, trial_id, tensorboard_run
+        self.hp, self.data_config, self.run = config.hparams, config.data, config.run
+        self.slots = context.distributed.get_size()
+        self.device = context.device
+        # Batches are copied by to_device(), asynchronously from pinned memory; Determined's
+        # automatic copy would block.
+        context.experimental.disable_auto_to_device()
+        # Every process opens its data (and checks what else can fail there) before the first
+        # collective of training; if any failed, all stop with the same line.
+        self.startup = startup or Startup(context.distributed)
+        self.build()
+
+    @abc.abstractmethod
+    def build(self) -> None:
+        """The trial's own build steps, after the above."""
+
+    def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+
+    def labeled_images_loader(self, parts, size: int) -> pytorch.DataLoader:
+        """Validation's loader of centre crops of labeled images (data.EvalImages of `parts`,
+        [(source, split id)]), Determined sharding them over the slots; the trial's
+        per-slot batch, num_workers and corrupt_log."""
+        return pytorch.DataLoader(
+            data.EvalImages(parts, size, self.corrupt_log),
+            batch_size=self.train_sampler.per_slot_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,  # they keep the crops
+        )
+
+
 class TrialKind(NamedTuple):
     """What a trial's command needs to know of the trial."""
 
     trial_spec: str  # "module:Class", as Determined records it in each checkpoint
     # (raw experiment config, slots) -> the typed config; raises ConfigError
-    parse: Callable[[Dict[str, Any], int], Any]
-    parse_local: Callable[[Dict[str, Any], int], Any]  # the same, for a local run
     # (context, typed config, trial_id or None, startup or None, tensorboard_run or None)
     build: Callable[..., pytorch.PyTorchTrial]
     # (config path, --set overrides) -> exit status of `--check`
@@ -56,6 +103,7 @@ class TrialKind(NamedTuple):
     default_checkpoint_dir: str
     example_set: str  # an example of --set
     schedules: str  # what a changed length re-spans, e.g. "the LR and EMA schedules"
+    parse_local: Optional[Callable[[Dict[str, Any], int], Any]] = None  # a local run's; None: parse
 
 
 def parse_args(kind: TrialKind, argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -259,7 +307,7 @@ def run_locally(kind: TrialKind, args: argparse.Namespace) -> None:
         distributed = core.DistributedContext.from_torch_distributed()
         slots = distributed.size
     # Validate everything a user wrote before any data is downloaded or model built.
-    experiment = kind.parse_local(config, slots)
+    experiment = (kind.parse_local or kind.parse)(config, slots)
     if experiment.run.profiling:
         logger.warning("profiling.enabled: Determined's profiler runs on a cluster only; ignored")
     checkpoint_dir = utils.writable_directory(args.checkpoint_dir, "--checkpoint-dir")
@@ -310,6 +358,12 @@ def run_locally(kind: TrialKind, args: argparse.Namespace) -> None:
         pictures.draw_tensorboard_curves(tensorboard_dir)
     if distributed is not None:
         dist.destroy_process_group()
+
+
+def run_as_main(module: str) -> None:
+    """`python MODULE.py ...`: runs MODULE's main through the importable module, so checkpoints
+    name the trial `MODULE:Class` (not `__main__:Class`) and load anywhere."""
+    importlib.import_module(module).main()
 
 
 def new_run_name() -> str:

@@ -33,7 +33,7 @@ from augment import (
     uniforms,
 )
 from config import ConfigError, HParams, parse_data_config, parse_run_config
-from device import Normalize, autocast, autocast_dtype, resolve, uses_channels_last
+from device import Normalize, autocast, autocast_dtype, batch_loader, resolve, uses_channels_last
 from images import crops_or_error
 from probe import (
     SPLIT_FIT,
@@ -220,14 +220,7 @@ def train_heads_augmented(
     device = features_of.device
     mean, std = (t.to(device) for t in scale)
     sampler = ShuffledBatches(len(dataset), batch_size, seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=dataset.collate,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
-    )
+    loader = batch_loader(dataset, sampler, num_workers, device)
     heads = LinearHeads(feature_dim, num_classes, lrs, seed).to(device)
     total = epochs * len(sampler)
     start = time.time()

@@ -28,7 +28,6 @@ from backbone import build_backbone
 from config import (
     HELD_OUT_METRICS,
     ConfigError,
-    ExperimentConfig,
     parse_experiment_config,
 )
 from nonfinite import NonFiniteGuard, NonFiniteLossError, TrialDiverged
@@ -36,7 +35,6 @@ from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST
 from progress import Progress, ValidationSummary
 from reducers import LinearProbeReducer, TrainingMetricsReducer
 from searcher_stop import SearcherStop
-from startup import Startup
 
 logger = logging.getLogger("byol")
 
@@ -44,35 +42,15 @@ logger = logging.getLogger("byol")
 BYOL_SUMMARY = ("holdout_accuracy", "test_accuracy", "knn_accuracy", "validation_loss")
 
 
-class BYOLTrial(pytorch.PyTorchTrial):
-    def __init__(
-        self,
-        context: pytorch.PyTorchTrialContext,
-        config: ExperimentConfig,
-        trial_id: Optional[int] = None,
-        startup: Optional[Startup] = None,
-        tensorboard_run: Optional[str] = None,
-    ) -> None:
-        """`trial_id`: the trial's id on a cluster, where its searcher may stop it; None locally.
-        `startup`: the processes' agreed start-up (startup.py), shared with the config's parsing.
-        `tensorboard_run`: a local run's name (its TensorBoard folder), kept in its checkpoints."""
-        self.context = context
-        self.tensorboard_run = tensorboard_run
-        self.hp, self.data_config, self.run = config.hparams, config.data, config.run
-        self.slots = context.distributed.get_size()
-        self.device = context.device
+class BYOLTrial(launcher.Trial):
+    """Built from an ExperimentConfig (launcher.Trial keeps it as hp, data_config and run)."""
+
+    def build(self) -> None:
         self.on_cuda = self.device.type == "cuda"
-        # Batches are copied by to_device() below, asynchronously from pinned memory;
-        # Determined's automatic copy would block.
-        context.experimental.disable_auto_to_device()
-        self.searcher_stop = SearcherStop(context._core, trial_id)
+        self.searcher_stop = SearcherStop(self.context._core, self.trial_id)
         # On a cluster a diverged trial ends once, ranked last (stop_diverged); locally the run
         # stops with NonFiniteLossError's line.
-        self.trial_id = trial_id
-        self.on_cluster = trial_id is not None
-        # Every process opens its data (and checks what else can fail here) before the first
-        # collective of training; if any failed, all stop with the same line.
-        self.startup = startup or Startup(context.distributed)
+        self.on_cluster = self.trial_id is not None
         self.startup.step(self._check_devices)
         self.startup.step(self._build_data)
         self._build_network()
@@ -211,13 +189,8 @@ class BYOLTrial(pytorch.PyTorchTrial):
             self.corrupt_log,
             self.augment_in_loader,
         )
-        return pytorch.DataLoader(
-            dataset,
-            batch_sampler=self.train_sampler,
-            collate_fn=dataset.collate,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=self.num_workers > 0,
+        return device.batch_loader(
+            dataset, self.train_sampler, self.num_workers, self.device, pytorch.DataLoader
         )
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
@@ -225,41 +198,24 @@ class BYOLTrial(pytorch.PyTorchTrial):
             fit, held = data.holdout_split(
                 self.splits.labeled_train.labels, self.hp.probe.holdout_fraction, self.run.seed
             )
-            dataset = data.EvalImages(
-                [
-                    (data.Subset(self.splits.labeled_train, fit), SPLIT_FIT),
-                    (data.Subset(self.splits.labeled_train, held), SPLIT_HOLDOUT),
-                    (self.splits.test, SPLIT_TEST),
-                ],
-                self.augment.size,
-                self.corrupt_log,
-            )
-            return pytorch.DataLoader(
-                dataset,
-                batch_size=self.train_sampler.per_slot_batch,
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,  # they keep the crops
-            )
+            parts = [
+                (data.Subset(self.splits.labeled_train, fit), SPLIT_FIT),
+                (data.Subset(self.splits.labeled_train, held), SPLIT_HOLDOUT),
+                (self.splits.test, SPLIT_TEST),
+            ]
+            return self.labeled_images_loader(parts, self.augment.size)
         # Without the probe, validation scores the BYOL loss on fixed views of the test images
         # (without labeled folders, of held-out images: data.loss_holdout).
         dataset = data.TrainImages(self.splits.test, self.augment, self.run.seed, self.corrupt_log)
-        return pytorch.DataLoader(
-            dataset,
-            batch_sampler=data.fixed_view_batches(
-                len(self.splits.test), self.train_sampler.per_slot_batch
-            ),
-            collate_fn=dataset.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        batches = data.fixed_view_batches(len(self.splits.test), self.train_sampler.per_slot_batch)
+        return device.batch_loader(
+            dataset, batches, self.num_workers, self.device, pytorch.DataLoader
         )
 
     def get_batch_length(self, batch: Dict[str, torch.Tensor]) -> int:
         return len(batch["key"] if "key" in batch else batch["label"])
 
     # ---- training --------------------------------------------------------------------------
-
-    def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
 
     def two_views(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """[2B, 3, S, S]: view 1 of every image, then view 2 (made in the loader or here)."""
@@ -503,22 +459,18 @@ class CheckpointMarker(pytorch.PyTorchCallback):
 # ------------------------------------------------------------------------------------------
 
 
-def build_trial(context, config: ExperimentConfig, trial_id, startup, tensorboard_run):
-    return BYOLTrial(context, config, trial_id, startup, tensorboard_run)
-
-
 BYOL = launcher.TrialKind(
     trial_spec=checkpoint.TRIAL_SPEC,
     parse=parse_experiment_config,
-    # A local run has no searcher: a labeled config's metric follows a label-free folder.
-    parse_local=functools.partial(parse_experiment_config, local=True),
-    build=build_trial,
+    build=BYOLTrial,
     check=preflight.run_check,
     usage=__doc__,
     example="python model_def.py const-cifar10.yaml",
     default_checkpoint_dir="checkpoints-byol",
     example_set="hyperparameters.global_batch_size=128",
     schedules="the LR and EMA schedules",
+    # A local run has no searcher: a labeled config's metric follows a label-free folder.
+    parse_local=functools.partial(parse_experiment_config, local=True),
 )
 
 
@@ -527,8 +479,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run through the importable module, so checkpoints name the trial `model_def:BYOLTrial`
-    # (not `__main__:BYOLTrial`) and load anywhere.
-    import model_def
-
-    model_def.main()
+    launcher.run_as_main("model_def")

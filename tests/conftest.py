@@ -428,6 +428,22 @@ def load_state(path):
     return checkpoint.load_state(str(path / "state_dict.pth"))
 
 
+def assert_same_training_state(a_dir, b_dir):
+    """Two checkpoints hold the same training state, bit for bit: every model tensor (weights,
+    BatchNorm statistics), every momentum buffer, every parameter group's learning rate."""
+    import torch
+
+    a, b = load_state(a_dir), load_state(b_dir)
+    assert a["models_state_dict"][0].keys() == b["models_state_dict"][0].keys()
+    for name, tensor in a["models_state_dict"][0].items():
+        assert torch.equal(tensor, b["models_state_dict"][0][name]), (a_dir, name)
+    a_opt, b_opt = a["optimizers_state_dict"][0], b["optimizers_state_dict"][0]
+    assert a_opt["state"].keys() == b_opt["state"].keys()
+    for key, x in a_opt["state"].items():
+        assert torch.equal(x["momentum_buffer"], b_opt["state"][key]["momentum_buffer"])
+    assert [g["lr"] for g in a_opt["param_groups"]] == [g["lr"] for g in b_opt["param_groups"]]
+
+
 def fetch_commit_if_missing(repo, commit):
     """A shallow clone (CI's usual checkout) lacks old commits: fetch the whole history, or
     that one commit from origin, instead of skipping the test that needs it."""

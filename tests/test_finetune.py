@@ -20,6 +20,7 @@ from config import ConfigError
 from conftest import (
     CLASSES,
     ROOT,
+    assert_same_training_state,
     checkpoints_by_step,
     load_state,
     run_python,
@@ -40,6 +41,13 @@ def finetune_config(tmp_path, folder, **hparams):
 def run_finetune(config, checkpoint_dir, *extra):
     os.chdir(ROOT)  # as a user runs it: Determined copies the working dir into checkpoints
     finetune.main([str(config), "--checkpoint-dir", str(checkpoint_dir), *map(str, extra)])
+
+
+def refusal(config, checkpoint_dir):
+    """The one line the command exits with."""
+    with pytest.raises(SystemExit) as refused:
+        run_finetune(config, checkpoint_dir)
+    return str(refused.value)
 
 
 def last_checkpoint(checkpoint_dir):
@@ -117,9 +125,7 @@ def test_the_run_lists_the_balanced_subset_it_trained_on_and_never_a_held_out_im
 
 def test_a_fraction_too_small_is_refused_in_one_line_before_any_work(tmp_path, planted):
     config = finetune_config(tmp_path, planted, label_fraction=0.01)
-    with pytest.raises(SystemExit) as refused:
-        run_finetune(config, tmp_path / "ckpt")
-    assert str(refused.value) == (
+    assert refusal(config, tmp_path / "ckpt") == (
         "error: hyperparameters.label_fraction=0.01 gives 0 labeled images of class 'airplane' "
         "(0.01 x its 15 images outside the held-out part); every class needs at least 1: the "
         "smallest fraction these images allow is 0.03333"
@@ -142,16 +148,10 @@ def test_the_learning_rate_is_chosen_on_held_out_images_and_test_accuracy_only_r
     shutil.copytree(planted / "train", rotated / "train")
     for i, cls in enumerate(CLASSES):
         shutil.copytree(planted / "test" / CLASSES[(i + 1) % 3], rotated / "test" / cls)
+    # The shrunk config's hyperparameters, 3 epochs, the backbone frozen: a linear probe learns
+    # the colours in 15 steps.
     settings = dict(
-        dataset_name="image_folder",
-        backbone_name="resnet18",
-        cifar_stem=False,
-        image_size=16,
-        global_batch_size=8,
-        epochs=3,
-        holdout_fraction=0.25,
-        label_fraction=1.0,
-        backbone_lr_scale=0.0,  # a linear probe learns the colours in 15 steps
+        tiny_finetune_config(tmp_path, rotated)["hyperparameters"], epochs=3, backbone_lr_scale=0.0
     )
     folders = {"train_dir": str(rotated / "train"), "test_dir": str(rotated / "test")}
     runs = {}
@@ -207,7 +207,16 @@ def marker_of(checkpoint_dir):
     return json.loads((last_checkpoint(checkpoint_dir) / "byol_checkpoint.json").read_text())
 
 
-FOLLOW_THE_SOURCE = dict(backbone_name=None, cifar_stem=None, image_size=None)
+def from_byol_checkpoint(tmp_path, planted, byol_checkpoint, **hparams):
+    """The shrunk config fine-tuning the BYOL checkpoint (unless `hparams` name another
+    source), following its architecture."""
+    source = dict(
+        pretrained={"checkpoint": str(byol_checkpoint.checkpoint)},
+        backbone_name=None,
+        cifar_stem=None,
+        image_size=None,
+    )
+    return finetune_config(tmp_path, planted, **dict(source, **hparams))
 
 
 def test_a_frozen_backbone_from_a_byol_checkpoint_keeps_its_weights(
@@ -215,13 +224,7 @@ def test_a_frozen_backbone_from_a_byol_checkpoint_keeps_its_weights(
 ):
     """Frozen (backbone_lr_scale 0, a linear probe), the backbone after training is the
     checkpoint's online backbone, every weight and BatchNorm statistic, the planted one too."""
-    config = finetune_config(
-        tmp_path,
-        planted,
-        pretrained={"checkpoint": str(byol_checkpoint.checkpoint)},
-        backbone_lr_scale=0.0,
-        **FOLLOW_THE_SOURCE,
-    )
+    config = from_byol_checkpoint(tmp_path, planted, byol_checkpoint, backbone_lr_scale=0.0)
     run_finetune(config, tmp_path / "ckpt")
     trained, source = backbone_of(tmp_path / "ckpt"), planted_backbone(byol_checkpoint)
     assert trained.keys() == source.keys()
@@ -255,12 +258,12 @@ def test_an_exported_backbone_loads_with_its_weights(tmp_path, planted, byol_che
         "--export-only",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    config = finetune_config(
+    config = from_byol_checkpoint(
         tmp_path,
         planted,
+        byol_checkpoint,
         pretrained={"export": str(exported)},
         backbone_lr_scale=0.0,
-        **FOLLOW_THE_SOURCE,
     )
     run_finetune(config, tmp_path / "ckpt")
     trained, source = backbone_of(tmp_path / "ckpt"), planted_backbone(byol_checkpoint)
@@ -272,13 +275,7 @@ def test_an_exported_backbone_loads_with_its_weights(tmp_path, planted, byol_che
 def test_fine_tuning_trains_the_pretrained_backbone_and_random_init_has_no_planted_weight(
     tmp_path, planted, byol_checkpoint
 ):
-    config = finetune_config(
-        tmp_path,
-        planted,
-        pretrained={"checkpoint": str(byol_checkpoint.checkpoint)},
-        learning_rate=3.2,
-        **FOLLOW_THE_SOURCE,
-    )
+    config = from_byol_checkpoint(tmp_path, planted, byol_checkpoint, learning_rate=3.2)
     run_finetune(config, tmp_path / "tuned")
     tuned = backbone_of(tmp_path / "tuned")["conv1.weight"][0, 0, 0, 0]
     # Trained from the planted 7.0: moved by the steps, not restarted from scratch.
@@ -299,9 +296,7 @@ def test_a_backbone_that_cannot_take_the_weights_is_refused_in_one_line(
         cifar_stem=None,
         image_size=None,
     )
-    with pytest.raises(SystemExit) as refused:
-        run_finetune(config, tmp_path / "ckpt")
-    assert str(refused.value) == (
+    assert refusal(config, tmp_path / "ckpt") == (
         "error: hyperparameters.backbone_name='resnet34' does not fit the pretrained backbone, "
         "which is backbone_name=resnet18: its weights cannot load; leave backbone_name unset "
         "(null) to follow it"
@@ -310,9 +305,7 @@ def test_a_backbone_that_cannot_take_the_weights_is_refused_in_one_line(
 
 def test_a_cluster_source_is_refused_locally_with_what_to_do(tmp_path, planted):
     config = finetune_config(tmp_path, planted, pretrained={"experiment_id": 17})
-    with pytest.raises(SystemExit) as refused:
-        run_finetune(config, tmp_path / "ckpt")
-    assert "download it (det checkpoint download UUID)" in str(refused.value)
+    assert "download it (det checkpoint download UUID)" in refusal(config, tmp_path / "ckpt")
 
 
 # ---- resuming ---------------------------------------------------------------------------------
@@ -331,17 +324,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, planted):
     resumed = checkpoints_by_step(tmp_path / "resumed")
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
-        a, b = load_state(full[step][0]), load_state(resumed[step][0])
-        for name, tensor in a["models_state_dict"][0].items():
-            assert torch.equal(tensor, b["models_state_dict"][0][name]), (step, name)
-        for x, y in zip(
-            a["optimizers_state_dict"][0]["state"].values(),
-            b["optimizers_state_dict"][0]["state"].values(),
-        ):
-            assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
-        assert [g["lr"] for g in a["optimizers_state_dict"][0]["param_groups"]] == [
-            g["lr"] for g in b["optimizers_state_dict"][0]["param_groups"]
-        ]
+        assert_same_training_state(full[step][0], resumed[step][0])
     # The LR at step 4 (3 done) of 6, no warmup: 0.1 x (1 + cos(pi x 3/6)) / 2 = 0.05, the
     # backbone's the same (backbone_lr_scale 1).
     assert [

@@ -25,6 +25,7 @@ from benchmarks import speed
 from config import load_config, parse_data_config, parse_hparams
 from conftest import (
     ROOT,
+    assert_same_training_state,
     checkpoints_by_step,
     fetch_commit_if_missing,
     folder_overrides,
@@ -83,18 +84,7 @@ def assert_resuming_step_4_reproduces(reference, config, folder, extra, checkpoi
     resumed = checkpoints_by_step(checkpoint_dir)
     assert sorted(resumed) == [5, 6]
     for step in (5, 6):
-        a, b = load_state(reference[step][0]), load_state(resumed[step][0])
-        for name, tensor in a["models_state_dict"][0].items():
-            assert torch.equal(tensor, b["models_state_dict"][0][name]), (step, name)
-        for x, y in zip(
-            a["optimizers_state_dict"][0]["state"].values(),
-            b["optimizers_state_dict"][0]["state"].values(),
-        ):
-            assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
-        assert (
-            a["optimizers_state_dict"][0]["param_groups"][0]["lr"]
-            == b["optimizers_state_dict"][0]["param_groups"][0]["lr"]
-        )
+        assert_same_training_state(reference[step][0], resumed[step][0])
 
 
 def test_training_validates_checkpoints_and_resumes(tmp_path, image_folder, caplog):
