@@ -94,6 +94,7 @@ class TrialKind(NamedTuple):
 
     trial_spec: str  # "module:Class", as Determined records it in each checkpoint
     # (raw experiment config, slots) -> the typed config; raises ConfigError
+    parse: Callable[[Dict[str, Any], int], Any]
     # (context, typed config, trial_id or None, startup or None, tensorboard_run or None)
     build: Callable[..., pytorch.PyTorchTrial]
     # (config path, --set overrides) -> exit status of `--check`

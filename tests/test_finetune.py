@@ -26,6 +26,7 @@ from conftest import (
     run_python,
     tiny_finetune_config,
     train_tiny_run,
+    write_cifar10,
     write_planted_folder,
 )
 
@@ -330,3 +331,26 @@ def test_resume_mid_epoch_is_exact(tmp_path, planted):
     assert [
         g["lr"] for g in load_state(full[4][0])["optimizers_state_dict"][0]["param_groups"]
     ] == [pytest.approx(0.05)] * 2
+
+
+def test_cifar10_fine_tunes_and_lists_its_subset_by_row_of_the_training_split(tmp_path, no_md5):
+    """The shipped config's own dataset (CIFAR-10's python batches, written as the archive
+    lays them out): the subset lists rows of the training split, each with the class the
+    batches give that row."""
+    written = write_cifar10(tmp_path / "downloads", train_count=40, test_count=20)
+    config = finetune_config(
+        tmp_path,
+        tmp_path,
+        dataset_name="cifar10",
+        cifar_stem=True,
+        image_size=32,
+        holdout_fraction=0.1,
+    )
+    run_finetune(config, tmp_path / "ckpt")
+    rows = subset_rows(tmp_path / "ckpt")
+    labels = written["train"][1]
+    names = marker_of(tmp_path / "ckpt")["classes"]
+    assert names[:2] == ["airplane", "automobile"] and len(names) == 10
+    assert rows and all(r["image"].startswith("row ") for r in rows)
+    for row in rows:
+        assert row["class"] == names[labels[int(row["image"].split()[1])]]
