@@ -44,7 +44,7 @@ JPEG_REDUCTIONS = (8, 4, 2)
 # 0.94 of today's, against 0.99 at 2; benchmarks/loader.py.)
 REDUCED_DECODE_OVERSAMPLING = 2
 # Below this size torchvision's whole decode plus torch's crops is faster than PIL's reduced
-# decode plus PIL's crops (measured by benchmarks/loader.py; README, "The training loader per
+# decode plus PIL's crops (measured by benchmarks/loader.py; docs/performance.md, "The training loader per
 # core").
 REDUCED_DECODE_MIN_PIXELS = 1_000_000
 JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a camera's JPEG with extra frames; the first is the image

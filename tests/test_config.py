@@ -1,5 +1,5 @@
 """Every bad input a user can write is refused before training, with a message naming the value
-and what is allowed. The README's table of bad inputs lists the same cases."""
+and what is allowed. docs/errors.md's table of bad inputs lists the same cases."""
 
 import os
 import re

@@ -16,7 +16,7 @@ from config import _parse_augmentation, _Reader
 from conftest import photo_like
 
 # The new views against today's (PIL's whole decode, PIL's bilinear resize of each box), on real
-# photographs (benchmarks/loader.py --pixels; README, "The training loader per core"): whole
+# photographs (benchmarks/loader.py --pixels; docs/performance.md, "The training loader per core"): whole
 # decode mean 0.013, largest 39 (at the boxes' edges, where today's resize reads the pixels just
 # outside the box and torchvision's resized_crop, like ours, does not); reduced decode of
 # photographs upscaled to 1,000-1,600 px, 96-px views: mean 0.22, largest 16. The bounds asserted

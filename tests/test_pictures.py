@@ -155,7 +155,7 @@ def test_small_images_are_shown_in_whole_pixel_blocks_and_large_ones_reduced():
     rng = np.random.default_rng(0)
     cifar = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     big = pictures.shown(cifar)
-    assert big.shape == (96, 96, 3)  # 3 x 3 blocks: the README's "3 times larger"
+    assert big.shape == (96, 96, 3)  # 3 x 3 blocks: docs/evaluation.md's "3 times larger"
     for dy in range(3):
         for dx in range(3):
             assert np.array_equal(big[dy::3, dx::3], cifar)

@@ -44,7 +44,7 @@ def test_rungs_are_the_masters(num_rungs, max_time, divisor, units):
 
 
 def test_search_cifar10_brackets_are_the_readmes():
-    """search-cifar10.yaml's brackets as the README works them out from adaptive_asha.go."""
+    """search-cifar10.yaml's brackets as docs/cluster.md works them out from adaptive_asha.go."""
     brackets = make_brackets(
         dict(SEARCHER, max_time=100, max_trials=16, divisor=4, mode="standard", max_rungs=3)
     )
