@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -359,6 +359,10 @@ class _Reader:
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"{self._name(key)}={value!r} must be a non-empty string or null")
         return value
+
+    def optional(self, key: str, read: Callable[[str], Any]) -> Any:
+        """None where the key is unset or null, else `read(key)` (one of the getters above)."""
+        return None if self.get(key, None) is None else read(key)
 
     def sub(self, key: str, default: Any = dataclasses.MISSING) -> "_Reader":
         return _Reader(self.get(key, default), self._name(key))
@@ -747,10 +751,14 @@ class PretrainedSource:
     export: Optional[str]  # a file written by evaluate_result.py --export
 
     @property
+    def given(self) -> List[str]:
+        """The keys that are set (at most one in a parsed config)."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    @property
     def kind(self) -> str:
         """checkpoint, checkpoint_uuid, experiment_id, export, or random."""
-        given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-        return given[0] if given else "random"
+        return self.given[0] if self.given else "random"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -799,21 +807,17 @@ FINETUNE_HELD_OUT_METRICS = {"holdout_accuracy": False}
 
 
 def _parse_pretrained(reader: _Reader) -> PretrainedSource:
-    experiment_id = reader.get("experiment_id", None)
-    if experiment_id is not None:
-        experiment_id = reader.integer("experiment_id")
     source = PretrainedSource(
         checkpoint=reader.optional_str("checkpoint"),
         checkpoint_uuid=reader.optional_str("checkpoint_uuid"),
-        experiment_id=experiment_id,
+        experiment_id=reader.optional("experiment_id", reader.integer),
         export=reader.optional_str("export"),
     )
     reader.refuse_unknown()
-    given = [f.name for f in dataclasses.fields(source) if getattr(source, f.name) is not None]
-    if len(given) > 1:
+    if len(source.given) > 1:
         raise ConfigError(
-            f"hyperparameters.pretrained sets {' and '.join(given)}: set at most one (none: "
-            f"random initialisation)"
+            f"hyperparameters.pretrained sets {' and '.join(source.given)}: set at most one "
+            f"(none: random initialisation)"
         )
     return source
 
@@ -824,30 +828,19 @@ def parse_finetune_hparams(raw: Dict[str, Any], slots: int = 1) -> FineTuneHPara
     r = _Reader(raw, "hyperparameters")
     global_batch_size = _global_batch_size(r, slots)
     pretrained = _parse_pretrained(r.sub("pretrained", {}))
-    backbone_name = r.get("backbone_name", None)
-    if backbone_name is not None:
-        backbone_name = r.choice("backbone_name", sorted(BACKBONES))
-    elif pretrained.kind == "random":
+    backbone_name = r.optional("backbone_name", lambda key: r.choice(key, sorted(BACKBONES)))
+    if backbone_name is None and pretrained.kind == "random":
         raise ConfigError(
             f"hyperparameters.backbone_name is required without a pretrained backbone (random "
             f"initialisation); one of: {', '.join(sorted(BACKBONES))}"
         )
-    cifar_stem = r.get("cifar_stem", None)
-    if cifar_stem is not None:
-        cifar_stem = r.boolean("cifar_stem")
-    image_size = r.get("image_size", None)
-    if image_size is not None:
-        image_size = r.integer("image_size", minimum=8)
-    crop_scale = r.get("crop_scale", None)
-    if crop_scale is not None:
-        crop_scale = r.interval("crop_scale", None, 0.0, 1.0)
     hp = FineTuneHParams(
         dataset_name=r.choice("dataset_name", DATASETS),
         pretrained=pretrained,
         backbone_name=backbone_name,
-        cifar_stem=cifar_stem,
-        image_size=image_size,
-        crop_scale=crop_scale,
+        cifar_stem=r.optional("cifar_stem", r.boolean),
+        image_size=r.optional("image_size", lambda key: r.integer(key, minimum=8)),
+        crop_scale=r.optional("crop_scale", lambda key: r.interval(key, None, 0.0, 1.0)),
         crop_ratio=r.interval("crop_ratio", [3 / 4, 4 / 3], 0.0),
         label_fraction=r.number("label_fraction", 1.0, 0.0, 1.0, low_inclusive=False),
         holdout_fraction=r.number("holdout_fraction", 0.1, 0.0, 1.0, False, False),
@@ -869,4 +862,10 @@ def parse_finetune_config(raw: Dict[str, Any], slots: int = 1) -> FineTuneConfig
     hp = parse_finetune_hparams(raw.get("hyperparameters") or {}, slots)
     run = parse_run_config(raw)
     check_searcher_of(run.searcher, FINETUNE_HELD_OUT_METRICS, "fine-tuning", hp.epochs)
-    return FineTuneConfig(hp, parse_data_config(raw.get("data")), run)
+    data = parse_data_config(raw.get("data"))
+    if hp.dataset_name == "image_folder" and (data.train_dir is None or data.test_dir is None):
+        raise ConfigError(
+            "fine-tuning on dataset_name=image_folder needs labeled images: data.train_dir and "
+            "data.test_dir, <class>/<image> folders"
+        )
+    return FineTuneConfig(hp, data, run)

@@ -320,15 +320,21 @@ LOSS_HOLDOUT_FRACTION = 0.05
 LOSS_HOLDOUT_IMAGES = 10_000
 
 
-def loss_holdout(source) -> Tuple["Subset", "Subset"]:
+def loss_holdout(source) -> Tuple[object, object]:
     """(training images, held-out images) of a set without labels, so that a searcher or
     checkpoint_policy: best chooses by a loss on images the run never trained on. The same
     images for every trial of a search (no seed): from a folder ones spread evenly over its
-    sorted names, from a shard set the first ones (a few whole shards, each a random mix of the
-    set), so a validation reads few shards."""
+    sorted names; from a shard set of several shards its first whole shards (each a random mix
+    of the set), so that training keeps reading whole shards (data.epoch_order) and a
+    validation reads few."""
     count = min(LOSS_HOLDOUT_IMAGES, max(1, int(round(len(source) * LOSS_HOLDOUT_FRACTION))))
     if isinstance(source, shards.ShardSource):
-        held = np.arange(count)
+        held_shards = int(np.searchsorted(np.cumsum(source.shard_counts), count)) + 1
+        if held_shards < len(source.shard_counts):
+            return source.shard_range(held_shards, len(source.shard_counts)), source.shard_range(
+                0, held_shards
+            )
+        held = np.arange(count)  # one shard: its first members
     else:
         held = np.linspace(0, len(source) - 1, count).astype(np.int64)
     return Subset(source, np.setdiff1d(np.arange(len(source)), held)), Subset(source, held)

@@ -60,6 +60,19 @@ SUBSET_FILE = "labeled_subset.csv"  # in every checkpoint: the labeled images tr
 SUMMARY = ("holdout_accuracy", "test_accuracy", "holdout_loss")
 
 
+def subset_csv(labeled, indices) -> str:
+    """The labeled images trained on, one per line: its name (path under the folder, or row of
+    the dataset's training split) and its class."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["image", "class"])
+    names = data.image_names(labeled, indices)
+    writer.writerows(
+        (name, labeled.classes[label]) for name, label in zip(names, labeled.labels[indices])
+    )
+    return out.getvalue()
+
+
 def labeled_split(labeled, hp: FineTuneHParams, seed: int):
     """(the labeled subset trained on, the pool it is drawn from, the held-out images): indices
     into the labeled training images. Held-out images first, then the label fraction of the
@@ -100,16 +113,20 @@ class FineTuneTrial(launcher.Trial):
     def build(self) -> None:
         # The backbone first: its source says what to build, and a missing one stops every
         # process with the same line before any data is read.
-        self.pretrained = self.startup.step(
-            lambda: pretrained.resolve(self.hp.pretrained, self.context._core, self.startup.share)
-        )
-        self.backbone_name, self.cifar_stem, self.image_size = self.startup.step(
-            lambda: pretrained.architecture(self.hp, self.pretrained)
-        )
+        self.startup.step(self._find_backbone)
         self.startup.step(self._build_data)
         self._build_model()
         self._build_optimizer()
         self._build_metrics()
+
+    def _find_backbone(self) -> None:
+        """The pretrained backbone (or none), and the architecture it fixes."""
+        self.pretrained = pretrained.resolve(
+            self.hp.pretrained, self.context._core, self.startup.share
+        )
+        self.backbone_name, self.cifar_stem, self.image_size = pretrained.architecture(
+            self.hp, self.pretrained
+        )
 
     def _build_data(self) -> None:
         """The labeled subset to train on, the held-out and test images, the epoch sampler."""
@@ -124,9 +141,9 @@ class FineTuneTrial(launcher.Trial):
                 f"the labeled training images have {len(self.classes)} class(es) "
                 f"({self.classes}); a classifier needs at least 2 class folders"
             )
-        self.train_indices, fit_pool, held = labeled_split(labeled, hp, self.run.seed)
-        self.labeled = labeled
-        self.train_images = data.Subset(labeled, self.train_indices)
+        train_indices, fit_pool, held = labeled_split(labeled, hp, self.run.seed)
+        self.subset_list = subset_csv(labeled, train_indices)
+        self.train_images = data.Subset(labeled, train_indices)
         self.holdout_images = data.Subset(labeled, held)
         self.test_images = splits.test
         self.normalization = (
@@ -175,6 +192,8 @@ class FineTuneTrial(launcher.Trial):
                 )
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+            # In the model now: the source's copy need not stay in memory for the whole run.
+            self.pretrained = self.pretrained._replace(state=None)
         model = Classifier(backbone, feature_dim, len(self.classes), self.hp.frozen_backbone)
         if device.uses_channels_last(self.device):
             model = model.to(memory_format=torch.channels_last)
@@ -294,17 +313,6 @@ class FineTuneTrial(launcher.Trial):
 
     # ---- what a checkpoint records -----------------------------------------------------------
 
-    def subset_csv(self) -> str:
-        """The labeled training images of this run, one per line: its name (path under the
-        folder, or row of the dataset's training split) and its class."""
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["image", "class"])
-        names = data.image_names(self.labeled, self.train_indices)
-        labels = self.labeled.labels[self.train_indices]
-        writer.writerows((name, self.classes[label]) for name, label in zip(names, labels))
-        return out.getvalue()
-
     def description(self) -> Dict[str, Any]:
         mean, std = self.normalization
         return {
@@ -335,7 +343,7 @@ class FineTuneMarker(pytorch.PyTorchCallback):
 
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
         with utils.atomic_write(os.path.join(checkpoint_dir, SUBSET_FILE)) as f:
-            f.write(self.trial.subset_csv())
+            f.write(self.trial.subset_list)
         checkpoint.write_marker(checkpoint_dir, self.trial.description(), TRIAL_SPEC)
         if self.trial.context.distributed.rank == 0:
             logger.info("checkpoint written: %s", checkpoint_dir)

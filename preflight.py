@@ -106,7 +106,7 @@ def run_check(
     `parse`: the trial's own parsing of a config; `point_problems(facts, typed config)`: the
     rules that depend on the data and the hyperparameters (BYOL's by default)."""
     report = Report()
-    check_config(config_path, overrides, report, parse, point_problems or point_data_problems)
+    check_config(config_path, overrides, report, parse, point_problems)
     for line in report.lines():
         print(line)
     return 1 if report.problems else 0

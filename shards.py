@@ -11,6 +11,7 @@ reads a contiguous run of the epoch's shuffled shards instead of a random image 
 """
 
 import collections
+import copy
 import fcntl
 import functools
 import json
@@ -299,6 +300,19 @@ class ShardSource:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def shard_range(self, start: int, stop: int) -> "ShardSource":
+        """Shards [start, stop) as a shard set of their own, their members numbered from 0: a
+        part of the set that keeps whole shards (and so its shard-by-shard epoch order)."""
+        first, last = (sum(self.shard_counts[:i]) for i in (start, stop))
+        part = copy.copy(self)
+        part.shard_names = self.shard_names[start:stop]
+        part.shard_sizes = self.shard_sizes[start:stop]
+        part.shard_counts = self.shard_counts[start:stop]
+        for name in ("names", "offsets", "lengths", "labels"):
+            setattr(part, name, getattr(self, name)[first:last])
+        part.shard_of = np.repeat(np.arange(len(part.shard_names)), part.shard_counts)
+        return part
 
     def epoch_order(self, seed: int, epoch: int, global_batch: int) -> List[int]:
         return shard_epoch_order(seed, epoch, self.shard_counts, global_batch)

@@ -14,14 +14,13 @@ Writes DIR/label_fractions.csv (every run, the chosen ones marked) and DIR/label
 """
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -156,7 +155,7 @@ def main(argv=None) -> None:
     base["hyperparameters"].update(dataset_name=byol.dataset_name, backbone_name=byol.backbone_name)
     sizes = subset_sizes(base, args.fractions)
 
-    runs: List[Run] = []
+    cells: Dict[Tuple[float, str], List[Run]] = {}  # (fraction, method): a run per LR
     for fraction, epochs in zip(args.fractions, args.epochs):
         for method, (uses_byol, backbone_lr_scale) in METHODS.items():
             for lr in args.lrs:
@@ -172,9 +171,8 @@ def main(argv=None) -> None:
                     "epochs": epochs,
                     "learning_rate": lr,
                     "backbone_lr_scale": backbone_lr_scale,
-                    "global_batch_size": args.batch_size,
+                    "global_batch_size": batch_size_for(sizes[fraction], args.batch_size),
                 }
-                settings["global_batch_size"] = batch_size_for(sizes[fraction], args.batch_size)
                 started = time.time()
                 metrics = fine_tune(directory, source, data, settings)
                 run = Run(
@@ -187,27 +185,19 @@ def main(argv=None) -> None:
                     round(time.time() - started, 1),
                 )
                 print(run, flush=True)
-                runs.append(run)
+                cells.setdefault((fraction, method), []).append(run)
 
-    chosen = [
-        choose_by_holdout([r for r in runs if (r.fraction, r.method) == cell])
-        for cell in dict.fromkeys((r.fraction, r.method) for r in runs)
-    ]
-    with open(os.path.join(output, "label_fractions.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(list(Run._fields) + ["chosen"])
-        writer.writerows(list(r) + [r in chosen] for r in runs)
+    chosen = [choose_by_holdout(runs) for runs in cells.values()]
+    pictures._write_csv(
+        os.path.join(output, "label_fractions.csv"),
+        list(Run._fields) + ["chosen"],
+        [list(r) + [r in chosen] for runs in cells.values() for r in runs],
+    )
     title = [
         f"{byol.backbone_name} on {byol.dataset_name}, BYOL checkpoint {os.path.basename(ckpt_dir)}",
         f"LR of {args.lrs} chosen on held-out images; epochs {args.epochs} for {args.fractions}",
     ]
     draw(os.path.join(output, "label_fractions.png"), chosen, title)
-    seconds = {
-        (r.fraction, r.method): sum(
-            x.seconds for x in runs if (x.fraction, x.method) == (r.fraction, r.method)
-        )
-        for r in chosen
-    }
     rows = [
         [
             f"{100 * r.fraction:g}% ({r.labeled_images})",
@@ -215,7 +205,7 @@ def main(argv=None) -> None:
             f"{100 * r.test_accuracy:.1f}%",
             f"{100 * r.holdout_accuracy:.1f}%",
             f"{r.lr:g}",
-            f"{seconds[(r.fraction, r.method)]:.0f} s",
+            f"{sum(x.seconds for x in cells[r.fraction, r.method]):.0f} s",
         ]
         for r in chosen
     ]

@@ -274,6 +274,30 @@ def test_a_shard_set_as_unlabeled_images_keeps_its_images_not_its_labels(image_f
     assert np.array_equal(np.asarray(first), np.asarray(labeled.load_many([1])[0].decode()))
 
 
+def test_a_shard_set_without_labels_holds_out_whole_shards(image_folder, tmp_path):
+    """Several shards: the first whole shard is held out for the loss (24 images, 5% is 1, in
+    the first shard), the others train as a shard set of their own, so that training still
+    reads shard by shard (the sampler's shard order, not a permutation of every image)."""
+    import make_shards
+
+    dest = tmp_path / "shards"
+    assert (
+        make_shards.main([str(image_folder / "train"), str(dest), "--shard-size-mb", "0.001"]) == 0
+    )
+    index = str(dest / "index.json")
+    whole = data.open_folder(index, None, data_config(), data.run_here)
+    assert len(whole.shard_counts) > 2
+    splits = data.build_splits("image_folder", data_config(unlabeled_dir=index))
+    train, held = splits.byol_train, splits.test
+    assert held.shard_names == whole.shard_names[:1] and len(held) == whole.shard_counts[0]
+    assert train.shard_names == whole.shard_names[1:] and len(train) + len(held) == 24
+    assert train.names == whole.names[len(held) :] and (train.labels == data.UNLABELED).all()
+    first = train.load_many([0])[0].decode()
+    expected = whole.load_many([len(held)])[0].decode()
+    assert np.array_equal(np.asarray(first), np.asarray(expected))
+    assert data.epoch_order(train, 4) is not None  # the shard set's own order
+
+
 def test_the_loss_of_a_large_unlabeled_set_holds_out_a_fixed_spread_sample():
     """5% of 300,007 is 15,000: capped at 10,000, spread evenly over the names (not the first
     ones), none of them trained on, the same on every call (no seed: every trial the same)."""
