@@ -188,6 +188,22 @@ def context_tgz(files: List[bindings.v1File]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def shipped_model_definition(dest: pathlib.Path) -> pathlib.Path:
+    """Write to `dest` the files `det experiment create .` sends from the package (its
+    `.detignore` applied by Determined's own reader), for a test that edits what it ships.
+    Copying the folder itself would also copy each virtual environment in it (gigabytes)."""
+    from determined.common import context
+
+    for f in context.read_v1_context(ROOT):
+        path = dest / f.path
+        if f.type == ord(tarfile.DIRTYPE):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(base64.b64decode(f.content))
+    return dest
+
+
 # What the master writes to a trial's log when a rendezvous waits too long (rendezvous.go).
 RENDEZVOUS_TIMEOUT_LOG = (
     "some containers are taking a long time to connect to master; when running on kubernetes "

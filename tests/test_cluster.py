@@ -20,7 +20,7 @@ from determined.common.api import bindings
 
 import checkpoint
 import nonfinite
-from cluster import SCHEMAS, Cluster
+from cluster import SCHEMAS, Cluster, shipped_model_definition
 from conftest import ROOT, run_python, tiny_config
 from slots_reference import TOLERANCE, largest_parameter_difference, reference_training
 
@@ -833,10 +833,7 @@ def test_a_validation_that_cannot_be_computed_never_reaches_the_searcher(tmp_pat
     (getMetric, the string "NaN") and error the whole search. The trial instead reports the
     worst validation_loss (8.0, the loss's upper end), every slot logs the line, it writes no
     checkpoint of that state and exits 0: COMPLETED, never restarted."""
-    import shutil
-
-    model = tmp_path / "model"
-    shutil.copytree(ROOT, model, ignore=shutil.ignore_patterns(".git", "__pycache__", "tests"))
+    model = shipped_model_definition(tmp_path / "model")
     byol_py = model / "byol.py"
     byol_py.write_text(
         byol_py.read_text()
