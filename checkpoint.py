@@ -222,7 +222,9 @@ def load_backbone(ckpt: Checkpoint, hp: HParams) -> Tuple[torch.nn.Module, int]:
     """The online backbone with the checkpoint's weights, frozen, in eval mode."""
     # No pretrained_weights: the checkpoint's weights replace them, and the file need not
     # exist on this machine.
-    backbone, feature_dim = build_backbone(hp.backbone_name, hp.cifar_stem, None)
+    backbone, feature_dim = build_backbone(
+        hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size
+    )
     try:
         load_backbone_weights(
             backbone, ckpt.backbone_state, hp.backbone_name, hp.cifar_stem, "the checkpoint"

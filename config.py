@@ -178,6 +178,9 @@ def apply_override(config: Dict[str, Any], override: str) -> None:
 DATASETS = ("cifar10", "stl10", "image_folder")
 AUGMENT_PLACES = ("auto", "device", "loader")
 PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("lars", "adamw")
+# Above this base LR (x batch / 256) AdamW diverges: it is a LARS learning rate. DINO's is 5e-4.
+ADAMW_MAX_LEARNING_RATE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +229,7 @@ class HParams:
     global_batch_size: int
     epochs: int
     warmup_epochs: float
+    optimizer: str  # lars or adamw; the default follows the backbone's family
     learning_rate: float
     weight_decay: float
     lars_momentum: float
@@ -424,14 +428,51 @@ def _global_batch_size(r: _Reader, slots: int) -> int:
     return global_batch_size
 
 
+def _backbone_name(r: _Reader) -> str:
+    # Imported here so utils stays importable without torch (config checks in CI, tools).
+    import backbone
+
+    name = r.get("backbone_name")
+    try:
+        backbone.family_of(name)
+    except ValueError as e:
+        raise ConfigError(f"hyperparameters.{e}") from None
+    return name
+
+
+def check_input_size(name: str, cifar_stem: bool, image_size: int) -> None:
+    """Refuse a backbone whose final feature map would vanish at this image size."""
+    import backbone
+
+    try:
+        backbone.check_input_size(name, cifar_stem, image_size)
+    except ValueError as e:
+        raise ConfigError(f"hyperparameters.backbone_name={e}") from None
+
+
+def _default_optimizer(name: str) -> str:
+    import backbone
+
+    return "lars" if backbone.is_convolutional(name) else "adamw"
+
+
 def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
     """Validate the `hyperparameters` section and return it typed. `slots` is the number of
     processes the global batch is split over."""
-    # Imported here so utils stays importable without torch (config checks in CI, tools).
-    from backbone import BACKBONES
-
     r = _Reader(raw, "hyperparameters")
     global_batch_size = _global_batch_size(r, slots)
+    backbone_name = _backbone_name(r)
+    cifar_stem = r.boolean("cifar_stem", False)
+    augmentation = _parse_augmentation(r.sub("augmentation"))
+    check_input_size(backbone_name, cifar_stem, augmentation.image_size)
+    optimizer = r.choice("optimizer", OPTIMIZERS, _default_optimizer(backbone_name))
+    learning_rate = r.positive("learning_rate")
+    if optimizer == "adamw" and learning_rate > ADAMW_MAX_LEARNING_RATE:
+        raise ConfigError(
+            f"hyperparameters.learning_rate={learning_rate} is a LARS learning rate; with "
+            f"optimizer=adamw (the default for ViT and Swin) the base LR must be at most "
+            f"{ADAMW_MAX_LEARNING_RATE} (DINO's is 0.0005), or set hyperparameters.optimizer=lars"
+        )
     classifier_lrs = r.get("classifier_lrs", [0.01, 0.03, 0.1, 0.3, 1.0])
     if (
         not isinstance(classifier_lrs, list)
@@ -447,20 +488,22 @@ def parse_hparams(raw: Dict[str, Any], slots: int = 1) -> HParams:
         )
     hp = HParams(
         dataset_name=r.choice("dataset_name", DATASETS),
-        backbone_name=r.choice("backbone_name", sorted(BACKBONES)),
-        cifar_stem=r.boolean("cifar_stem", False),
+        backbone_name=backbone_name,
+        cifar_stem=cifar_stem,
         pretrained_weights=r.optional_str("pretrained_weights"),
         global_batch_size=global_batch_size,
         epochs=r.integer("epochs"),
         warmup_epochs=r.number("warmup_epochs", 10),
-        learning_rate=r.positive("learning_rate"),
-        weight_decay=r.number("weight_decay", 1.5e-6),
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        # BYOL's LARS decay; AdamW's starts where DINO's does.
+        weight_decay=r.number("weight_decay", 1.5e-6 if optimizer == "lars" else 0.04),
         lars_momentum=r.number("lars_momentum", 0.9, 0.0, 1.0, high_inclusive=False),
         lars_trust_coefficient=r.positive("lars_trust_coefficient", 1e-3),
         tau_base=r.number("tau_base", 0.996, 0.0, 1.0),
         projector_hidden_dim=r.integer("projector_hidden_dim", 4096),
         projection_dim=r.integer("projection_dim", 256),
-        augmentation=_parse_augmentation(r.sub("augmentation")),
+        augmentation=augmentation,
         augment_on=r.choice("augment_on", AUGMENT_PLACES, "auto"),
         precision=r.choice("precision", PRECISIONS, "auto"),
         compile=r.choice("compile", ("auto", True, False), "auto"),
@@ -823,16 +866,14 @@ def _parse_pretrained(reader: _Reader) -> PretrainedSource:
 
 
 def parse_finetune_hparams(raw: Dict[str, Any], slots: int = 1) -> FineTuneHParams:
-    from backbone import BACKBONES
-
     r = _Reader(raw, "hyperparameters")
     global_batch_size = _global_batch_size(r, slots)
     pretrained = _parse_pretrained(r.sub("pretrained", {}))
-    backbone_name = r.optional("backbone_name", lambda key: r.choice(key, sorted(BACKBONES)))
+    backbone_name = r.optional("backbone_name", lambda key: _backbone_name(r))
     if backbone_name is None and pretrained.kind == "random":
         raise ConfigError(
-            f"hyperparameters.backbone_name is required without a pretrained backbone (random "
-            f"initialisation); one of: {', '.join(sorted(BACKBONES))}"
+            "hyperparameters.backbone_name is required without a pretrained backbone (random "
+            "initialisation): a torchvision classifier such as resnet18, convnext_tiny or vit_b_16"
         )
     hp = FineTuneHParams(
         dataset_name=r.choice("dataset_name", DATASETS),

@@ -57,27 +57,36 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Iterator[Non
         yield
 
 
-def uses_channels_last(device: torch.device) -> bool:
-    """Convolutions on a GPU are faster in channels_last (NHWC); a CPU gains nothing."""
-    return device.type == "cuda"
+def uses_channels_last(device: torch.device, backbone_name: str) -> bool:
+    """Convolutional networks on a GPU are faster in channels_last (NHWC); a CPU gains
+    nothing, and a transformer's patch tokens are reshaped out of it at once."""
+    from backbone import is_convolutional
+
+    return device.type == "cuda" and is_convolutional(backbone_name)
 
 
-def memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if uses_channels_last(device) else x
+def memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 class Normalize:
     """uint8 (or 0-255 float) images [B, 3, H, W] -> normalised float network input, in the
-    device's memory format. The statistics are copied to the device once."""
+    network's memory format. The statistics are copied to the device once."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device):
-        self.device = device
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        channels_last: bool = False,
+    ):
+        self.device, self.channels_last = device, channels_last
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float() / 255.0
-        return memory_format((x - self.mean) / self.std, self.device)
+        return memory_format((x - self.mean) / self.std, self.channels_last)
 
 
 def resolve(name: Optional[str]) -> torch.device:

@@ -1,6 +1,7 @@
-"""Export: a checkpoint's online backbone as a plain torchvision ResNet state dict (no fc), plus
-a JSON description beside it (architecture, stem, normalisation, image size), for downstream
-tasks that need neither this package nor Determined."""
+"""Export: a checkpoint's online backbone as a plain torchvision state dict (no classifier), plus
+a JSON description beside it (the torchvision builder and its arguments, the small-image
+adaptation, normalisation, image size), for downstream tasks that need neither this package nor
+Determined: torchvision alone rebuilds the model from the description."""
 
 import json
 import logging
@@ -8,7 +9,7 @@ import os
 
 import torch
 
-from backbone import BACKBONES
+import backbone
 from checkpoint import Checkpoint, normalization
 from config import HParams
 from utils import atomic_write
@@ -26,14 +27,27 @@ def export_backbone(ckpt: Checkpoint, hp: HParams, path: str) -> str:
     with atomic_write(path, "wb") as f:
         torch.save(ckpt.backbone_state, f)
     mean, std = normalization(ckpt)
+    size = hp.augmentation.image_size
+    arch = backbone.architecture(hp.backbone_name, hp.cifar_stem, size)
     info = {
         "architecture": hp.backbone_name,
+        "family": arch["family"],
         "cifar_stem": hp.cifar_stem,
-        "feature_dim": BACKBONES[hp.backbone_name].feature_dim,
-        "image_size": hp.augmentation.image_size,
+        "small_image_adaptation": arch["small_image"],
+        "builder": arch["builder"],
+        "builder_kwargs": arch["kwargs"],
+        "replace_modules": arch["replace"],
+        "classifier": arch["head"],
+        "feature_dim": backbone.feature_width(backbone.build_model(arch), arch["head"]),
+        "image_size": size,
         "normalization": {"mean": mean, "std": std},
         "weights": os.path.basename(path),
-        "format": "torchvision ResNet state dict without fc (load with strict=False)",
+        "format": (
+            "state dict of builder(**builder_kwargs) (a builder_kwargs string naming a "
+            "torchvision class is that class), each module of replace_modules replaced by "
+            "torch.nn.<type>(**rest), without its classifier: load with strict=False, and only "
+            "the classifier's keys are missing"
+        ),
         "checkpoint": ckpt.path,
         "checkpoint_uuid": ckpt.uuid,
         "steps_completed": ckpt.steps_completed,

@@ -180,7 +180,7 @@ class FineTuneTrial(launcher.Trial):
         return f"{self.backbone_name} (cifar_stem={self.cifar_stem}) from {record}"
 
     def _build_model(self) -> None:
-        backbone, feature_dim = build_backbone(self.backbone_name, self.cifar_stem, None)
+        backbone, feature_dim = build_backbone(self.backbone_name, self.cifar_stem, self.image_size)
         if self.pretrained is not None:
             try:
                 load_backbone_weights(
@@ -195,11 +195,12 @@ class FineTuneTrial(launcher.Trial):
             # In the model now: the source's copy need not stay in memory for the whole run.
             self.pretrained = self.pretrained._replace(state=None)
         model = Classifier(backbone, feature_dim, len(self.classes), self.hp.frozen_backbone)
-        if device.uses_channels_last(self.device):
+        channels_last = device.uses_channels_last(self.device, self.backbone_name)
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.wrapped_model = self.context.wrap_model(model)
-        self.normalize = device.Normalize(*self.normalization, self.device)
+        self.normalize = device.Normalize(*self.normalization, self.device, channels_last)
         self.autocast_dtype = device.autocast_dtype(self.hp.precision, self.device)
 
     def _build_optimizer(self) -> None:

@@ -64,12 +64,15 @@ class FrozenBackbone:
     """uint8 (or 0-255 float) image batches -> float32 pooled features, without gradients,
     through the trial's own input pipeline (Normalize, autocast)."""
 
-    def __init__(self, backbone: torch.nn.Module, mean, std, dev: torch.device, autocast_dtype):
+    def __init__(
+        self, backbone: torch.nn.Module, name: str, mean, std, dev: torch.device, autocast_dtype
+    ):
         self.device = dev
         self.backbone = backbone.to(dev)
-        if uses_channels_last(dev):
+        channels_last = uses_channels_last(dev, name)
+        if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self.normalize = Normalize(mean, std, dev)
+        self.normalize = Normalize(mean, std, dev, channels_last)
         self.autocast_dtype = autocast_dtype
 
     @torch.no_grad()
@@ -320,7 +323,7 @@ def run_evaluation(
 
     backbone, feature_dim = checkpoint.load_backbone(ckpt, hp)
     mean, std = checkpoint.normalization(ckpt)
-    features_of = FrozenBackbone(backbone, mean, std, dev, precision)
+    features_of = FrozenBackbone(backbone, hp.backbone_name, mean, std, dev, precision)
     logger.info(
         "extracting centre-crop features of %d fit, %d held-out and %d test images",
         len(fit_source),

@@ -105,21 +105,27 @@ class BYOLTrial(launcher.Trial):
             if self.compiles
             else self.augment
         )
-        self.normalize = device.Normalize(*self.splits.normalization, self.device)
+        self.channels_last = device.uses_channels_last(self.device, self.hp.backbone_name)
+        self.normalize = device.Normalize(
+            *self.splits.normalization, self.device, self.channels_last
+        )
 
     def _build_network(self) -> None:
         """Online and target networks in one module: `self.network` is the plain module (its
         parts, the EMA step), `self.wrapped_network` the same module as Determined wrapped it
         (DistributedDataParallel over several slots) for the training forward pass."""
         backbone, feature_dim = build_backbone(
-            self.hp.backbone_name, self.hp.cifar_stem, self.hp.pretrained_weights
+            self.hp.backbone_name,
+            self.hp.cifar_stem,
+            self.hp.augmentation.image_size,
+            self.hp.pretrained_weights,
         )
         network = byol.BYOLNetwork(
             backbone, feature_dim, self.hp.projector_hidden_dim, self.hp.projection_dim
         )
         if self.hp.sync_batchnorm and self.slots > 1:
             network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
-        if device.uses_channels_last(self.device):
+        if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
         self.network = network
         self.wrapped_network = self.context.wrap_model(network)
@@ -134,15 +140,19 @@ class BYOLTrial(launcher.Trial):
         )
 
     def _build_optimizer(self) -> None:
-        """LARS on the online network (the target network is not trained, only averaged)."""
-        self.optimizer = self.context.wrap_optimizer(
-            optim.LARS(
-                optim.lars_param_groups(self.network, self.hp.weight_decay),
+        """LARS or AdamW on the online network (the target network is not trained, only
+        averaged); the same two parameter groups either way."""
+        groups = optim.parameter_groups(self.network, self.hp.weight_decay)
+        if self.hp.optimizer == "lars":
+            optimizer = optim.LARS(
+                groups,
                 lr=0.0,
                 momentum=self.hp.lars_momentum,
                 trust_coefficient=self.hp.lars_trust_coefficient,
             )
-        )
+        else:
+            optimizer = optim.AdamW(groups, lr=0.0)
+        self.optimizer = self.context.wrap_optimizer(optimizer)
         self.autocast_dtype = device.autocast_dtype(self.hp.precision, self.device)
 
     def _build_metrics(self) -> None:
@@ -222,7 +232,7 @@ class BYOLTrial(launcher.Trial):
         views = (
             batch["views"] if "views" in batch else self.augment_here(batch["image"], batch["key"])
         )
-        return device.memory_format(views, self.device)
+        return device.memory_format(views, self.channels_last)
 
     def forward_loss(self, views: torch.Tensor):
         """Online and target networks on both views -> the symmetrised BYOL loss."""

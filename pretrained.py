@@ -18,8 +18,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+import backbone
 import checkpoint
-from config import ConfigError, FineTuneHParams, PretrainedSource
+from config import ConfigError, FineTuneHParams, PretrainedSource, check_input_size
 from export import sidecar_path
 
 
@@ -134,7 +135,7 @@ def architecture(hp: FineTuneHParams, pretrained: Optional[Pretrained]) -> Tuple
                 "hyperparameters.image_size is required without a pretrained backbone (random "
                 "initialisation), e.g. 32 for CIFAR-10"
             )
-        return hp.backbone_name, bool(hp.cifar_stem), hp.image_size
+        return _checked(hp.backbone_name, bool(hp.cifar_stem), hp.image_size)
     for key, ours, theirs in (
         ("backbone_name", hp.backbone_name, pretrained.backbone_name),
         ("cifar_stem", hp.cifar_stem, pretrained.cifar_stem),
@@ -145,4 +146,16 @@ def architecture(hp: FineTuneHParams, pretrained: Optional[Pretrained]) -> Tuple
                 f"hyperparameters.{key}={ours!r} does not fit the pretrained backbone, which is "
                 f"{key}={shown}: its weights cannot load; leave {key} unset (null) to follow it"
             )
-    return pretrained.backbone_name, pretrained.cifar_stem, hp.image_size or pretrained.image_size
+    size = hp.image_size or pretrained.image_size
+    if size != pretrained.image_size and backbone.family_of(pretrained.backbone_name).name == "ViT":
+        raise ConfigError(
+            f"hyperparameters.image_size={size} does not fit the pretrained ViT, trained at "
+            f"{pretrained.image_size} px: its position embeddings are per patch; leave "
+            f"image_size unset (null) to follow it"
+        )
+    return _checked(pretrained.backbone_name, pretrained.cifar_stem, size)
+
+
+def _checked(name: str, cifar_stem: bool, image_size: int) -> Tuple[str, bool, int]:
+    check_input_size(name, cifar_stem, image_size)
+    return name, cifar_stem, image_size

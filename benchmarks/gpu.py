@@ -53,7 +53,7 @@ def measure(trial, size, batch_size, epoch_images, repeats, sync):
     augment = lambda: trial.augment_here(on_device["image"], on_device["key"])
     out["augmentation ms"] = median_ms(augment, repeats, sync)
 
-    views = device.memory_format(augment(), trial.device)
+    views = device.memory_format(augment(), trial.channels_last)
     with_views = {"views": views, "key": on_device["key"], "corrupt": on_device["corrupt"]}
     bare = speed.bare_step_fn(trial)
     out["train_batch ms"] = median_ms(lambda: train_step(batch), repeats, sync)

@@ -73,7 +73,7 @@ def overrides(folder: str, settings: dict, epochs: int, workers: int = 1) -> lis
 
 def seconds_per_step(hp: HParams, image_size: int) -> float:
     """Time a few real training steps (both views, online + target, LARS, EMA) on random data."""
-    backbone, dim = build_backbone(hp.backbone_name, hp.cifar_stem)
+    backbone, dim = build_backbone(hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size)
     net = byol.BYOLNetwork(backbone, dim, hp.projector_hidden_dim, hp.projection_dim)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     views = torch.randn(2 * hp.global_batch_size, 3, image_size, image_size)
@@ -91,7 +91,9 @@ def seconds_per_step(hp: HParams, image_size: int) -> float:
 
 def probe(backbone, parts, hp, normalization, num_classes, device):
     """kNN and linear-probe test accuracy of a backbone's centre-crop features."""
-    features_of = linear_eval.FrozenBackbone(backbone.eval(), *normalization, device, None)
+    features_of = linear_eval.FrozenBackbone(
+        backbone.eval(), hp.backbone_name, *normalization, device, None
+    )
     by_split = linear_eval.extract_features(
         features_of, parts, hp.augmentation.image_size, 256, 1, data.CorruptImageLog(False)
     )
@@ -193,10 +195,10 @@ def main():
     state = torch.load(
         os.path.join(final, "state_dict.pth"), map_location="cpu", weights_only=True
     )["models_state_dict"][0]
-    trained, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
+    trained, _ = build_backbone(hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size)
     trained.load_state_dict(checkpoint.online_backbone_state(state, final))
     torch.manual_seed(0)  # the same initialisation the run started from
-    random_init, _ = build_backbone(hp.backbone_name, hp.cifar_stem)
+    random_init, _ = build_backbone(hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size)
 
     fit, held = data.holdout_split(splits.labeled_train.labels, hp.probe.holdout_fraction, 0)
     parts = [

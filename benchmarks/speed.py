@@ -163,7 +163,7 @@ def write_folder(root, per_class=64, classes=4, test_per_class=16):
 def bare_step_fn(trial):
     """The same networks and LARS, stepped the plain way, eager, in the trial's precision."""
     net = trial.network
-    opt = optim.LARS(optim.lars_param_groups(net, 1.5e-6), lr=0.1, momentum=0.9)
+    opt = optim.LARS(optim.parameter_groups(net, 1.5e-6), lr=0.1, momentum=0.9)
     online = net.online_parameters()
     target = net.target_parameters()
 
@@ -324,7 +324,7 @@ def main():
 
         if args.byol_pytorch:
             bp = load_byol_pytorch(args.byol_pytorch)
-            net, _ = build_backbone("resnet18", cifar_stem=False)
+            net, _ = build_backbone("resnet18", False, 224)
             net.fc = torch.nn.Linear(512, 10)  # byol-pytorch hooks the layer before fc
             learner = bp.BYOL(
                 net,
@@ -336,7 +336,7 @@ def main():
                 moving_average_decay=0.99,
                 use_simplicial_embeddings=False,
             ).to(trial.device)
-            bp_opt = optim.LARS(optim.lars_param_groups(learner, 1.5e-6), lr=0.1, momentum=0.9)
+            bp_opt = optim.LARS(optim.parameter_groups(learner, 1.5e-6), lr=0.1, momentum=0.9)
             images = views[:BATCH]
 
             def byol_pytorch_step():

@@ -322,6 +322,14 @@ def folder_overrides(folder):
     ]
 
 
+# How a refused backbone name is answered: the families, as a user reads them (backbone.py).
+KNOWN_FAMILIES = (
+    "a torchvision classifier of the families ResNet (resnet*/wide_resnet*/resnext*), RegNet "
+    "(regnet_*), EfficientNet (efficientnet_*), ConvNeXt (convnext_*), ViT (vit_*), Swin "
+    "(swin_*), or vit_s_16 / vit_ti_16"
+)
+
+
 def tiny_config(tmp_path, **hparams):
     """const-cifar10.yaml shrunk to seconds on a CPU, written to tmp_path/config.yaml."""
     with open(os.path.join(ROOT, "const-cifar10.yaml")) as f:
@@ -430,7 +438,7 @@ def load_state(path):
 
 def assert_same_training_state(a_dir, b_dir):
     """Two checkpoints hold the same training state, bit for bit: every model tensor (weights,
-    BatchNorm statistics), every momentum buffer, every parameter group's learning rate."""
+    BatchNorm statistics), every optimizer state tensor, every parameter group's learning rate."""
     import torch
 
     a, b = load_state(a_dir), load_state(b_dir)
@@ -439,8 +447,10 @@ def assert_same_training_state(a_dir, b_dir):
         assert torch.equal(tensor, b["models_state_dict"][0][name]), (a_dir, name)
     a_opt, b_opt = a["optimizers_state_dict"][0], b["optimizers_state_dict"][0]
     assert a_opt["state"].keys() == b_opt["state"].keys()
-    for key, x in a_opt["state"].items():
-        assert torch.equal(x["momentum_buffer"], b_opt["state"][key]["momentum_buffer"])
+    for key, x in a_opt["state"].items():  # LARS's momentum; AdamW's moments and step count
+        assert x.keys() == b_opt["state"][key].keys()
+        for name, tensor in x.items():
+            assert torch.equal(tensor, b_opt["state"][key][name]), (a_dir, key, name)
     assert [g["lr"] for g in a_opt["param_groups"]] == [g["lr"] for g in b_opt["param_groups"]]
 
 

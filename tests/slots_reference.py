@@ -52,10 +52,10 @@ def _train(hyperparameters, folder, slots, steps, seed):
         parse_data_config({"train_dir": str(folder / "train"), "test_dir": str(folder / "test")}),
     )
     torch.manual_seed(seed)  # as the trial's process is seeded before it builds the network
-    backbone, dim = build_backbone(hp.backbone_name, hp.cifar_stem)
+    backbone, dim = build_backbone(hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size)
     network = byol.BYOLNetwork(backbone, dim, hp.projector_hidden_dim, hp.projection_dim).train()
     optimizer = optim.LARS(
-        optim.lars_param_groups(network, hp.weight_decay),
+        optim.parameter_groups(network, hp.weight_decay),
         lr=0.0,
         momentum=hp.lars_momentum,
         trust_coefficient=hp.lars_trust_coefficient,

@@ -14,7 +14,7 @@ import hpspace
 import model_def
 import preflight
 from config import ConfigError
-from conftest import ROOT, run_python, write_cifar10, write_stl10
+from conftest import KNOWN_FAMILIES, ROOT, run_python, write_cifar10, write_stl10
 from gcs_server import FakeGCS
 
 SEARCHED_POINT = "learning_rate=0.1, weight_decay=1e-06, tau_base=0.97"
@@ -323,8 +323,8 @@ def test_the_command_as_a_user_runs_it(tmp_path):
         (
             ("hyperparameters.backbone_name={type: categorical, vals: [resnet18, resnet5O]}",),
             [
-                "error: hyperparameters.backbone_name='resnet5O' is not one of: resnet101, "
-                f"resnet18, resnet34, resnet50 (at backbone_name=resnet5O, {SEARCHED_POINT}; and "
+                "error: hyperparameters.backbone_name='resnet5O' is not a known backbone (did you "
+                f"mean resnet50?): {KNOWN_FAMILIES} (at backbone_name=resnet5O, {SEARCHED_POINT}; and "
                 "7 more points)",
                 "failed: 1 problem, 16 hyperparameter points checked",
             ],

@@ -18,7 +18,7 @@ from config import (
     parse_experiment_config,
     parse_hparams,
 )
-from conftest import data_dirs, folder_overrides, tiny_config
+from conftest import KNOWN_FAMILIES, data_dirs, folder_overrides, tiny_config
 
 
 def run(args):
@@ -33,7 +33,8 @@ def run(args):
     [
         (
             "hyperparameters.backbone_name=resnet9",
-            "backbone_name='resnet9' is not one of: resnet101, resnet18, resnet34, resnet50",
+            "backbone_name='resnet9' is not a known backbone (did you mean resnet50?): "
+            + KNOWN_FAMILIES,
         ),
         (
             "hyperparameters.dataset_name=mnist",

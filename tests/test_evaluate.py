@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torchvision
 import yaml
 from determined import core
 from determined.common.api import errors as det_errors
@@ -233,14 +234,17 @@ def test_export_loads_into_torchvision_and_matches_the_online_backbone(trained, 
     assert not any(
         k.startswith(("fc.", "online_", "target_", "predictor", "module.")) for k in state
     )
-    model = backbone.build_torchvision_model("resnet18", cifar_stem=True)
+    # torchvision's ResNet-18 with the CIFAR stem, built here by hand.
+    model = torchvision.models.resnet18(weights=None)
+    model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     assert tuple(model.conv1.weight.shape) == (64, 3, 3, 3)
 
     # The trial's own network, restored from the checkpoint, computes the same features.
     hp = parse_hparams(yaml.safe_load(open(trained.config))["hyperparameters"])
-    online, dim = backbone.build_backbone("resnet18", True)
+    online, dim = backbone.build_backbone("resnet18", True, 16)
     network = byol.BYOLNetwork(online, dim, hp.projector_hidden_dim, hp.projection_dim)
     network.load_state_dict(load_model_state(trained.checkpoint))
     model.fc = torch.nn.Identity()
@@ -257,6 +261,20 @@ def test_export_loads_into_torchvision_and_matches_the_online_backbone(trained, 
         and info["cifar_stem"] is True
         and info["image_size"] == 16
     )
+    assert info["builder"] == "torchvision.models.resnet18" and info["classifier"] == "fc"
+    assert info["builder_kwargs"] == {"weights": None} and info["feature_dim"] == 512
+    assert info["replace_modules"] == {
+        "conv1": {
+            "type": "Conv2d",
+            "in_channels": 3,
+            "out_channels": 64,
+            "kernel_size": 3,
+            "stride": 1,
+            "padding": 1,
+            "bias": False,
+        },
+        "maxpool": {"type": "Identity"},
+    }
     assert info["normalization"] == marker["normalization"]
     assert info["checkpoint_uuid"] == trained.uuid and info["steps_completed"] == 3
     assert info["checkpoint"] == str(trained.checkpoint)
@@ -295,7 +313,10 @@ def test_checkpoint_of_a_two_process_run_exports(trained, tmp_path, capsys):
     assert all(k.startswith("module.") for k in load_model_state(checkpoint))
     run(["--checkpoint", checkpoint, "--export", tmp_path / "b.pt", "--export-only"], capsys)
     assert json.loads((tmp_path / "b.json").read_text())["checkpoint_uuid"] == uuid
-    model = backbone.build_torchvision_model("resnet18", cifar_stem=True)
+    # torchvision's ResNet-18 with the CIFAR stem, built here by hand.
+    model = torchvision.models.resnet18(weights=None)
+    model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
     missing, unexpected = model.load_state_dict(
         torch.load(tmp_path / "b.pt", weights_only=True), strict=False
     )

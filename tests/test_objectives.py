@@ -66,7 +66,7 @@ def test_ema_update_moves_target_towards_online():
 
 
 def test_target_starts_as_copy_and_follows_only_by_ema():
-    backbone, dim = build_backbone("resnet18", cifar_stem=True)
+    backbone, dim = build_backbone("resnet18", True, 32)
     net = byol.BYOLNetwork(backbone, dim, 32, 16)
     for o, t in zip(net.online_parameters(), net.target_parameters()):
         assert torch.equal(o, t) and not t.requires_grad and o.data_ptr() != t.data_ptr()
@@ -81,9 +81,9 @@ def test_target_starts_as_copy_and_follows_only_by_ema():
 
 
 def test_lars_excludes_every_bias_and_norm_parameter():
-    backbone, dim = build_backbone("resnet50")
+    backbone, dim = build_backbone("resnet50", False, 224)
     net = byol.BYOLNetwork(backbone, dim, 64, 16)
-    adapted, excluded = optim.lars_param_groups(net, 1.5e-6)
+    adapted, excluded = optim.parameter_groups(net, 1.5e-6)
     names = {id(p): n for n, p in net.named_parameters()}
     excluded_names = {names[id(p)] for p in excluded["params"]}
     adapted_names = {names[id(p)] for p in adapted["params"]}

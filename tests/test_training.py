@@ -166,9 +166,9 @@ def optimizer_parameter_names():
     import optim
     from backbone import build_backbone
 
-    network = byol.BYOLNetwork(build_backbone("resnet18", True)[0], 512, 32, 16)
+    network = byol.BYOLNetwork(build_backbone("resnet18", True, 32)[0], 512, 32, 16)
     names = {id(p): n for n, p in network.named_parameters()}
-    groups = optim.lars_param_groups(network, weight_decay=0.0)
+    groups = optim.parameter_groups(network, weight_decay=0.0)
     return [names[id(p)] for group in groups for p in group["params"]]
 
 
@@ -360,7 +360,7 @@ def test_without_labels_validation_reports_the_byol_loss(tmp_path, image_folder,
     assert step == 3 and "test_accuracy" not in metrics
 
     hp = parse_hparams(load_config(str(config))["hyperparameters"], 1)
-    network = byol.BYOLNetwork(build_backbone("resnet18", True)[0], 512, 32, 16)
+    network = byol.BYOLNetwork(build_backbone("resnet18", True, 32)[0], 512, 32, 16)
     (saved,) = checkpoints_by_step(tmp_path / "ckpt")[3]
     network.load_state_dict(load_state(saved)["models_state_dict"][0])
     splits = data.build_splits(
