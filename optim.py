@@ -191,7 +191,8 @@ class AdamW(SkippableOptimizer):
                 torch.where(finite, beta1, 1.0),
                 torch.where(finite, beta2, 1.0),
             )
-        torch._foreach_add_(steps, keep)
+        # A list of the one flag: _foreach_add_(tensors, 0-dim tensor) reads it on the host.
+        torch._foreach_add_(steps, [keep] * len(steps) if finite is not None else 1.0)
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"] * keep)
         torch._foreach_mul_(exp_avgs, beta1_kept)

@@ -243,9 +243,17 @@ def test_non_finite_loss_stops_at_that_step_without_a_poisoned_checkpoint(
             assert torch.isfinite(buffers["momentum_buffer"]).all()
 
 
-@pytest.mark.parametrize("place", ["device", "loader"])
+@pytest.mark.parametrize(
+    "place,model",
+    [
+        ("device", "resnet18"),
+        ("loader", "resnet18"),
+        # A transformer and its AdamW (whose step count once took a host read per group).
+        ("device", "vit_ti_16"),
+    ],
+)
 def test_a_training_step_that_prints_nothing_never_waits_for_the_device(
-    tmp_path, image_folder, monkeypatch, place
+    tmp_path, image_folder, monkeypatch, place, model
 ):
     """Counted around train_batch: no op whose result the host reads (.item(), nonzero,
     bool(tensor), ...), with the augmentation on the device or in the loader. (The code before
@@ -253,6 +261,9 @@ def test_a_training_step_that_prints_nothing_never_waits_for_the_device(
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "ckpt"))
     overrides = [o for o in folder_overrides(image_folder) if o != "--set"]
     overrides.append(f"hyperparameters.augment_on={place}")
+    overrides.append(f"hyperparameters.backbone_name={model}")
+    if model.startswith("vit"):
+        overrides.append("hyperparameters.learning_rate=0.0005")
     with speed.local_trial(str(tiny_config(tmp_path)), overrides) as trial:
         batch = next(iter(trial.build_training_data_loader()))
         for step in (0, 1):  # 3 steps an epoch: steps_done 1 and 2 print no progress line
