@@ -1,5 +1,5 @@
-"""Backbones beyond ResNet: one small member of each family trains, resumes exactly and exports
-to a file that torchvision alone loads in a fresh process; weight decay and trust scaling reach
+"""Backbones beyond ResNet: one small member of each family trains, resumes exactly, exports to
+a file that torchvision alone loads in a fresh process, fine-tunes and draws its pictures; weight decay and trust scaling reach
 only the weights a layer multiplies its input by, found by watching the model compute; the
 combinations that cannot work are refused in one line; AdamW is torch's own update."""
 
@@ -10,12 +10,14 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import backbone
 import byol
 import checkpoint
 import evaluate_result
+import finetune
 import model_def
 import optim
 from conftest import (
@@ -25,6 +27,7 @@ from conftest import (
     folder_overrides,
     run_python,
     tiny_config,
+    tiny_finetune_config,
     write_image_folder,
 )
 
@@ -46,7 +49,7 @@ def train(config, checkpoint_dir, *extra):
 
 
 @pytest.mark.parametrize("name,cifar_stem,size", FAMILY_MEMBERS)
-def test_each_family_trains_resumes_exactly_and_exports_for_torchvision_alone(
+def test_each_family_trains_resumes_exactly_exports_fine_tunes_and_draws(
     tmp_path, caplog, name, cifar_stem, size
 ):
     folder = write_image_folder(tmp_path / "images")
@@ -124,6 +127,44 @@ def test_each_family_trains_resumes_exactly_and_exports_for_torchvision_alone(
     with torch.no_grad():
         torch.testing.assert_close(theirs, ours(x), rtol=0, atol=1e-5)
     assert theirs.shape == (3, width) == (3, info["feature_dim"])
+
+    # Fine-tuned from the checkpoint with the backbone frozen (a linear probe), following its
+    # architecture: the backbone comes out as the checkpoint's online backbone, every tensor.
+    ft_config = tmp_path / "finetune.yaml"
+    with open(ft_config, "w") as f:
+        source = {"checkpoint": str(full[3][0])}
+        yaml.safe_dump(
+            tiny_finetune_config(
+                tmp_path, folder, pretrained=source, backbone_name=None, cifar_stem=None,
+                image_size=None, backbone_lr_scale=0.0,
+            ),
+            f,
+        )  # fmt: skip
+    finetune.main([str(ft_config), "--checkpoint-dir", str(tmp_path / "ft")])
+    (ft_dir,) = checkpoints_by_step(tmp_path / "ft").values()
+    model = checkpoint.load_state(str(ft_dir[0] / "state_dict.pth"))["models_state_dict"][0]
+    tuned = {k[len("backbone.") :]: v for k, v in model.items() if k.startswith("backbone.")}
+    online = state["models_state_dict"][0]
+    source_backbone = {
+        k[len("online_backbone.") :]: v
+        for k, v in online.items()
+        if k.startswith("online_backbone.")
+    }
+    assert tuned.keys() == source_backbone.keys()
+    assert all(torch.equal(tuned[k], source_backbone[k]) for k in tuned)
+
+    # The evaluation draws its pictures from the family's features.
+    evaluate_result.main(
+        [
+            "--checkpoint",
+            str(full[3][0]),
+            "--classifier-train-epochs",
+            "2",
+            "--pictures",
+            str(tmp_path / "pictures"),
+        ]
+    )
+    assert {"neighbours.png", "confusion.png"} <= set(os.listdir(tmp_path / "pictures"))
 
 
 class MatrixOperands(TorchDispatchMode):

@@ -1,0 +1,102 @@
+"""The peak GPU memory of one BYOL training step, estimated without a GPU.
+
+The trial's network (online and target backbone, projector, predictor) and optimizer are built
+as the trial builds them, their tensors replaced by fake tensors (torch's FakeTensorMode:
+shapes and dtypes, no memory). Two training steps then run on both views of one per-GPU batch,
+with bf16 autocast where the trial would use it: forward, BYOL loss, backward, optimizer step,
+EMA. The fake tensors are CPU tensors (autograd cannot run fake CUDA tensors without a GPU), so
+autocast is the CPU's, which casts the same layers as CUDA's does: convolutions and matrix
+products in bf16, normalisations and the loss in fp32.
+Every tensor storage made is counted from its creation until Python frees it, so the peak is
+that of live tensors: weights, gradients, optimizer state, activations saved for backward.
+Not counted: CUDA's own context and the caching allocator's fragmentation (a real run
+reserves more than it allocates), the augmentation's temporaries (freed before the forward),
+and the input batch in uint8.
+"""
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import byol
+import optim
+from backbone import build_backbone
+from config import HParams
+
+
+class LiveStorages(TorchDispatchMode):
+    """Bytes of the tensor storages alive now and at most, counting each storage once, from
+    the op (or `track` call) that made it until it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked = weakref.WeakSet()
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self.tracked:
+            return
+        self.tracked.add(storage)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.track(leaf)
+        return out
+
+
+def _to_fake(module: nn.Module, mode, device: str) -> None:
+    """Each parameter and buffer of `module` replaced by a fake tensor like it on `device`."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                with mode:
+                    fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=device)
+                m._parameters[name] = nn.Parameter(fake, requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                with mode:
+                    m._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+
+
+def step_peak_bytes(hp: HParams, per_gpu_batch: int, autocast: Optional[torch.dtype]) -> int:
+    """Peak bytes of live tensors in a training step of `hp` at `per_gpu_batch` images."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    size = hp.augmentation.image_size
+    backbone, width = build_backbone(hp.backbone_name, hp.cifar_stem, size)
+    network = byol.BYOLNetwork(backbone, width, hp.projector_hidden_dim, hp.projection_dim)
+    mode = FakeTensorMode()
+    _to_fake(network, mode, "cpu")
+    counter = LiveStorages()
+    with mode, counter:
+        for tensor in [*network.parameters(), *network.buffers()]:
+            counter.track(tensor)
+        groups = optim.parameter_groups(network, hp.weight_decay)
+        optimizer = (
+            optim.LARS(groups, lr=0.1) if hp.optimizer == "lars" else optim.AdamW(groups, lr=1e-3)
+        )
+        views = torch.empty(2 * per_gpu_batch, 3, size, size)
+        for _ in range(2):  # the second step has the optimizer's state from the first
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                prediction, target_projection, _ = network(views)
+                loss = byol.byol_loss(prediction, target_projection)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            network.update_target(0.99)
+            del prediction, target_projection, loss
+    return counter.peak
