@@ -36,7 +36,7 @@ SWIN_CLASS = "torchvision.models.swin_transformer.SwinTransformer"
 class Family:
     name: str
     prefixes: Tuple[str, ...]  # of torchvision's builder names
-    head: str  # the classifier's module path, replaced by nn.Identity
+    classifier: str  # the classifier's module path, replaced by nn.Identity
     feature_map: str  # the module whose input (or, for a ViT, output) is the final feature map
     convolutional: bool  # channels_last and LARS suit it; transformers get neither
     small_image: Callable[[nn.Module, int], Tuple[str, Dict[str, Any], Dict[str, Any]]]
@@ -192,9 +192,9 @@ def _architecture(name: str, small_image: bool, image_size: int) -> Dict[str, An
         "name": name,
         "family": family.name,
         "builder": builder,
-        "kwargs": kwargs,
-        "replace": replace,
-        "head": family.head,
+        "builder_kwargs": kwargs,
+        "replace_modules": replace,
+        "classifier": family.classifier,
         "small_image": family.small_image_text if small_image else None,
     }
 
@@ -204,10 +204,10 @@ def build_model(arch: Dict[str, Any]) -> nn.Module:
     called with its arguments (class names resolved), then its modules replaced."""
     kwargs = {
         k: _resolve(v) if isinstance(v, str) and v.startswith("torchvision.") else v
-        for k, v in arch["kwargs"].items()
+        for k, v in arch["builder_kwargs"].items()
     }
     model = _resolve(arch["builder"])(**kwargs)
-    for path, spec in arch["replace"].items():
+    for path, spec in arch["replace_modules"].items():
         spec = dict(spec)
         _replace(model, path, getattr(nn, spec.pop("type"))(**spec))
     return model
@@ -260,9 +260,9 @@ def check_input_size(name: str, small_image: bool, image_size: int) -> None:
     )
 
 
-def feature_width(model: nn.Module, head: str) -> int:
-    """The width of the features the classifier at `head` takes: its (last) Linear's input."""
-    linears = [m for m in model.get_submodule(head).modules() if isinstance(m, nn.Linear)]
+def feature_width(model: nn.Module, classifier: str) -> int:
+    """The width of the features the classifier takes: its (last) Linear's input."""
+    linears = [m for m in model.get_submodule(classifier).modules() if isinstance(m, nn.Linear)]
     return linears[-1].in_features
 
 
@@ -277,9 +277,9 @@ def build_backbone(
     arch = architecture(name, small_image, image_size)
     model = build_model(arch)
     if weights_path is not None:
-        load_local_weights(model, weights_path, arch["head"])
-    width = feature_width(model, arch["head"])
-    _replace(model, arch["head"], nn.Identity())
+        load_local_weights(model, weights_path, arch["classifier"])
+    width = feature_width(model, arch["classifier"])
+    _replace(model, arch["classifier"], nn.Identity())
     return model, width
 
 
@@ -298,14 +298,14 @@ def load_backbone_weights(
         ) from None
 
 
-def load_local_weights(model: nn.Module, path: str, head: str) -> None:
+def load_local_weights(model: nn.Module, path: str, classifier: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained_weights file {path!r} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(head + ".")]
+    missing = [k for k in missing if not k.startswith(classifier + ".")]
     if missing or unexpected:
         raise ValueError(
             f"pretrained_weights {path!r} does not match the backbone: missing {missing[:5]}, "

@@ -99,7 +99,7 @@ def test_each_family_trains_resumes_exactly_exports_fine_tunes_and_draws(
     assert sorted(resumed) == [3]
     assert_same_training_state(full[3][0], resumed[3][0])
 
-    # Exported, then rebuilt by the README's snippet in a fresh process that cannot import this
+    # Exported, then rebuilt by docs/evaluation.md's snippet in a fresh process that cannot import this
     # package (isolated mode, another directory): the same features as the package's own.
     out = tmp_path / "export"
     out.mkdir()
@@ -111,7 +111,7 @@ def test_each_family_trains_resumes_exactly_exports_fine_tunes_and_draws(
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     torch.save(x, out / "x.pt")
     shutil.copy(next((folder / "test" / "cat").iterdir()), out / "image.png")  # the snippet's
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = open(os.path.join(ROOT, "docs", "evaluation.md")).read()
     (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "preprocess" in b]
     script = snippet + (
         "\nassert __import__('importlib').util.find_spec('backbone') is None  # not ours\n"

@@ -547,16 +547,16 @@ def test_in_cluster_mode_reports_the_result_as_validation_metrics(trained):
     )
 
 
-def test_the_readme_backbone_snippet_runs_as_written_and_matches_evaluation(
+def test_the_documented_backbone_snippet_runs_as_written_and_matches_evaluation(
     trained, tmp_path, capsys, monkeypatch
 ):
-    """The README's Python block, pasted as it is next to an export and an image, gives the
+    """docs/evaluation.md's Python block, pasted as it is next to an export and an image, gives the
     features the package's own evaluation pipeline gives (data.center_crop, device.Normalize)."""
     import re
 
     import device
 
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = open(os.path.join(ROOT, "docs", "evaluation.md")).read()
     (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "preprocess" in b]
     run(
         ["--checkpoint", trained.checkpoint, "--export", tmp_path / "backbone.pt", "--export-only"],
@@ -566,7 +566,7 @@ def test_the_readme_backbone_snippet_runs_as_written_and_matches_evaluation(
     image.save(tmp_path / "image.png")
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    exec(compile(snippet, "docs/evaluation.md", "exec"), namespace)
 
     info = json.loads((tmp_path / "backbone.json").read_text())
     crop = data.center_crop(Image.open(tmp_path / "image.png").convert("RGB"), info["image_size"])
