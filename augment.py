@@ -91,8 +91,12 @@ _CONSTANTS: Dict[Tuple[Tuple[float, ...], torch.device], torch.Tensor] = {}
 
 def device_constant(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """A float32 tensor of `values` on `device`, copied there once per process: on a GPU a
-    tensor made from host values is a host-to-device copy."""
+    tensor made from host values is a host-to-device copy. Traced by torch.compile, the values
+    are the compiled graph's own constants: the cache's first insert would break the guard its
+    lookup sets, and compile the augmentation a second time."""
     key = (tuple(float(v) for v in values), torch.device(device))
+    if torch.compiler.is_compiling():
+        return torch.tensor(key[0], dtype=torch.float32, device=device)
     if key not in _CONSTANTS:
         _CONSTANTS[key] = torch.tensor(key[0], dtype=torch.float32, device=device)
     return _CONSTANTS[key]

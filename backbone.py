@@ -178,7 +178,10 @@ def architecture(name: str, small_image: bool, image_size: int) -> Dict[str, Any
 @functools.lru_cache(maxsize=None)
 def _architecture(name: str, small_image: bool, image_size: int) -> Dict[str, Any]:
     family = family_of(name)
-    stock = _stock_model(name, image_size)
+    # Built only to be read: the global RNG stays where it was, so a seeded trial initialises
+    # its network alike whether this ran before (cached) or not.
+    with torch.random.fork_rng(devices=[]):
+        stock = _stock_model(name, image_size)
     if name in EXTRA_VITS:
         builder, kwargs = VIT_CLASS, _vit_patch(stock, image_size)[1] | {"patch_size": 16}
     else:
@@ -221,7 +224,8 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 def feature_map_size(arch: Dict[str, Any], image_size: int) -> Tuple[int, int]:
     """(height, width) of the final feature map on `image_size`-px images: one forward pass on
     the `meta` device (shapes only, no arithmetic)."""
-    model = build_model(arch).to("meta").eval()
+    with torch.random.fork_rng(devices=[]):  # as in _architecture
+        model = build_model(arch).to("meta").eval()
     family = family_of(arch["name"])
     module = model.get_submodule(family.feature_map)
     seen = []

@@ -36,6 +36,7 @@ from config import (
     load_config,
     result_changes,
 )
+from memory import parse_gpu_memory
 from nonfinite import TrialDiverged
 from startup import Startup, StartupFailed
 
@@ -97,8 +98,8 @@ class TrialKind(NamedTuple):
     parse: Callable[[Dict[str, Any], int], Any]
     # (context, typed config, trial_id or None, startup or None, tensorboard_run or None)
     build: Callable[..., pytorch.PyTorchTrial]
-    # (config path, --set overrides) -> exit status of `--check`
-    check: Callable[[str, List[str]], int]
+    # (config path, --set overrides, GPU bytes or None) -> exit status of `--check`
+    check: Callable[[str, List[str], Optional[int]], int]
     usage: str  # the trial module's docstring
     example: str  # the command with a shipped config, e.g. "python model_def.py const-cifar10.yaml"
     default_checkpoint_dir: str
@@ -139,6 +140,12 @@ def parse_args(kind: TrialKind, argv: Optional[List[str]] = None) -> argparse.Na
         "(0: ok, 1: problems). Nothing is trained or downloaded",
     )
     parser.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="with --check: warn where a training step is expected not to fit a GPU of SIZE "
+        "(e.g. 80GB), naming the largest per-GPU batch that fits",
+    )
+    parser.add_argument(
         "--plot",
         action="store_true",
         help="at the end, draw the run's curves.png beside its TensorBoard files",
@@ -162,7 +169,13 @@ def main(kind: TrialKind, argv: Optional[List[str]] = None) -> None:
     if args.check:
         if args.config is None or args.resume is not None:
             sys.exit("error: --check takes an experiment config yaml (and --set), not --resume")
-        sys.exit(kind.check(args.config, args.overrides))
+        try:
+            gpu_memory = None if args.gpu_memory is None else parse_gpu_memory(args.gpu_memory)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        sys.exit(kind.check(args.config, args.overrides, gpu_memory))
+    if args.gpu_memory is not None:
+        sys.exit("error: --gpu-memory goes with --check")
     if args.config is None and args.resume is None:
         sys.exit(f"error: give an experiment config yaml, e.g. {kind.example}")
     try:

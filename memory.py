@@ -100,3 +100,38 @@ def step_peak_bytes(hp: HParams, per_gpu_batch: int, autocast: Optional[torch.dt
             network.update_target(0.99)
             del prediction, target_projection, loss
     return counter.peak
+
+
+# What a real run takes beyond its live tensors: CUDA's context and the caching allocator's
+# slack (the CPU steps of tests/test_memory.py took up to 1.33x the estimate).
+CUDA_RESERVE_BYTES = 1 << 30
+GPU_MEMORY_UNITS = {"GB": 1 << 30, "GiB": 1 << 30, "MB": 1 << 20, "MiB": 1 << 20}
+
+
+def parse_gpu_memory(text: str) -> int:
+    """'80GB' -> bytes. GB and GiB both mean 2**30 bytes, as GPU makers count ('80GB' H100)."""
+    for unit, scale in GPU_MEMORY_UNITS.items():
+        number = text[: -len(unit)].strip()
+        if text.endswith(unit) and number.replace(".", "", 1).isdigit() and float(number) > 0:
+            return int(float(number) * scale)
+    raise ValueError(f"--gpu-memory {text!r}: give the GPU's memory as a number and GB, e.g. 80GB")
+
+
+def fits(peak: int, gpu_bytes: int) -> bool:
+    return peak + CUDA_RESERVE_BYTES <= gpu_bytes
+
+
+def largest_fitting_batch(
+    hp: HParams, per_gpu_batch: int, peak: int, autocast, gpu_bytes: int
+) -> int:
+    """The largest per-GPU batch below `per_gpu_batch` (whose estimate is `peak`) that fits:
+    the peak is close to affine in the batch, so a line through two estimates proposes it,
+    and estimates step it down until one fits. 0 if not even 2 images fit."""
+    half = max(2, per_gpu_batch // 2)
+    peak_half = step_peak_bytes(hp, half, autocast)
+    per_image = max(1.0, (peak - peak_half) / max(1, per_gpu_batch - half))
+    batch = int((gpu_bytes - CUDA_RESERVE_BYTES - (peak_half - per_image * half)) / per_image)
+    batch = min(per_gpu_batch - 1, batch)
+    while batch >= 2 and not fits(step_peak_bytes(hp, batch, autocast), gpu_bytes):
+        batch = int(batch * 0.9)
+    return batch if batch >= 2 else 0

@@ -11,13 +11,15 @@ agents and a gs:// location without credentials are notes, not problems.
 
 It prints a note per thing worth knowing ("note: ..."), one line per problem ("error: ...",
 each once, with the point where it occurs), and last "ok: N hyperparameter points checked"
-(exit 0) or "failed: ..." (exit 1).
+(exit 0) or "failed: ..." (exit 1). With --gpu-memory SIZE it also estimates each point's
+training step (memory.py) and warns ("warning: ...", exit status unchanged) where one would not
+fit a GPU of that size, naming the largest per-GPU batch that fits.
 """
 
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import checkpoint
 import data
@@ -54,6 +56,7 @@ class Report:
 
     points: List[hpspace.Point] = dataclasses.field(default_factory=list)
     notes: List[str] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)
     problems: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
 
     def problem(self, message: str, point: Optional[int] = None) -> None:
@@ -63,6 +66,7 @@ class Report:
 
     def lines(self) -> List[str]:
         out = [f"note: {note}" for note in self.notes]
+        out += [f"warning: {warning}" for warning in self.warnings]
         out += [f"error: {message}{self._where(at)}" for message, at in self.problems.items()]
         checked = f"{counted(len(self.points), 'hyperparameter point')} checked"
         if self.problems:
@@ -99,22 +103,33 @@ class DataFacts:
 def run_check(
     config_path: str,
     overrides: List[str],
+    gpu_memory: Optional[int] = None,
     parse: Callable[[Dict[str, Any], int], Any] = parse_experiment_config,
     point_problems: Callable[[DataFacts, Any], List[str]] = None,
 ) -> int:
     """Check the config (with its --set overrides), print the report, return the exit status.
-    `parse`: the trial's own parsing of a config; `point_problems(facts, typed config)`: the
-    rules that depend on the data and the hyperparameters (BYOL's by default)."""
+    `gpu_memory`: bytes a GPU has, to check each point's training step against; `parse`: the
+    trial's own parsing of a config; `point_problems(facts, typed config)`: the rules that
+    depend on the data and the hyperparameters (BYOL's by default)."""
     report = Report()
-    check_config(config_path, overrides, report, parse, point_problems)
+    experiments = check_config(config_path, overrides, report, parse, point_problems)
+    if gpu_memory is not None:
+        if parse is parse_experiment_config:
+            check_gpu_memory(experiments, gpu_memory, report)
+        else:
+            report.notes.append("--gpu-memory: only BYOL pretraining steps are estimated")
     for line in report.lines():
         print(line)
     return 1 if report.problems else 0
 
 
-def run_finetune_check(config_path: str, overrides: List[str]) -> int:
+def run_finetune_check(
+    config_path: str, overrides: List[str], gpu_memory: Optional[int] = None
+) -> int:
     """`python finetune.py CONFIG --check`: the fine-tuning trial's parsing and data rules."""
-    return run_check(config_path, overrides, parse_finetune_config, finetune_point_problems)
+    return run_check(
+        config_path, overrides, gpu_memory, parse_finetune_config, finetune_point_problems
+    )
 
 
 def check_config(
@@ -123,18 +138,20 @@ def check_config(
     report: Report,
     parse: Callable[[Dict[str, Any], int], Any] = parse_experiment_config,
     point_problems: Callable[[DataFacts, Any], List[str]] = None,
-) -> None:
+) -> List[Tuple[int, Any, int]]:
+    """Fill `report`; return (point index, typed config, slots) of each point that parsed."""
     point_problems = point_problems or point_data_problems
+    parsed: List[Tuple[int, Any, int]] = []
     try:
         raw = load_config(config_path, overrides)
     except ConfigError as e:
         report.problem(str(e))
-        return
+        return parsed
     refused = master_schema_errors(raw, report)
     for error in refused:
         report.problem(f"the master refuses the config: {error}")
     if refused:  # no experiment, no trial: the rest waits until the master accepts it
-        return
+        return parsed
     searcher = raw.get("searcher")
     try:
         slots = slots_per_trial(raw)
@@ -144,7 +161,7 @@ def check_config(
         )
     except ConfigError as e:
         report.problem(str(e))
-        return
+        return parsed
     report.points, exhaustive = hpspace.corner_points(space)
     report.notes.append(coverage_note(space, len(report.points), exhaustive))
     surveys: Dict[str, DataFacts] = {}
@@ -156,11 +173,52 @@ def check_config(
         except ConfigError as e:
             report.problem(str(e), index)
             continue
+        parsed.append((index, experiment, slots))
         name = experiment.hparams.dataset_name
         if name not in surveys:
             surveys[name] = survey_data(name, experiment.data, report.notes)
         for message in surveys[name].problems + point_problems(surveys[name], experiment):
             report.problem(message, index)
+    return parsed
+
+
+def check_gpu_memory(experiments: List[Tuple[int, Any, int]], gpu_bytes: int, report: Report):
+    """Warn where a point's training step is expected not to fit one GPU of `gpu_bytes`, once
+    per distinct step (backbone, size, per-GPU batch, widths, optimizer)."""
+    import torch
+
+    import memory
+
+    steps: Dict[Tuple, List[Tuple[int, Any, int]]] = {}
+    for index, experiment, slots in experiments:
+        hp = experiment.hparams
+        per_gpu = hp.global_batch_size // slots
+        # precision auto is bf16 autocast on a GPU (device.autocast_dtype)
+        autocast = None if hp.precision == "fp32" else torch.bfloat16
+        key = (hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size, per_gpu,
+               hp.projector_hidden_dim, hp.projection_dim, hp.optimizer, autocast)  # fmt: skip
+        steps.setdefault(key, []).append((index, experiment, slots))
+    for (*_, per_gpu, _, _, _, autocast), points in steps.items():
+        index, experiment, slots = points[0]
+        hp = experiment.hparams
+        peak = memory.step_peak_bytes(hp, per_gpu, autocast)
+        if memory.fits(peak, gpu_bytes):
+            continue
+        largest = memory.largest_fitting_batch(hp, per_gpu, peak, autocast, gpu_bytes)
+        fitting = (
+            f"the largest per-GPU batch that fits is {largest} (global_batch_size "
+            f"{largest * slots} over {slots} slot{'s' if slots > 1 else ''})"
+            if largest
+            else "not even 2 images a GPU fit"
+        )
+        # Where the step differs between points (a searched backbone or batch), which point.
+        where = f" (at {hpspace.describe(report.points[index])})" if len(steps) > 1 else ""
+        report.warnings.append(
+            f"a training step of {hp.backbone_name} at {hp.augmentation.image_size} px with "
+            f"{per_gpu} images a GPU is expected to need {peak / 2**30:.1f} GiB plus about "
+            f"{memory.CUDA_RESERVE_BYTES / 2**30:.0f} GiB for CUDA (memory.py, estimated without "
+            f"a GPU), more than --gpu-memory {gpu_bytes / 2**30:g} GiB: {fitting}{where}"
+        )
 
 
 def coverage_note(space: hpspace.Space, points: int, exhaustive: bool) -> str:

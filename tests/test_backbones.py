@@ -298,3 +298,13 @@ def test_adamw_is_torchs_adamw_and_a_skipped_step_changes_nothing():
         for p, q in zip(ours, theirs):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     assert adamw.state[ours[0]]["step"].item() == reference.state[theirs[0]]["step"].item() == 11
+
+
+def test_looking_up_an_architecture_leaves_the_seeded_initialisation_alone():
+    """The refusal check builds a model to read its shapes before the trial seeds and builds
+    its own: a seeded network must be the same whether that lookup ran first or not."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    backbone.check_input_size("resnet34", False, 72)  # not looked up before in this process
+    assert torch.equal(torch.rand(3), expected)

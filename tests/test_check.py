@@ -8,6 +8,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 import finetune
 import hpspace
@@ -621,3 +622,56 @@ def test_bad_command_lines_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == (
             "error: --check takes an experiment config yaml (and --set), not --resume"
         )
+
+
+def test_a_step_too_big_for_the_named_gpu_is_warned_with_the_largest_batch_that_fits(
+    tmp_path, capsys
+):
+    """--gpu-memory 2GB on const-cifar10.yaml (ResNet-18, CIFAR stem, 256 images a GPU, bf16):
+    one warning line, exit status still 0; the batch it names fits 2 GiB with the CUDA reserve
+    and one 5% larger does not, by memory.py's own estimate."""
+    import memory
+    from config import load_config, parse_hparams
+
+    argv = [os.path.join(ROOT, "const-cifar10.yaml"), "--check", "--gpu-memory", "2GB"]
+    argv += ["--set", f"data.download_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_info:
+        model_def.main(argv)
+    assert exit_info.value.code == 0
+    (warning,) = lines_of(capsys, "warning:")
+    found = re.fullmatch(
+        r"warning: a training step of resnet18 at 32 px with 256 images a GPU is expected to "
+        r"need (\d+\.\d) GiB plus about 1 GiB for CUDA \(memory.py, estimated without a GPU\), "
+        r"more than --gpu-memory 2 GiB: the largest per-GPU batch that fits is (\d+) "
+        r"\(global_batch_size (\d+) over 1 slot\)",
+        warning,
+    )
+    assert found, warning
+    hp = parse_hparams(load_config(os.path.join(ROOT, "const-cifar10.yaml"))["hyperparameters"])
+    peak = memory.step_peak_bytes(hp, 256, torch.bfloat16)
+    assert found.group(1) == f"{peak / 2**30:.1f}"
+    largest = int(found.group(2))
+    assert int(found.group(3)) == largest
+    assert memory.fits(memory.step_peak_bytes(hp, largest, torch.bfloat16), 2 << 30)
+    assert not memory.fits(
+        memory.step_peak_bytes(hp, largest * 21 // 20 + 1, torch.bfloat16), 2 << 30
+    )
+    # An 80 GB GPU holds it: no warning.
+    argv[3] = "80GB"
+    with pytest.raises(SystemExit):
+        model_def.main(argv)
+    assert lines_of(capsys, "warning:") == []
+
+
+def test_a_gpu_memory_that_is_no_size_is_refused_in_one_line(capsys):
+    config = os.path.join(ROOT, "const-cifar10.yaml")
+    for argv, message in (
+        (
+            [config, "--check", "--gpu-memory", "80"],
+            "error: --gpu-memory '80': give the GPU's memory as a number and GB, e.g. 80GB",
+        ),
+        ([config, "--gpu-memory", "80GB"], "error: --gpu-memory goes with --check"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            model_def.main(argv)
+        assert exit_info.value.code == message

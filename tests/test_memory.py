@@ -1,10 +1,12 @@
 """The step-memory estimate (memory.py, fake tensors) against what a real step takes: the
 resident memory a fresh process gains through two real CPU training steps, read from the
-operating system. The estimate counts live tensors only, so the process may take somewhat
+operating system (VmHWM, the process's own peak since it started; getrusage's maxrss would carry
+over the forking pytest's). The estimate counts live tensors only, so the process may take somewhat
 more (the allocator's slack, oneDNN's workspaces, buffers inside fused kernels): measured /
-estimated must lie in [0.85, 1.5]. Measured on the development machine at batch 64, 32 px:
-1.15-1.22 for ResNet-18, 1.26 for it with bf16 autocast, 1.28-1.33 for ViT-Ti (its fused
-attention's own buffers), 0.97 for ConvNeXt-T."""
+estimated must lie in [0.8, 1.6]. Measured on the development machine at batch 64, 32 px:
+1.15-1.22 for ResNet-18, 1.26-1.40 for it with bf16 autocast (oneDNN's bf16 workspaces vary),
+1.28-1.33 for ViT-Ti (its fused attention's own buffers), 0.97 for ConvNeXt-T. An estimate
+that missed the activations, or ignored autocast, would fall outside."""
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from config import load_config, parse_hparams
 from conftest import ROOT, run_python
 
 MEASURE = """
-import os, resource, sys
+import os, sys
 import torch
 sys.path.insert(0, {root!r})
 import byol, optim
@@ -22,7 +24,10 @@ from backbone import build_backbone
 
 name, size, batch, width, dim, use_adamw, bf16 = {args!r}
 torch.manual_seed(0)
-before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status_kib(field):  # VmRSS: resident now; VmHWM: the most resident since exec
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+before = status_kib("VmRSS")
 net, feature_width = build_backbone(name, True, size)
 network = byol.BYOLNetwork(net, feature_width, width, dim)
 groups = optim.parameter_groups(network, 1e-6)
@@ -37,7 +42,7 @@ for _ in range(2):
     opt.zero_grad(set_to_none=True)
     network.update_target(0.99)
     del prediction, target, loss
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+print(status_kib("VmHWM") - before)
 """
 
 
@@ -63,4 +68,4 @@ def test_the_step_memory_estimate_matches_a_real_steps_resident_memory(name, lea
     print(
         f"{name} (bf16 {bf16}): estimate {estimate / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
     )
-    assert 0.85 <= measured / estimate <= 1.5, (measured, estimate)
+    assert 0.8 <= measured / estimate <= 1.6, (measured, estimate)

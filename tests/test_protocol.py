@@ -97,7 +97,7 @@ class PixelBackbone(torch.nn.Module):
         return ((x * self.std + self.mean) * 255).flatten(1)
 
 
-def pixel_backbone(name, cifar_stem=False, weights_path=None):
+def pixel_backbone(name, small_image, image_size, weights_path=None):
     """backbone.build_backbone's signature and return value."""
     return PixelBackbone(), 3 * SIZE * SIZE
 
