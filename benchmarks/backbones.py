@@ -16,7 +16,8 @@ weight decay 0.04), the rest of const-cifar10.yaml as it is, and per backbone:
 3. CPU training images/s: train_batch timed with the backbones interleaved (A B C A B C ...),
    the median of --repeats, so drift of a shared machine hits all alike;
 4. the linear probe and kNN of the last validation after --epochs of BYOL on IMAGE_FOLDER (the
-   real command; the probe's LR chosen on held-out training images, test accuracy reported).
+   real command; the probe's LR chosen on held-out training images, test accuracy reported);
+   --epochs 0 leaves this out.
 """
 
 import argparse
@@ -150,7 +151,7 @@ def main():
                     times[name].append(time.perf_counter() - start)
         for name in args.names:
             rows[name]["images_per_s"] = timed_batch / statistics.median(times[name])
-    for name in args.names:
+    for name in args.names if args.epochs else []:
         with tempfile.TemporaryDirectory() as out:
             metrics, seconds = short_budget(name, folder, args.batch, args.epochs, out)
         rows[name].update(
@@ -167,10 +168,15 @@ def main():
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
+        probe = (
+            f"{100 * r['holdout']:.1f}% / {100 * r['test']:.1f}%, {100 * r['knn']:.1f}% | "
+            f"{r['minutes']:.1f}"
+            if args.epochs
+            else "| "
+        )
         print(
             f"| {name} | {r['optimizer']} | {r['params'] / 1e6:.2f} M | {r['flops'] / 1e9:.3f} | "
-            f"{r['launches']} ({r['syncs']}) | {r['images_per_s']:.1f} | {100 * r['holdout']:.1f}% "
-            f"/ {100 * r['test']:.1f}%, {100 * r['knn']:.1f}% | {r['minutes']:.1f} |"
+            f"{r['launches']} ({r['syncs']}) | {r['images_per_s']:.1f} | {probe} |"
         )
 
 
