@@ -72,38 +72,51 @@ def _to_fake(module: nn.Module, mode, device: str) -> None:
                     m._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
 
 
+def byol_network(hp: HParams) -> byol.BYOLNetwork:
+    backbone, width = build_backbone(hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size)
+    return byol.BYOLNetwork(backbone, width, hp.projector_hidden_dim, hp.projection_dim)
+
+
+def two_training_steps(
+    hp: HParams, network: byol.BYOLNetwork, per_gpu_batch: int, autocast: Optional[torch.dtype]
+) -> None:
+    """Two steps of `network` on both views of `per_gpu_batch` images, as the trial takes them:
+    forward under autocast, BYOL loss, backward, the family's optimizer, EMA. The second step
+    has the optimizer's state from the first."""
+    groups = optim.parameter_groups(network, hp.weight_decay)
+    optimizer = (
+        optim.LARS(groups, lr=0.1) if hp.optimizer == "lars" else optim.AdamW(groups, lr=1e-3)
+    )
+    size = hp.augmentation.image_size
+    views = torch.empty(2 * per_gpu_batch, 3, size, size).uniform_(-2, 2)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            prediction, target_projection, _ = network(views)
+            loss = byol.byol_loss(prediction, target_projection)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        network.update_target(0.99)
+        del prediction, target_projection, loss
+
+
 def step_peak_bytes(hp: HParams, per_gpu_batch: int, autocast: Optional[torch.dtype]) -> int:
     """Peak bytes of live tensors in a training step of `hp` at `per_gpu_batch` images."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    size = hp.augmentation.image_size
-    backbone, width = build_backbone(hp.backbone_name, hp.cifar_stem, size)
-    network = byol.BYOLNetwork(backbone, width, hp.projector_hidden_dim, hp.projection_dim)
+    network = byol_network(hp)
     mode = FakeTensorMode()
     _to_fake(network, mode, "cpu")
     counter = LiveStorages()
     with mode, counter:
         for tensor in [*network.parameters(), *network.buffers()]:
             counter.track(tensor)
-        groups = optim.parameter_groups(network, hp.weight_decay)
-        optimizer = (
-            optim.LARS(groups, lr=0.1) if hp.optimizer == "lars" else optim.AdamW(groups, lr=1e-3)
-        )
-        views = torch.empty(2 * per_gpu_batch, 3, size, size)
-        for _ in range(2):  # the second step has the optimizer's state from the first
-            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-                prediction, target_projection, _ = network(views)
-                loss = byol.byol_loss(prediction, target_projection)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            network.update_target(0.99)
-            del prediction, target_projection, loss
+        two_training_steps(hp, network, per_gpu_batch, autocast)
     return counter.peak
 
 
 # What a real run takes beyond its live tensors: CUDA's context and the caching allocator's
-# slack (the CPU steps of tests/test_memory.py took up to 1.33x the estimate).
+# slack (real CPU steps in tests/test_memory.py took up to 1.4x the estimate).
 CUDA_RESERVE_BYTES = 1 << 30
 GPU_MEMORY_UNITS = {"GB": 1 << 30, "GiB": 1 << 30, "MB": 1 << 20, "MiB": 1 << 20}
 

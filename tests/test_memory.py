@@ -16,33 +16,24 @@ from config import load_config, parse_hparams
 from conftest import ROOT, run_python
 
 MEASURE = """
-import os, sys
+import sys
 import torch
 sys.path.insert(0, {root!r})
-import byol, optim
-from backbone import build_backbone
+import memory
+from config import load_config, parse_hparams
 
-name, size, batch, width, dim, use_adamw, bf16 = {args!r}
-torch.manual_seed(0)
-def status_kib(field):  # VmRSS: resident now; VmHWM: the most resident since exec
+
+def status_bytes(field):  # VmRSS: resident now; VmHWM: the most resident since exec
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
     return int(line.split()[1]) * 1024
-before = status_kib("VmRSS")
-net, feature_width = build_backbone(name, True, size)
-network = byol.BYOLNetwork(net, feature_width, width, dim)
-groups = optim.parameter_groups(network, 1e-6)
-opt = optim.AdamW(groups, lr=1e-3) if use_adamw else optim.LARS(groups, lr=0.1)
-views = torch.randn(2 * batch, 3, size, size)
-for _ in range(2):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        prediction, target, _ = network(views)
-        loss = byol.byol_loss(prediction, target)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    network.update_target(0.99)
-    del prediction, target, loss
-print(status_kib("VmHWM") - before)
+
+
+hp = parse_hparams(load_config({config!r}, {sets!r})["hyperparameters"], 1)
+torch.manual_seed(0)
+before = status_bytes("VmRSS")
+network = memory.byol_network(hp)  # real tensors this time
+memory.two_training_steps(hp, network, 64, torch.bfloat16 if {bf16!r} else None)
+print(status_bytes("VmHWM") - before)
 """
 
 
@@ -59,10 +50,10 @@ def test_the_step_memory_estimate_matches_a_real_steps_resident_memory(name, lea
         "hyperparameters.projection_dim=128",
         f"hyperparameters.learning_rate={learning_rate}",
     ]
-    hp = parse_hparams(load_config(f"{ROOT}/const-cifar10.yaml", sets)["hyperparameters"], 1)
+    config = f"{ROOT}/const-cifar10.yaml"
+    hp = parse_hparams(load_config(config, sets)["hyperparameters"], 1)
     estimate = memory.step_peak_bytes(hp, 64, torch.bfloat16 if bf16 else None)
-    args = (name, 32, 64, 512, 128, hp.optimizer == "adamw", bf16)
-    result = run_python("-c", MEASURE.format(root=ROOT, args=args))
+    result = run_python("-c", MEASURE.format(root=ROOT, config=config, sets=sets, bf16=bf16))
     assert result.returncode == 0, result.stderr[-2000:]
     measured = int(result.stdout.split()[-1])
     print(
