@@ -229,9 +229,12 @@ class BYOLTrial(launcher.Trial):
 
     def two_views(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """[2B, 3, S, S]: view 1 of every image, then view 2 (made in the loader or here)."""
-        views = (
-            batch["views"] if "views" in batch else self.augment_here(batch["image"], batch["key"])
-        )
+        if "views" in batch:
+            return device.memory_format(batch["views"], self.channels_last)
+        # Without gradients in training as in validation: no gradient flows into the views, and
+        # the compiled augmentation keeps one graph for both (grad mode is part of its guard).
+        with torch.no_grad():
+            views = self.augment_here(batch["image"], batch["key"])
         return device.memory_format(views, self.channels_last)
 
     def forward_loss(self, views: torch.Tensor):

@@ -48,12 +48,10 @@ def test_the_augmentation_is_one_graph_without_a_break(tmp_path):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_a_compiled_run_compiles_each_region_once_and_trains_as_eager(
-    tmp_path, image_folder, monkeypatch, caplog
-):
-    """2 epochs of 3 steps with validations and checkpoints, compile: true, augmentation on the
-    device: one graph for the augmentation and one for the network, never recompiled; the
-    losses are the eager run's."""
+def compiled_run(run_dir, image_folder, monkeypatch, caplog, *sets):
+    """The tiny config's 2 epochs (3 steps each, validated and checkpointed after each) with
+    the augmentation on the device, compiled (dynamo's `eager` backend) or not: (the training
+    losses as reported, the regions compiled, dynamo's counters)."""
     compiled = []
     real_compile = torch.compile
 
@@ -64,26 +62,56 @@ def test_a_compiled_run_compiles_each_region_once_and_trains_as_eager(
     monkeypatch.setattr(torch, "compile", compile_with_eager_backend)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    losses = {}
-    for setting in ("true", "false"):
-        args = [str(tiny_config(tmp_path)), "--checkpoint-dir", str(tmp_path / setting)]
-        for s in [
-            *folder_overrides(image_folder)[1::2],
-            f"hyperparameters.compile={setting}",
-            "hyperparameters.augment_on=device",
-        ]:
-            args += ["--set", s]
-        caplog.clear()
-        with caplog.at_level("INFO"):
-            model_def.main(args)
-        losses[setting] = [
-            r.getMessage().split("'loss': ")[1].split(",")[0]
-            for r in caplog.records
-            if "report_training_metrics" in r.getMessage()
-        ]
-        if setting == "true":
-            assert len(compiled) == 2  # the augmentation and the network
-            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
-            assert torch._dynamo.utils.counters["frames"]["ok"] == 2
-            assert not torch._dynamo.utils.counters["recompiles"]
-    assert len(losses["true"]) == 6 and losses["true"] == losses["false"]
+    run_dir.mkdir()
+    args = [str(tiny_config(run_dir)), "--checkpoint-dir", str(run_dir / "ckpt")]
+    for s in [*folder_overrides(image_folder)[1::2], "hyperparameters.augment_on=device", *sets]:
+        args += ["--set", s]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        model_def.main(args)
+    losses = [
+        r.getMessage().split("'loss': ")[1].split(",")[0]
+        for r in caplog.records
+        if "report_training_metrics" in r.getMessage()
+    ]
+    counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()}
+    torch._dynamo.reset()
+    return losses, compiled, counters
+
+
+def test_a_compiled_run_compiles_each_region_once_and_trains_as_eager(
+    tmp_path, image_folder, monkeypatch, caplog
+):
+    """Training batches are all full (the sampler drops an epoch's last partial batch), and the
+    probe's validation runs the backbone eager: one graph for the augmentation and one for the
+    network, never recompiled over 2 epochs, validations and checkpoints; the losses are the
+    eager run's, bit for bit (the same ops, run by dynamo's eager backend)."""
+    losses, compiled, counters = compiled_run(
+        tmp_path / "compiled", image_folder, monkeypatch, caplog, "hyperparameters.compile=true"
+    )
+    assert len(compiled) == 2  # the augmentation and the network
+    assert counters["stats"]["unique_graphs"] == 2 and counters["frames"]["ok"] == 2
+    assert "recompiles" not in counters
+    eager, _, _ = compiled_run(
+        tmp_path / "eager", image_folder, monkeypatch, caplog, "hyperparameters.compile=false"
+    )
+    assert len(losses) == 6 and losses == eager
+
+
+def test_the_loss_validation_compiles_once_per_mode_and_shape(
+    tmp_path, image_folder, monkeypatch, caplog
+):
+    """Without labels, validation runs the compiled augmentation and network on fixed views of
+    12 test images in per-slot batches of 8 and 4. The augmentation runs without gradients
+    in training too, so it compiles twice: the batch of 8, and the short batch (dynamo then
+    makes the batch size dynamic). The network compiles three times: training, validation
+    without gradients, and its short batch. Nothing more over 2 epochs and 2 validations."""
+    sets = [
+        "hyperparameters.compile=true",
+        "hyperparameters.validate_with_classifier=false",
+        "searcher.metric=validation_loss",
+        "searcher.smaller_is_better=true",
+    ]
+    _, compiled, counters = compiled_run(tmp_path / "run", image_folder, monkeypatch, caplog, *sets)
+    assert len(compiled) == 2
+    assert counters["stats"]["unique_graphs"] == 5 and counters["frames"]["ok"] == 5
