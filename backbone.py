@@ -104,9 +104,8 @@ def _swin_patch(model: nn.Module, image_size: int):
         "depths": [len(stage) for stage in stages],
         "num_heads": [stage[0].attn.num_heads for stage in stages],
         "window_size": [4, 4],
-        "stochastic_depth_prob": stages[-1][
-            -1
-        ].stochastic_depth.p,  # the last block's is the set value
+        # The last block's drop probability is the value the builder was given.
+        "stochastic_depth_prob": stages[-1][-1].stochastic_depth.p,
         "block": _dotted(type(stages[0][0])),
         "downsample_layer": _dotted(type(model.features[2])),
     }
@@ -137,6 +136,7 @@ def _resolve(dotted: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+@functools.lru_cache(maxsize=None)
 def known_names() -> Tuple[str, ...]:
     torchvision_names = torchvision.models.list_models(module=torchvision.models)
     ours = [
@@ -178,19 +178,19 @@ def architecture(name: str, small_image: bool, image_size: int) -> Dict[str, Any
 @functools.lru_cache(maxsize=None)
 def _architecture(name: str, small_image: bool, image_size: int) -> Dict[str, Any]:
     family = family_of(name)
-    # Built only to be read: the global RNG stays where it was, so a seeded trial initialises
-    # its network alike whether this ran before (cached) or not.
-    with torch.random.fork_rng(devices=[]):
-        stock = _stock_model(name, image_size)
-    if name in EXTRA_VITS:
-        builder, kwargs = VIT_CLASS, _vit_patch(stock, image_size)[1] | {"patch_size": 16}
-    else:
-        builder, kwargs = _stock(name, image_size)
+    builder, kwargs = _stock(name, image_size)
     replace: Dict[str, Any] = {}
-    if small_image:
-        adapted_builder, adapted_kwargs, replace = family.small_image(stock, image_size)
-        if adapted_builder is not None:
-            builder, kwargs = adapted_builder, adapted_kwargs
+    if small_image or name in EXTRA_VITS:
+        # The stock model is read for its sizes only: the global RNG stays where it was, so a
+        # seeded trial initialises its network alike whether this ran before (cached) or not.
+        with torch.random.fork_rng(devices=[]):
+            stock = _stock_model(name, image_size)
+        if name in EXTRA_VITS:
+            builder, kwargs = VIT_CLASS, _vit_patch(stock, image_size)[1] | {"patch_size": 16}
+        if small_image:
+            adapted_builder, adapted_kwargs, replace = family.small_image(stock, image_size)
+            if adapted_builder is not None:
+                builder, kwargs = adapted_builder, adapted_kwargs
     return {
         "name": name,
         "family": family.name,
