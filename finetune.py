@@ -39,6 +39,7 @@ import device
 import launcher
 import optim
 import pretrained
+import sources
 import utils
 from backbone import build_backbone, load_backbone_weights
 from config import (
@@ -66,7 +67,7 @@ def subset_csv(labeled, indices) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["image", "class"])
-    names = data.image_names(labeled, indices)
+    names = sources.image_names(labeled, indices)
     writer.writerows(
         (name, labeled.classes[label]) for name, label in zip(names, labeled.labels[indices])
     )
@@ -143,8 +144,8 @@ class FineTuneTrial(launcher.Trial):
             )
         train_indices, fit_pool, held = labeled_split(labeled, hp, self.run.seed)
         self.subset_list = subset_csv(labeled, train_indices)
-        self.train_images = data.Subset(labeled, train_indices)
-        self.holdout_images = data.Subset(labeled, held)
+        self.train_images = sources.Subset(labeled, train_indices)
+        self.holdout_images = sources.Subset(labeled, held)
         self.test_images = splits.test
         self.normalization = (
             self.pretrained.normalization if self.pretrained is not None else splits.normalization

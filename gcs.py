@@ -1,8 +1,8 @@
 """Google Cloud Storage: the client, retries, the local object cache and listing.
 
-A `gs://bucket/prefix` folder is read like a local class folder (data.py). Its bytes come through
-GCSFiles: a batch is fetched with a bounded thread pool, transient failures are retried with
-backoff, and every object can be kept on local disk after its first read. The google-cloud
+A `gs://bucket/prefix` folder is read like a local class folder (sources.py). Its bytes come
+through GCSFiles: a batch is fetched with a bounded thread pool, transient failures are retried
+with backoff, and every object can be kept on local disk after its first read. The google-cloud
 packages are imported where they are used: CIFAR-10 and STL-10 runs never load them.
 """
 

@@ -17,8 +17,8 @@ import time
 from collections import Counter
 from typing import List, Optional, Sequence
 
-import data
 import gcs
+import sources
 from config import ConfigError
 from utils import atomic_write, exit_status, format_table
 
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--extensions",
         type=parse_extensions,
-        default=data.IMAGE_EXTENSIONS,
-        help=f"comma-separated extensions to keep, case-insensitive (default {','.join(data.IMAGE_EXTENSIONS)})",
+        default=sources.IMAGE_EXTENSIONS,
+        help=f"comma-separated extensions to keep, case-insensitive (default {','.join(sources.IMAGE_EXTENSIONS)})",
     )
     parser.add_argument(
         "--upload", metavar="OBJECT_NAME", help="also upload the list to this object of the bucket"
@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> None:
     except ConfigError as e:
         raise Failure(str(e)) from None
     url = f"gs://{bucket}/{prefix}"
-    unreadable = [e for e in args.extensions if e not in data.IMAGE_EXTENSIONS]
+    unreadable = [e for e in args.extensions if e not in sources.IMAGE_EXTENSIONS]
     if unreadable:
         print(
-            f"note: the trial reads only {', '.join(data.IMAGE_EXTENSIONS)}; it will skip {', '.join(unreadable)} objects",
+            f"note: the trial reads only {', '.join(sources.IMAGE_EXTENSIONS)}; it will skip {', '.join(unreadable)} objects",
             file=sys.stderr,
         )
 
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
     if bad:  # a name with a line break cannot be written one per line
         raise Failure(f"object name {bad[0]!r} holds a line break; it cannot go into a blob list")
 
-    names, labels, classes = data.class_folder_names(object_names, prefix, args.extensions)
+    names, labels, classes = sources.class_folder_names(object_names, prefix, args.extensions)
     if not names:
         raise Failure(
             f"{len(object_names):,} objects under {url} but no images in class directories "

@@ -1,5 +1,5 @@
 """Decoding images, whole or only as far as given crops need, and the error a corrupt one raises:
-shared by the image sources of data.py and the shard reader of shards.py.
+shared by the image sources of sources.py and the shard reader of shards.py.
 
 A source hands out an image with only its header read (EncodedImage: the full-resolution size,
 no pixels), so the training loader can sample both views' crop boxes before decoding, then

@@ -24,6 +24,7 @@ import torch
 
 import checkpoint
 import data
+import sources
 from augment import (
     CROP_ATTEMPTS,
     crop_resize_batch,
@@ -315,8 +316,8 @@ def run_evaluation(
     fit_idx, held_idx = data.holdout_split(
         splits.labeled_train.labels, hp.probe.holdout_fraction, seed
     )
-    fit_source = data.Subset(splits.labeled_train, fit_idx)
-    held_source = data.Subset(splits.labeled_train, held_idx)
+    fit_source = sources.Subset(splits.labeled_train, fit_idx)
+    held_source = sources.Subset(splits.labeled_train, held_idx)
     size = hp.augmentation.image_size
     corrupt_log = data.CorruptImageLog(data_config.strict_images)
     workers = data.loader_workers(data_config.num_workers)

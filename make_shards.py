@@ -34,9 +34,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-import data
 import gcs
 import shards
+import sources
 from config import ConfigError
 from images import CorruptImageError, EncodedImage
 from utils import atomic_write, exit_status, format_duration
@@ -135,12 +135,12 @@ def open_source(args: argparse.Namespace) -> Tuple[List[str], List[int], List[st
     if not args.source.startswith("gs://"):
         if args.blob_list:
             raise Failure(f"--blob-list is for a gs:// SOURCE; {args.source!r} is a local folder")
-        names, labels, classes = data.scan_class_folder(args.source)
-        return names, labels, classes, data.LocalFiles(args.source)
+        names, labels, classes = sources.scan_class_folder(args.source)
+        return names, labels, classes, sources.LocalFiles(args.source)
     bucket, prefix = gcs.parse_gcs_url(args.source)
     store = gcs.GCSFiles(bucket, prefix, None, args.concurrency)
     try:
-        return (*data.find_gcs_images(store, args.blob_list, args.source), store)
+        return (*sources.find_gcs_images(store, args.blob_list, args.source), store)
     except ConfigError as e:
         raise Failure(str(e)) from None
 

@@ -23,6 +23,7 @@ import launcher
 import nonfinite
 import optim
 import preflight
+import sources
 from augment import TwoViewAugmentation
 from backbone import build_backbone
 from config import (
@@ -88,7 +89,7 @@ class BYOLTrial(launcher.Trial):
         self.corrupt_log = data.CorruptImageLog(self.data_config.strict_images)
         if self.data_config.strict_images:
             for source in (self.splits.byol_train, self.splits.test):
-                data.verify_local_images(source)
+                sources.verify_local_images(source)
         self.num_workers = data.loader_workers(
             self.data_config.num_workers, announce=self.context.distributed.rank == 0
         )
@@ -209,8 +210,8 @@ class BYOLTrial(launcher.Trial):
                 self.splits.labeled_train.labels, self.hp.probe.holdout_fraction, self.run.seed
             )
             parts = [
-                (data.Subset(self.splits.labeled_train, fit), SPLIT_FIT),
-                (data.Subset(self.splits.labeled_train, held), SPLIT_HOLDOUT),
+                (sources.Subset(self.splits.labeled_train, fit), SPLIT_FIT),
+                (sources.Subset(self.splits.labeled_train, held), SPLIT_HOLDOUT),
                 (self.splits.test, SPLIT_TEST),
             ]
             return self.labeled_images_loader(parts, self.augment.size)

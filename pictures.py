@@ -38,6 +38,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import checkpoint
 import data
+import sources
 import utils
 from linear_eval import Evaluation, SplitFeatures, knn_bank
 from probe import SPLIT_TEST, cosine_neighbours
@@ -242,7 +243,7 @@ def image_name(parts: Sequence[Tuple[object, int]], index: int) -> str:
         if index < len(source):
             break
         index -= len(source)
-    while isinstance(source, data.Subset):
+    while isinstance(source, sources.Subset):
         source, index = source.source, int(source.indices[index])
     if hasattr(source, "member_name"):  # a shard set: shard:member
         return source.member_name(index)

@@ -27,6 +27,7 @@ import gcs
 import hpspace
 import pretrained
 import shards
+import sources
 from config import (
     ConfigError,
     DataConfig,
@@ -373,13 +374,13 @@ def survey_folder(
     shard set's index read and its shards' sizes checked, no image read), checked without
     reading where it is on gs://."""
     try:
-        data.check_blob_list(path, blob_list)
+        sources.check_blob_list(path, blob_list)
         if path.startswith("gs://"):
             gcs.parse_gcs_url(path)  # the bucket name's rule needs no request
             return remote.check(what, path, blob_list)
         if not os.path.exists(path):
             return not_here(what, path)
-        source = data.open_folder(path, blob_list, config, data.run_here)
+        source = sources.open_folder(path, blob_list, config, sources.run_here)
     except (ConfigError, shards.MissingShardError) as e:
         return Found(problem=f"{what}: {e}")
     return Found(
@@ -399,7 +400,7 @@ def survey_unlabeled(path: str, config: DataConfig, remote: "GCSCheck") -> Found
             return remote.check(what, path, None)
         if not os.path.exists(path):
             return not_here(what, path)
-        count = len(data.open_unlabeled(path, config, data.run_here))
+        count = len(sources.open_unlabeled(path, config, sources.run_here))
     except (ConfigError, shards.MissingShardError) as e:
         return Found(problem=str(e))
     return Found(images=count, note=f"{what}={path!r}: {count} images, labels not read")
@@ -432,7 +433,7 @@ class GCSCheck:
                 kind = "the shard index"
                 found = gcs.object_exists(client, bucket, prefix.rstrip("/"), GCS_CHECK_DEADLINE_S)
             elif blob_list is not None:
-                list_bucket, list_name = data.blob_list_object(bucket, blob_list)
+                list_bucket, list_name = sources.blob_list_object(bucket, blob_list)
                 kind = f"its blob list gs://{list_bucket}/{list_name}"
                 found = gcs.object_exists(client, list_bucket, list_name, GCS_CHECK_DEADLINE_S)
             else:

@@ -279,7 +279,7 @@ class GCSShards:
 
 
 class ShardSource:
-    """A shard set as an image source (see data.FileSource): images numbered shard by shard,
+    """A shard set as an image source (see sources.FileSource): images numbered shard by shard,
     load_many fetches the shards a batch touches and reads the headers of the members it asks
     for."""
 

@@ -59,7 +59,7 @@ def images_from(directory: str, count: int):
         os.path.relpath(os.path.join(d, f), directory)
         for d, _, files in os.walk(directory)
         for f in files
-        if f.lower().endswith(data.IMAGE_EXTENSIONS)
+        if f.lower().endswith(sources.IMAGE_EXTENSIONS)
     )[:count]
     if not names:
         sys.exit(f"error: no images under {directory}")
@@ -88,7 +88,7 @@ def loader_pass(path: str, args: argparse.Namespace, server):
     torch.set_num_threads(1)  # as in a DataLoader worker, where PyTorch sets one thread
     best, requests, images = 0.0, 0, 0
     for _ in range(args.repeats):
-        source = data.open_folder(path, None, config, data.run_here)
+        source = sources.open_folder(path, None, config, sources.run_here)
         dataset = data.TrainImages(
             source,
             augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),
@@ -121,13 +121,14 @@ def measure(names, concurrency: int, batch: int, repeats: int) -> float:
 
 
 def main() -> None:
-    global data, gcs, augment, make_shards, torch, utils
+    global data, gcs, augment, make_shards, sources, torch, utils
     import torch
 
     import augment
     import data
     import gcs
     import make_shards
+    import sources
     import utils
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -52,6 +52,7 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import make_shards  # noqa: E402
 import shards  # noqa: E402
+import sources  # noqa: E402
 from augment import TwoViewAugmentation  # noqa: E402
 from benchmarks.gcs_read import upscaled_jpeg  # noqa: E402
 from config import _parse_augmentation, _Reader, parse_data_config  # noqa: E402
@@ -90,7 +91,7 @@ def todays_pipeline():
 
 
 def train_dataset(path: str, image_size: int):
-    source = data.open_folder(path, None, parse_data_config({}), data.run_here)
+    source = sources.open_folder(path, None, parse_data_config({}), sources.run_here)
     aug = _parse_augmentation(_Reader({"image_size": image_size}, "augmentation"))
     augment = TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
     return data.TrainImages(source, augment, seed=0, corrupt_log=data.CorruptImageLog(False))
@@ -278,7 +279,7 @@ def make_photos(dest: str, photos, count: int, short_side) -> None:
 
 
 def make_upscaled(dest: str, folder: str, count: int) -> None:
-    names, _, _ = data.scan_class_folder(folder)
+    names, _, _ = sources.scan_class_folder(folder)
     step = max(1, len(names) // count)
     for name in names[::step][:count]:
         with open(os.path.join(folder, name), "rb") as f:

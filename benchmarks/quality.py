@@ -30,6 +30,7 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import linear_eval  # noqa: E402
 import model_def  # noqa: E402
+import sources  # noqa: E402
 import utils  # noqa: E402
 from backbone import build_backbone  # noqa: E402
 from config import HParams, load_config, parse_data_config, parse_hparams  # noqa: E402
@@ -202,8 +203,8 @@ def main():
 
     fit, held = data.holdout_split(splits.labeled_train.labels, hp.probe.holdout_fraction, 0)
     parts = [
-        (data.Subset(splits.labeled_train, fit), SPLIT_FIT),
-        (data.Subset(splits.labeled_train, held), SPLIT_HOLDOUT),
+        (sources.Subset(splits.labeled_train, fit), SPLIT_FIT),
+        (sources.Subset(splits.labeled_train, held), SPLIT_HOLDOUT),
         (splits.test, SPLIT_TEST),
     ]
     num_classes = len(splits.labeled_train.classes)

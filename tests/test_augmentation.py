@@ -17,6 +17,7 @@ from torchvision import transforms
 
 import augment
 import data
+import sources
 from benchmarks.op_count import OpCounter
 from config import _parse_augmentation, _Reader
 from conftest import HANG_GUARD_S, ROOT, fetch_commit_if_missing
@@ -179,7 +180,7 @@ def test_large_images_are_cropped_in_the_loader_and_finished_in_batch():
         def read_many(self, names):
             return [store[n] for n in names]
 
-    source = data.FileSource(list(store), [0, 0, 0], ["c"], Store(), "mem")
+    source = sources.FileSource(list(store), [0, 0, 0], ["c"], Store(), "mem")
     dataset = data.TrainImages(
         source,
         augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1)),

@@ -10,6 +10,7 @@ from PIL import Image
 import augment
 import data
 import probe
+import sources
 from config import ConfigError, _parse_augmentation, _Reader, parse_data_config
 from conftest import CLASSES, photo_like, write_cifar10, write_stl10
 
@@ -51,7 +52,7 @@ def test_stl10_trains_byol_on_train_plus_unlabeled_and_the_probe_on_train(tmp_pa
     assert torch.equal(
         splits.byol_train.tensor(range(22)), as_chw(np.concatenate([train, unlabeled]))
     )
-    assert (splits.byol_train.labels[10:] == data.UNLABELED).all()
+    assert (splits.byol_train.labels[10:] == sources.UNLABELED).all()
     assert np.array_equal(splits.byol_train.labels[:10], written["train"][1])
 
 
@@ -70,7 +71,7 @@ def test_image_folder_with_unlabeled_images(image_folder, tmp_path):
     )
     assert splits.labeled_train.classes == sorted(CLASSES)
     assert len(splits.labeled_train) == 24 and len(splits.byol_train) == 29
-    assert list(splits.byol_train.labels[-5:]) == [data.UNLABELED] * 5
+    assert list(splits.byol_train.labels[-5:]) == [sources.UNLABELED] * 5
 
 
 def test_holdout_split_is_stratified_and_deterministic():
@@ -152,8 +153,10 @@ def test_a_jpeg_cut_short_is_skipped_logged_once_counted_and_replaced(image_fold
     aug = _parse_augmentation(_Reader({"image_size": 12}, "augmentation"))
 
     def dataset(strict=False):
-        names, labels, classes = data.scan_class_folder(str(folder))
-        source = data.FileSource(names, labels, classes, data.LocalFiles(str(folder)), str(folder))
+        names, labels, classes = sources.scan_class_folder(str(folder))
+        source = sources.FileSource(
+            names, labels, classes, sources.LocalFiles(str(folder)), str(folder)
+        )
         plan = augment.TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
         return data.TrainImages(source, plan, 0, data.CorruptImageLog(strict)), names
 
@@ -191,7 +194,7 @@ def test_evaluation_images_are_centre_cropped_to_the_training_size(image_folder)
     assert int(item["index"]) == len(splits.labeled_train)
 
 
-class CountingFiles(data.LocalFiles):
+class CountingFiles(sources.LocalFiles):
     """A local store that appends each name it reads to a file (visible across processes)."""
 
     def __init__(self, root, log):
@@ -206,10 +209,10 @@ class CountingFiles(data.LocalFiles):
 
 def test_validation_decodes_each_image_once_per_run(image_folder, tmp_path):
     """Two validations through persistent loader workers read every file once."""
-    names, labels, classes = data.scan_class_folder(str(image_folder / "test"))
+    names, labels, classes = sources.scan_class_folder(str(image_folder / "test"))
     log = tmp_path / "reads.txt"
     store = CountingFiles(str(image_folder / "test"), log)
-    source = data.FileSource(names, labels, classes, store, str(image_folder / "test"))
+    source = sources.FileSource(names, labels, classes, store, str(image_folder / "test"))
     dataset = data.EvalImages([(source, probe.SPLIT_TEST)], 12, data.CorruptImageLog(False))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=4, num_workers=1, persistent_workers=True
@@ -237,7 +240,7 @@ def test_a_flat_folder_of_images_is_a_training_set_with_a_held_out_part(tmp_path
     assert splits.labeled_train is None
     listed = splits.byol_train.source
     assert listed.names == names and listed.classes == [] and splits.test.source is listed
-    assert (listed.labels == data.UNLABELED).all()
+    assert (listed.labels == sources.UNLABELED).all()
     assert splits.test.indices.tolist() == [0]
     assert splits.byol_train.indices.tolist() == list(range(1, 12))
     sizes = [(i.width, i.height) for i in splits.byol_train.load_many(range(11))]
@@ -253,9 +256,9 @@ def test_nested_folders_of_unlabeled_images_are_not_classes(tmp_path):
     in_order = ["top.jpeg", "2023/05/a.png", "2023/05/b.jpg", "2024/c.png", "x/y/z/deep.png"]
     listed = splits.byol_train.source
     assert listed.names == in_order and listed.classes == []
-    assert listed.labels.tolist() == [data.UNLABELED] * len(layout)
+    assert listed.labels.tolist() == [sources.UNLABELED] * len(layout)
     object_names = [f"bucket-prefix/{name}" for name in reversed(layout)]
-    assert data.image_object_names(object_names, "bucket-prefix/")[0] == in_order
+    assert sources.image_object_names(object_names, "bucket-prefix/")[0] == in_order
 
 
 def test_a_shard_set_as_unlabeled_images_keeps_its_images_not_its_labels(image_folder, tmp_path):
@@ -263,12 +266,12 @@ def test_a_shard_set_as_unlabeled_images_keeps_its_images_not_its_labels(image_f
 
     assert make_shards.main([str(image_folder / "train"), str(tmp_path / "shards")]) == 0
     index = str(tmp_path / "shards" / "index.json")
-    labeled = data.open_folder(index, None, data_config(), data.run_here)
+    labeled = sources.open_folder(index, None, data_config(), sources.run_here)
     splits = data.build_splits("image_folder", data_config(unlabeled_dir=index))
     # 24 images: the first (5%, at least 1; a shard set's first ones) held out, 23 train.
     assert splits.test.indices.tolist() == [0] and len(splits.byol_train) == 23
     assert len(splits.byol_train.source) == len(labeled) == 24
-    assert splits.byol_train.classes == [] and (splits.byol_train.labels == data.UNLABELED).all()
+    assert splits.byol_train.classes == [] and (splits.byol_train.labels == sources.UNLABELED).all()
     assert sorted(set(labeled.labels.tolist())) == [0, 1, 2]  # the set itself is untouched
     first = splits.byol_train.load_many([0])[0].decode()
     assert np.array_equal(np.asarray(first), np.asarray(labeled.load_many([1])[0].decode()))
@@ -285,13 +288,13 @@ def test_a_shard_set_without_labels_holds_out_whole_shards(image_folder, tmp_pat
         make_shards.main([str(image_folder / "train"), str(dest), "--shard-size-mb", "0.001"]) == 0
     )
     index = str(dest / "index.json")
-    whole = data.open_folder(index, None, data_config(), data.run_here)
+    whole = sources.open_folder(index, None, data_config(), sources.run_here)
     assert len(whole.shard_counts) > 2
     splits = data.build_splits("image_folder", data_config(unlabeled_dir=index))
     train, held = splits.byol_train, splits.test
     assert held.shard_names == whole.shard_names[:1] and len(held) == whole.shard_counts[0]
     assert train.shard_names == whole.shard_names[1:] and len(train) + len(held) == 24
-    assert train.names == whole.names[len(held) :] and (train.labels == data.UNLABELED).all()
+    assert train.names == whole.names[len(held) :] and (train.labels == sources.UNLABELED).all()
     first = train.load_many([0])[0].decode()
     expected = whole.load_many([len(held)])[0].decode()
     assert np.array_equal(np.asarray(first), np.asarray(expected))
@@ -303,7 +306,9 @@ def test_the_loss_of_a_large_unlabeled_set_holds_out_a_fixed_spread_sample():
     ones), none of them trained on, the same on every call (no seed: every trial the same)."""
     count = data.LOSS_HOLDOUT_IMAGES * 30 + 7
     names = [f"{i:06d}.png" for i in range(count)]
-    source = data.FileSource(names, [data.UNLABELED] * count, [], data.LocalFiles("/x"), "/x")
+    source = sources.FileSource(
+        names, [sources.UNLABELED] * count, [], sources.LocalFiles("/x"), "/x"
+    )
     train, held = data.loss_holdout(source)
     picked = held.indices.tolist()
     assert len(picked) == len(set(picked)) == data.LOSS_HOLDOUT_IMAGES
@@ -311,7 +316,9 @@ def test_the_loss_of_a_large_unlabeled_set_holds_out_a_fixed_spread_sample():
     assert max(np.diff(picked)) - min(np.diff(picked)) <= 1  # evenly spread, not the first ones
     assert len(train) == count - 10_000 and not set(train.indices.tolist()) & set(picked)
     assert np.array_equal(data.loss_holdout(source)[1].indices, held.indices)
-    small = data.FileSource(names[:100], [data.UNLABELED] * 100, [], data.LocalFiles("/x"), "/x")
+    small = sources.FileSource(
+        names[:100], [sources.UNLABELED] * 100, [], sources.LocalFiles("/x"), "/x"
+    )
     assert data.loss_holdout(small)[1].indices.tolist() == [0, 24, 49, 74, 99]  # 5 of 100
 
 
@@ -324,7 +331,7 @@ def test_empty_unlabeled_folders_and_flat_class_folders_say_what_is_expected(tmp
     flat = str(tmp_path / "flat")
     message = (
         f"image folder '{flat}' holds no images: expected {flat}/<class>/<image> files with "
-        f"extensions {', '.join(data.IMAGE_EXTENSIONS)} (images without labels, in any layout: "
+        f"extensions {', '.join(sources.IMAGE_EXTENSIONS)} (images without labels, in any layout: "
         "data.unlabeled_dir)"
     )
     with pytest.raises(ConfigError) as error:

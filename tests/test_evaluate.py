@@ -26,6 +26,7 @@ import cluster_eval
 import data
 import evaluate_result
 import linear_eval
+import sources
 from config import parse_data_config, parse_hparams
 from conftest import (
     CLASSES,
@@ -198,13 +199,13 @@ def test_augmented_evaluation_scores_a_planted_class_exactly_and_chooses_the_lr_
 def test_augmented_crops_are_deterministic_and_agree_between_arrays_and_files(trained):
     """Arrays are cropped as a batch (roi_align), files one by one (images.EncodedImage.crops):
     same boxes, same flips."""
-    files = data.open_folder(
-        str(trained.folder / "train"), None, parse_data_config({}), data.run_here
+    files = sources.open_folder(
+        str(trained.folder / "train"), None, parse_data_config({}), sources.run_here
     )
     images = np.stack(
         [np.asarray(Image.open(trained.folder / "train" / n).convert("RGB")) for n in files.names]
     )
-    arrays = data.ArraySource(images, files.labels, files.classes)
+    arrays = sources.ArraySource(images, files.labels, files.classes)
     log = data.CorruptImageLog(strict=True)
     make = lambda source: linear_eval.AugmentedImages(
         source, 16, (0.2, 1.0), (3 / 4, 4 / 3), 0, log

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import gcs  # noqa: E402
 import generate_blob_list  # noqa: E402
+import sources  # noqa: E402
 from config import ConfigError, DataConfig, parse_data_config
 from conftest import talking_to, train_images  # noqa: E402
 from gcs_server import FakeGCS  # noqa: E402
@@ -213,14 +214,14 @@ def test_generate_blob_list_unwritable_output(tmp_path, capsys):
 
 def test_open_by_listing_and_by_blob_list_agree(server):
     share = CountingShare()
-    listed = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", None, data_config(), share)
+    listed = sources.open_gcs_folder(f"gs://{BUCKET}/ds/train", None, data_config(), share)
     assert share.calls == 1 and len(list_requests(server.proxy)) == 1
     assert listed.names == EXPECTED_NAMES
     assert listed.classes == CLASSES  # sorted by name, like ImageFolder
     assert listed.labels.tolist() == [0, 1, 1, 1, 2, 2]
 
     server.proxy.clear()
-    by_list = data.open_gcs_folder(
+    by_list = sources.open_gcs_folder(
         f"gs://{BUCKET}/ds/train/", "lists/train.txt", data_config(), share
     )
     assert list_requests(server.proxy) == []  # no listing with a blob list
@@ -251,7 +252,7 @@ def test_a_gcs_prefix_of_unlabeled_images_trains_on_every_image_under_it(server)
     images = [n for n in TREE if n.lower().endswith((".png", ".jpg", ".jpeg"))]
     listed = splits.byol_train.source
     assert sorted(listed.names) == sorted(images) and splits.labeled_train is None
-    assert listed.classes == [] and (listed.labels == data.UNLABELED).all()
+    assert listed.classes == [] and (listed.labels == sources.UNLABELED).all()
     assert len(splits.byol_train) + len(splits.test) == len(images)
     loaded = listed.load_many([listed.names.index("loose.png")])[0]
     assert loaded.decode().size == (20, 14)
@@ -292,7 +293,7 @@ def test_open_errors_name_the_value(url, blob_list, overrides, message):
     # replace(), not parse_data_config: open_gcs_folder must also refuse what a parser let by.
     config = dataclasses.replace(data_config(), **overrides)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        data.open_gcs_folder(url, blob_list, config, CountingShare())
+        sources.open_gcs_folder(url, blob_list, config, CountingShare())
 
 
 def test_every_process_raises_when_the_chief_fails():
@@ -305,7 +306,7 @@ def test_every_process_raises_when_the_chief_fails():
 
     for _ in range(2):
         with pytest.raises(ConfigError, match="not found"):
-            data.open_gcs_folder("gs://missing-bucket/x", None, data_config(), two_process_share)
+            sources.open_gcs_folder("gs://missing-bucket/x", None, data_config(), two_process_share)
     assert all(isinstance(a, str) for a in answers)
 
 
@@ -315,7 +316,7 @@ def test_every_process_raises_when_the_chief_fails():
 
 
 def test_corrupt_image_is_skipped_logged_once_and_counted(caplog):
-    source = data.open_gcs_folder(
+    source = sources.open_gcs_folder(
         f"gs://{BUCKET}/ds/train", "lists/train.txt", data_config(), CountingShare()
     )
     dataset = train_images(source, strict=False)
@@ -334,7 +335,7 @@ def test_corrupt_image_is_skipped_logged_once_and_counted(caplog):
 
 
 def test_strict_mode_raises_with_the_name():
-    source = data.open_gcs_folder(
+    source = sources.open_gcs_folder(
         f"gs://{BUCKET}/ds/train", "lists/train.txt", data_config(), CountingShare()
     )
     dataset = train_images(source, strict=True)
@@ -345,7 +346,9 @@ def test_strict_mode_raises_with_the_name():
 def test_data_loader_workers_read_through_their_own_client():
     """The dataset goes to worker processes (fork copies the parent's client, which must not be
     reused there); corrupt counts come back through the batches."""
-    source = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", None, data_config(), CountingShare())
+    source = sources.open_gcs_folder(
+        f"gs://{BUCKET}/ds/train", None, data_config(), CountingShare()
+    )
     source.store.read(source.names[0])  # the parent now holds a client and a pool
     dataset = train_images(source, strict=False)
     sampler = data.EpochBatchSampler(len(source), global_batch=3, slots=1, seed=0)
@@ -387,7 +390,7 @@ def test_read_many_is_concurrent_bounded_and_ordered(server):
 
 def test_cache_hit_makes_no_request(server, tmp_path):
     cache = tmp_path / "cache"
-    source = data.open_gcs_folder(
+    source = sources.open_gcs_folder(
         f"gs://{BUCKET}/ds/train",
         "lists/train.txt",
         data_config(cache_dir=str(cache)),
@@ -555,7 +558,9 @@ def test_a_throttling_episode_longer_than_the_old_retry_budget_is_survived(
 def test_an_image_unreadable_past_the_deadline_is_skipped_or_refused(server, monkeypatch, strict):
     monkeypatch.setattr(gcs, "GCS_RETRY_DEADLINE_S", 0.3)
     server.proxy.fail_for(30, 503, path_contains="ds/train/cat/c1.png")
-    source = data.open_gcs_folder(f"gs://{BUCKET}/ds/train", None, data_config(), CountingShare())
+    source = sources.open_gcs_folder(
+        f"gs://{BUCKET}/ds/train", None, data_config(), CountingShare()
+    )
     dataset = train_images(source, strict)
     items = [(i, 0) for i in range(len(source))]
     if strict:

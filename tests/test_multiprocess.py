@@ -271,10 +271,10 @@ def test_a_corrupt_image_is_logged_once_per_run_whatever_the_workers_and_epochs(
     )
     assert log.count("skipping corrupt image") == 1 and "bad.png" in log
     import augment
-    import data
+    import sources
 
     # Counted each time it is drawn: 3 batches of 8 of the 25 images per epoch.
-    names, _, _ = data.scan_class_folder(str(image_folder / "train"))
+    names, _, _ = sources.scan_class_folder(str(image_folder / "train"))
     bad = names.index("cat/bad.png")
     drawn = sum(bad in augment.epoch_permutation(0, epoch, 25)[:24] for epoch in (0, 1))
     counted = sum(m["corrupt_images"] for m in reported(log, "training").values())

@@ -23,6 +23,7 @@ import augment  # noqa: E402
 import data  # noqa: E402
 import make_shards  # noqa: E402
 import shards  # noqa: E402
+import sources  # noqa: E402
 from config import ConfigError, DataConfig, parse_data_config
 from conftest import data_dirs, photo_like, talking_to, train_images  # noqa: E402
 from gcs_server import FakeGCS  # noqa: E402
@@ -233,7 +234,7 @@ def test_a_missing_source_folder_is_one_line(tmp_path, capsys):
 def test_local_shards_decode_like_the_files_and_a_corrupt_member_is_skipped(tree, tmp_path, caplog):
     out = tmp_path / "shards"
     assert write_shards(tree, out) == 0
-    source = data.open_folder(str(out / "index.json"), None, data_config(), data.run_here)
+    source = sources.open_folder(str(out / "index.json"), None, data_config(), sources.run_here)
     assert isinstance(source, shards.ShardSource) and source.classes == CLASSES
     images = source.load_many(range(len(source)))
     for name, label, image in zip(source.names, source.labels, images):
@@ -269,12 +270,12 @@ def test_a_missing_or_cut_local_shard_fails_at_open_with_its_name(tree, tmp_path
             f"shard {out / 'shard-00002.tar'} is {len(blob) - 1024} bytes but the index says {len(blob)}"
         ),
     ):
-        data.open_folder(index, None, data_config(), data.run_here)
+        sources.open_folder(index, None, data_config(), sources.run_here)
     (out / "shard-00002.tar").unlink()
     with pytest.raises(
         shards.MissingShardError, match=re.escape(f"shard {out / 'shard-00002.tar'} is missing")
     ):
-        data.open_folder(index, None, data_config(), data.run_here)
+        sources.open_folder(index, None, data_config(), sources.run_here)
 
 
 @pytest.mark.parametrize(
@@ -289,7 +290,7 @@ def test_a_wrong_index_is_one_line(tree, tmp_path, content, blob_list, message):
     path = tmp_path / "index.json"
     path.write_text(content if content is not None else "{}")
     with pytest.raises(ConfigError, match=re.escape(message)):
-        data.open_folder(str(path), blob_list, data_config(), data.run_here)
+        sources.open_folder(str(path), blob_list, data_config(), sources.run_here)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +447,7 @@ def test_each_slot_fetches_its_own_shards_once_not_one_request_per_image(gcs_env
     url = f"gs://{BUCKET}/shards/train/index.json"
     slots, fetched, images = 4, {}, 0
     for slot in range(slots):
-        source = data.open_folder(url, None, data_config(), data.run_here)  # a fresh process
+        source = sources.open_folder(url, None, data_config(), sources.run_here)  # a fresh process
         dataset = train_images(source)
         sampler = data.EpochBatchSampler(
             len(source), 8, slots, seed=0, order=data.epoch_order(source, 8)
@@ -472,8 +473,8 @@ def test_each_slot_fetches_its_own_shards_once_not_one_request_per_image(gcs_env
 
 def test_a_transient_shard_failure_is_retried(gcs_env, gcs_shards):
     server = gcs_env
-    source = data.open_folder(
-        f"gs://{BUCKET}/shards/train/index.json", None, data_config(), data.run_here
+    source = sources.open_folder(
+        f"gs://{BUCKET}/shards/train/index.json", None, data_config(), sources.run_here
     )
     server.proxy.clear()
     server.proxy.fail_next(2, 503)
@@ -489,7 +490,7 @@ def test_the_cache_holds_whole_shards_and_answers_without_requests(gcs_env, gcs_
     server = gcs_env
     url = f"gs://{BUCKET}/shards/train/index.json"
     config = data_config(cache_dir=str(tmp_path / "cache"))
-    source = data.open_folder(url, None, config, data.run_here)
+    source = sources.open_folder(url, None, config, sources.run_here)
     first = source.load_many(range(len(source)))
     assert shard_gets(server.proxy, "shards/train/") == {s["name"]: 1 for s in gcs_shards["shards"]}
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("shard-*.tar"))
@@ -508,8 +509,8 @@ def test_the_cache_holds_whole_shards_and_answers_without_requests(gcs_env, gcs_
 
 
 def test_a_corrupt_member_on_gcs_is_skipped_and_counted(gcs_env, gcs_shards, caplog):
-    source = data.open_folder(
-        f"gs://{BUCKET}/shards/train/index.json", None, data_config(), data.run_here
+    source = sources.open_folder(
+        f"gs://{BUCKET}/shards/train/index.json", None, data_config(), sources.run_here
     )
     dataset = train_images(source)
     with caplog.at_level("WARNING", logger="byol.data"):
@@ -530,8 +531,8 @@ def test_a_missing_shard_fails_with_its_name(gcs_env, gcs_shards):
     for name in ["index.json"] + [s["name"] for s in gcs_shards["shards"]]:
         bucket.copy_blob(bucket.blob("shards/train/" + name), bucket, "shards/gap/" + name)
     bucket.blob("shards/gap/shard-00001.tar").delete()
-    source = data.open_folder(
-        f"gs://{BUCKET}/shards/gap/index.json", None, data_config(), data.run_here
+    source = sources.open_folder(
+        f"gs://{BUCKET}/shards/gap/index.json", None, data_config(), sources.run_here
     )
     first = list(np.flatnonzero(source.shard_of == 1))[:2]
     with pytest.raises(
@@ -542,8 +543,8 @@ def test_a_missing_shard_fails_with_its_name(gcs_env, gcs_shards):
     with pytest.raises(
         ConfigError, match=re.escape(f"gs://{BUCKET}/shards/none/index.json: not found (404)")
     ):
-        data.open_folder(
-            f"gs://{BUCKET}/shards/none/index.json", None, data_config(), data.run_here
+        sources.open_folder(
+            f"gs://{BUCKET}/shards/none/index.json", None, data_config(), sources.run_here
         )
 
 
