@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backbone import build_backbone
 from optim import where_each
 
 
@@ -20,6 +21,16 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
     )
+
+
+def build_network(hp, pretrained_weights: Optional[str] = None) -> "BYOLNetwork":
+    """The network the hyperparameters (config.HParams) name: their backbone at their image
+    size, with their projector and predictor sizes; `pretrained_weights` a state dict file for
+    the backbone (none: random initialisation)."""
+    backbone, feature_dim = build_backbone(
+        hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size, pretrained_weights
+    )
+    return BYOLNetwork(backbone, feature_dim, hp.projector_hidden_dim, hp.projection_dim)
 
 
 class BYOLNetwork(nn.Module):

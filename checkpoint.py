@@ -9,15 +9,19 @@ the other.
 
 import copy
 import json
+import logging
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from determined import pytorch
 
 import utils
 from backbone import build_backbone, load_backbone_weights
 from config import ConfigError, HParams, apply_override, parse_hparams
+
+logger = logging.getLogger("byol")
 
 MARKER = "byol_checkpoint.json"
 TRIAL_SPEC = "model_def:BYOLTrial"
@@ -46,6 +50,23 @@ def write_marker(
     `trial_spec`: the trial that wrote it (BYOL's, or the fine-tuning trial's)."""
     with utils.atomic_write(os.path.join(checkpoint_dir, MARKER)) as f:
         json.dump(dict(description, trial=trial_spec), f, indent=2)
+
+
+class CompleteCheckpoint(pytorch.PyTorchCallback):
+    """Completes each checkpoint a trial writes: the trial's own files (trial.checkpoint_files),
+    then MARKER with trial.description(), written last. `trial_spec`: the trial's, as
+    Determined records it."""
+
+    def __init__(self, trial: Any, trial_spec: str):
+        self.trial, self.trial_spec = trial, trial_spec
+
+    def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
+        for name, text in self.trial.checkpoint_files().items():
+            with utils.atomic_write(os.path.join(checkpoint_dir, name)) as f:
+                f.write(text)
+        write_marker(checkpoint_dir, self.trial.description(), self.trial_spec)
+        if self.trial.context.distributed.rank == 0:
+            logger.info("checkpoint written: %s", checkpoint_dir)
 
 
 def stored_config(path: str) -> Dict[str, Any]:

@@ -32,6 +32,18 @@ def compiles(setting: Union[bool, str], device: torch.device) -> bool:
     return setting is True or (setting == "auto" and device.type == "cuda")
 
 
+def augments_in_loader(setting: str, device: torch.device) -> bool:
+    """hyperparameters.augment_on: loader, device, or auto: on a GPU the device makes the
+    views (batched, in a few kernels); on a CPU the loader workers do, beside the training
+    process rather than in its way."""
+    return setting == "loader" or (setting == "auto" and device.type != "cuda")
+
+
+def compiled_if(compiles: bool, fn: Callable, what: str) -> Callable:
+    """`fn` through torch.compile (CompiledOrEager) when `compiles`, else `fn` itself."""
+    return CompiledOrEager(fn, what) if compiles else fn
+
+
 class CompiledOrEager:
     """`fn` through torch.compile; if compiling fails, one log line and `fn` eager from then
     on (the run goes on, slower)."""

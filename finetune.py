@@ -25,7 +25,6 @@ Protocol, as the BYOL paper's semi-supervised evaluation follows SimCLR's:
 import csv
 import io
 import logging
-import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -37,10 +36,8 @@ import checkpoint
 import data
 import device
 import launcher
-import optim
 import pretrained
 import sources
-import utils
 from backbone import build_backbone, load_backbone_weights
 from config import (
     ConfigError,
@@ -51,8 +48,9 @@ from config import (
 from linear_eval import AugmentedImages
 from preflight import run_finetune_check
 from probe import SPLIT_HOLDOUT, SPLIT_TEST
-from progress import Progress, ValidationSummary
+from progress import ValidationSummary
 from reducers import ClassifierAccuracyReducer
+from searcher_stop import SearcherStopCheck
 
 logger = logging.getLogger("byol")
 
@@ -150,17 +148,8 @@ class FineTuneTrial(launcher.Trial):
         self.normalization = (
             self.pretrained.normalization if self.pretrained is not None else splits.normalization
         )
-        self.train_sampler = data.EpochBatchSampler(
-            len(self.train_images), hp.global_batch_size, self.slots, self.run.seed
-        )
-        self.batches_per_epoch = self.train_sampler.batches_per_epoch
-        self.total_steps = hp.epochs * self.batches_per_epoch
-        self.warmup_steps = int(round(hp.warmup_epochs * self.batches_per_epoch))
+        self.build_sampler(len(self.train_images))
         self.crop_scale = hp.crop_scale or tuple(default_crop_scale(self.image_size))
-        self.corrupt_log = data.CorruptImageLog(self.data_config.strict_images)
-        self.num_workers = data.loader_workers(
-            self.data_config.num_workers, announce=self.context.distributed.rank == 0
-        )
         if self.context.distributed.rank == 0:
             logger.info(
                 "fine-tuning on %d labeled images (label_fraction %g of %d outside the %d "
@@ -226,10 +215,7 @@ class FineTuneTrial(launcher.Trial):
         )
 
     def _build_metrics(self) -> None:
-        is_chief = self.context.distributed.rank == 0
-        self.progress = Progress(
-            self.total_steps, self.batches_per_epoch, self.hp.global_batch_size, is_chief
-        )
+        self.progress = self.build_progress()
         self.steps_done = 0  # for the validation summary
         self.accuracy = self.context.wrap_reducer(
             ClassifierAccuracyReducer({SPLIT_HOLDOUT: "holdout", SPLIT_TEST: "test"}),
@@ -247,17 +233,12 @@ class FineTuneTrial(launcher.Trial):
             self.run.seed,
             self.corrupt_log,
         )
-        return device.batch_loader(
-            dataset, self.train_sampler, self.num_workers, self.device, pytorch.DataLoader
-        )
+        return self.batch_loader(dataset, self.train_sampler)
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
         return self.labeled_images_loader(
             [(self.holdout_images, SPLIT_HOLDOUT), (self.test_images, SPLIT_TEST)], self.image_size
         )
-
-    def get_batch_length(self, batch: Dict[str, torch.Tensor]) -> int:
-        return len(batch["label"])
 
     # ---- training --------------------------------------------------------------------------
 
@@ -269,11 +250,10 @@ class FineTuneTrial(launcher.Trial):
         self, batch: Dict[str, torch.Tensor], epoch_idx: int, batch_idx: int
     ) -> Dict[str, Any]:
         step = batch_idx  # optimizer steps completed before this one
+        self.searcher_stop.exit_if_stopped(step)
 
         # Learning rate of this step: linear warmup, then half a cosine; the backbone's scaled.
-        lr = optim.learning_rate_at(
-            step, self.total_steps, self.warmup_steps, self.hp.peak_learning_rate
-        )
+        lr = self.learning_rate_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
 
@@ -309,21 +289,19 @@ class FineTuneTrial(launcher.Trial):
 
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
         return {
-            "checkpoint_marker": FineTuneMarker(self),
+            "checkpoint_marker": checkpoint.CompleteCheckpoint(self, TRIAL_SPEC),
             "summary": ValidationSummary(self, SUMMARY),
+            "searcher_stop": SearcherStopCheck(self),
         }
 
     # ---- what a checkpoint records -----------------------------------------------------------
 
     def description(self) -> Dict[str, Any]:
-        mean, std = self.normalization
         return {
-            "backbone_name": self.backbone_name,
-            "cifar_stem": self.cifar_stem,
-            "image_size": self.image_size,
-            "dataset_name": self.hp.dataset_name,
+            **self.network_record(
+                self.backbone_name, self.cifar_stem, self.image_size, self.normalization
+            ),
             "classes": self.classes,
-            "normalization": {"mean": list(mean), "std": list(std)},
             "pretrained": (
                 dict(self.pretrained.record, kind=self.hp.pretrained.kind)
                 if self.pretrained is not None
@@ -332,23 +310,10 @@ class FineTuneTrial(launcher.Trial):
             "label_fraction": self.hp.label_fraction,
             "labeled_images": len(self.train_images),
             "labeled_subset": SUBSET_FILE,
-            "slots": self.slots,
-            **({"tensorboard_run": self.tensorboard_run} if self.tensorboard_run else {}),
         }
 
-
-class FineTuneMarker(pytorch.PyTorchCallback):
-    """Completes each checkpoint with the labeled subset's list and checkpoint.MARKER (last)."""
-
-    def __init__(self, trial: FineTuneTrial):
-        self.trial = trial
-
-    def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
-        with utils.atomic_write(os.path.join(checkpoint_dir, SUBSET_FILE)) as f:
-            f.write(self.trial.subset_list)
-        checkpoint.write_marker(checkpoint_dir, self.trial.description(), TRIAL_SPEC)
-        if self.trial.context.distributed.rank == 0:
-            logger.info("checkpoint written: %s", checkpoint_dir)
+    def checkpoint_files(self) -> Dict[str, str]:
+        return {SUBSET_FILE: self.subset_list}
 
 
 # ------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from determined import core, pytorch
 
 import checkpoint
 import data
+import device
+import optim
 import utils
 from config import (
     ConfigError,
@@ -38,6 +40,8 @@ from config import (
 )
 from memory import parse_gpu_memory
 from nonfinite import TrialDiverged
+from progress import Progress
+from searcher_stop import SearcherStop
 from startup import Startup, StartupFailed
 
 logger = logging.getLogger("byol")
@@ -69,14 +73,84 @@ class Trial(pytorch.PyTorchTrial):
         # Every process opens its data (and checks what else can fail there) before the first
         # collective of training; if any failed, all stop with the same line.
         self.startup = startup or Startup(context.distributed)
+        # On a cluster the searcher may stop the trial after a validation (searcher_stop.py).
+        self.on_cluster = trial_id is not None
+        self.searcher_stop = SearcherStop(context._core, trial_id)
         self.build()
 
     @abc.abstractmethod
     def build(self) -> None:
         """The trial's own build steps, after the above."""
 
+    @abc.abstractmethod
+    def description(self) -> Dict[str, Any]:
+        """What each checkpoint's marker records of the network (checkpoint.MARKER)."""
+
+    def checkpoint_files(self) -> Dict[str, str]:
+        """Files (name -> text) each checkpoint gets besides Determined's and the marker."""
+        return {}
+
+    def build_sampler(self, images: int, order=None) -> None:
+        """The epoch sampler over `images` training images (data.EpochBatchSampler; `order`
+        its epoch order, None a permutation) and what follows from it: the schedules' lengths
+        in steps, the corrupt-image log and the loader workers."""
+        self.train_sampler = data.EpochBatchSampler(
+            images, self.hp.global_batch_size, self.slots, self.run.seed, order=order
+        )
+        self.batches_per_epoch = self.train_sampler.batches_per_epoch
+        self.total_steps = self.hp.epochs * self.batches_per_epoch
+        self.warmup_steps = int(round(self.hp.warmup_epochs * self.batches_per_epoch))
+        self.corrupt_log = data.CorruptImageLog(self.data_config.strict_images)
+        self.num_workers = data.loader_workers(
+            self.data_config.num_workers, announce=self.context.distributed.rank == 0
+        )
+
+    def build_progress(self, before_line: Callable[[], None] = lambda: None) -> Progress:
+        """The chief's progress lines (progress.py); `before_line` runs before each."""
+        is_chief = self.context.distributed.rank == 0
+        return Progress(
+            self.total_steps,
+            self.batches_per_epoch,
+            self.hp.global_batch_size,
+            is_chief,
+            before_line=before_line,
+        )
+
+    def get_batch_length(self, batch: Dict[str, torch.Tensor]) -> int:
+        """A labeled batch's images, or a BYOL training batch's (each has a random key)."""
+        return len(batch["label"] if "label" in batch else batch["key"])
+
+    def learning_rate_at(self, step: int) -> float:
+        """The LR of `step`: linear warmup, then half a cosine (optim.learning_rate_at)."""
+        return optim.learning_rate_at(
+            step, self.total_steps, self.warmup_steps, self.hp.peak_learning_rate
+        )
+
+    def network_record(
+        self, backbone_name: str, cifar_stem: bool, image_size: int, normalization
+    ) -> Dict[str, Any]:
+        """What every checkpoint's marker says of the network and the run, for loading it
+        without the config (the trial's description adds its own)."""
+        mean, std = normalization
+        return {
+            "backbone_name": backbone_name,
+            "cifar_stem": cifar_stem,
+            "image_size": image_size,
+            "dataset_name": self.hp.dataset_name,
+            "normalization": {"mean": list(mean), "std": list(std)},
+            "slots": self.slots,
+            **({"tensorboard_run": self.tensorboard_run} if self.tensorboard_run else {}),
+        }
+
     def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+
+    def batch_loader(self, dataset, batches) -> pytorch.DataLoader:
+        """A loader of `dataset` in `batches` (a sampler or a list of index batches), with the
+        trial's loader workers, pinned for its device (device.batch_loader)."""
+        return device.batch_loader(
+            dataset, batches, self.num_workers, self.device, pytorch.DataLoader
+        )
 
     def labeled_images_loader(self, parts, size: int) -> pytorch.DataLoader:
         """Validation's loader of centre crops of labeled images (data.EvalImages of `parts`,
@@ -207,7 +281,7 @@ def run_on_cluster(kind: TrialKind, info) -> None:
     (the expanded config holds them in the master's {type: const, val: ...} form), the rest
     of the experiment config as the user wrote it, and the trial's own seed.
 
-    A diverged trial (BYOLTrial.stop_diverged) reports its worst validation and exits 0 on every
+    A diverged trial (divergence.Divergence.stop) reports its worst validation and exits 0 on every
     process, which ends it COMPLETED, not restarted (nonfinite.py says why not det.InvalidHP).
 
     A config error, or a start-up problem on any process (startup.py), ends the trial as
@@ -236,7 +310,7 @@ def run_on_cluster(kind: TrialKind, info) -> None:
                     profiling_enabled=config.run.profiling,
                 )
             except TrialDiverged:
-                # Logged and reported on the way (BYOLTrial.stop_diverged). Leaving
+                # Logged and reported on the way (divergence.Divergence.stop). Leaving
                 # pytorch.init's context normally flushes the report; every process exits 0.
                 return
         except ConfigError as e:

@@ -24,7 +24,6 @@ from torch.utils._pytree import tree_leaves
 
 import byol
 import optim
-from backbone import build_backbone
 from config import HParams
 
 
@@ -72,21 +71,13 @@ def _to_fake(module: nn.Module, mode, device: str) -> None:
                     m._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
 
 
-def byol_network(hp: HParams) -> byol.BYOLNetwork:
-    backbone, width = build_backbone(hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size)
-    return byol.BYOLNetwork(backbone, width, hp.projector_hidden_dim, hp.projection_dim)
-
-
 def two_training_steps(
     hp: HParams, network: byol.BYOLNetwork, per_gpu_batch: int, autocast: Optional[torch.dtype]
 ) -> None:
     """Two steps of `network` on both views of `per_gpu_batch` images, as the trial takes them:
     forward under autocast, BYOL loss, backward, the family's optimizer, EMA. The second step
     has the optimizer's state from the first."""
-    groups = optim.parameter_groups(network, hp.weight_decay)
-    optimizer = (
-        optim.LARS(groups, lr=0.1) if hp.optimizer == "lars" else optim.AdamW(groups, lr=1e-3)
-    )
+    optimizer = optim.build_optimizer(network, hp)
     size = hp.augmentation.image_size
     views = torch.empty(2 * per_gpu_batch, 3, size, size).uniform_(-2, 2)
     for _ in range(2):
@@ -104,7 +95,7 @@ def step_peak_bytes(hp: HParams, per_gpu_batch: int, autocast: Optional[torch.dt
     """Peak bytes of live tensors in a training step of `hp` at `per_gpu_batch` images."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    network = byol_network(hp)
+    network = byol.build_network(hp)
     mode = FakeTensorMode()
     _to_fake(network, mode, "cpu")
     counter = LiveStorages()

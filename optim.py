@@ -82,6 +82,10 @@ class SkippableOptimizer(torch.optim.Optimizer):
     def apply_only_if(self, finite: torch.Tensor) -> None:
         self.finite = finite
 
+    def gradients(self) -> List[torch.Tensor]:
+        """The gradients the next step applies (of the parameters that have one)."""
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -213,3 +217,15 @@ class AdamW(SkippableOptimizer):
         updates = torch._foreach_div(exp_avgs, denominators)
         torch._foreach_mul_(updates, step_sizes)
         torch._foreach_add_(params, updates)
+
+
+def build_optimizer(network: nn.Module, hp) -> SkippableOptimizer:
+    """hyperparameters.optimizer (config.HParams) on the BYOL network's online part: LARS or
+    AdamW, the same two parameter groups either way. The target network is not trained, only
+    averaged. Its LR is 0 until the trial sets each step's (learning_rate_at)."""
+    groups = parameter_groups(network, hp.weight_decay)
+    if hp.optimizer == "lars":
+        return LARS(
+            groups, lr=0.0, momentum=hp.lars_momentum, trust_coefficient=hp.lars_trust_coefficient
+        )
+    return AdamW(groups, lr=0.0)

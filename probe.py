@@ -14,9 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data
+import sources
 from config import ProbeConfig
 
 SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST = 0, 1, 2
+
+
+def labeled_parts(labeled, test, holdout_fraction: float, seed: int) -> List[Tuple[Any, int]]:
+    """[(images, split id)] the probe validates on: the labeled training images it fits on,
+    the ones it holds out to choose its LR (data.holdout_split), and the test images."""
+    fit, held = data.holdout_split(labeled.labels, holdout_fraction, seed)
+    return [
+        (sources.Subset(labeled, fit), SPLIT_FIT),
+        (sources.Subset(labeled, held), SPLIT_HOLDOUT),
+        (test, SPLIT_TEST),
+    ]
 
 
 class LinearHeads(nn.Module):

@@ -16,8 +16,9 @@ the answer from the chief, at the same batch.
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
+from determined import pytorch
 from determined.common.api import bindings
 
 logger = logging.getLogger("byol")
@@ -60,6 +61,16 @@ class SearcherStop:
         stopped = self._stopped_after(step) if distributed.rank == 0 else None
         return bool(distributed.broadcast(stopped))
 
+    def exit_if_stopped(self, steps_done: int) -> None:
+        """At the start of a training batch: when the searcher has stopped this trial, exit
+        the way Determined exits for a preemption (a checkpoint unless the latest is of this
+        step, then exit 0). set_stop_requested would be read only at the next reporting
+        boundary, after up to scheduling_unit more batches."""
+        if self.stop_requested():
+            if self.core_context.distributed.rank == 0:
+                logger.info("the searcher stopped this trial after step %d: exiting", steps_done)
+            raise pytorch._ShouldExit()
+
     def _stopped_after(self, step: int) -> bool:
         """The chief's question: once the master has stored the validation of `step`, whether
         the trial is STOPPING_COMPLETED. Asked again, with growing pauses, until then."""
@@ -81,3 +92,15 @@ class SearcherStop:
                 return False
             self.sleep(pause)
             pause = min(2 * pause, LONGEST_POLL_S)
+
+
+class SearcherStopCheck(pytorch.PyTorchCallback):
+    """After each validation (on every slot), the next batch first asks whether the searcher
+    stopped the trial: the validation reaches the master after this callback returns. The trial
+    keeps its SearcherStop as `searcher_stop` and its progress as `steps_done`."""
+
+    def __init__(self, trial: Any):
+        self.trial = trial
+
+    def on_validation_end(self, metrics: Dict[str, Any]) -> None:
+        self.trial.searcher_stop.validated(self.trial.steps_done)

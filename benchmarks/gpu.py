@@ -71,7 +71,7 @@ def measure(trial, size, batch_size, epoch_images, repeats, sync):
         train_step(batch)
     sync()
     out[f"epoch of {steps * batch_size} images, s"] = time.perf_counter() - start
-    trial.check_finite()
+    trial.divergence.check_finite()
 
     labeled = {
         "image": batch["image"],

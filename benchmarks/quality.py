@@ -30,11 +30,10 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import linear_eval  # noqa: E402
 import model_def  # noqa: E402
-import sources  # noqa: E402
 import utils  # noqa: E402
 from backbone import build_backbone  # noqa: E402
 from config import HParams, load_config, parse_data_config, parse_hparams  # noqa: E402
-from probe import SPLIT_FIT, SPLIT_HOLDOUT, SPLIT_TEST, probe_metrics  # noqa: E402
+from probe import labeled_parts, probe_metrics  # noqa: E402
 
 SETTINGS = {
     "backbone_name": "resnet18",
@@ -201,12 +200,7 @@ def main():
     torch.manual_seed(0)  # the same initialisation the run started from
     random_init, _ = build_backbone(hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size)
 
-    fit, held = data.holdout_split(splits.labeled_train.labels, hp.probe.holdout_fraction, 0)
-    parts = [
-        (sources.Subset(splits.labeled_train, fit), SPLIT_FIT),
-        (sources.Subset(splits.labeled_train, held), SPLIT_HOLDOUT),
-        (splits.test, SPLIT_TEST),
-    ]
+    parts = labeled_parts(splits.labeled_train, splits.test, hp.probe.holdout_fraction, 0)
     num_classes = len(splits.labeled_train.classes)
     rows = []
     for name, backbone in (("random init", random_init), (f"BYOL, {epochs} epochs", trained)):

@@ -19,6 +19,7 @@ MEASURE = """
 import sys
 import torch
 sys.path.insert(0, {root!r})
+import byol
 import memory
 from config import load_config, parse_hparams
 
@@ -31,7 +32,7 @@ def status_bytes(field):  # VmRSS: resident now; VmHWM: the most resident since 
 hp = parse_hparams(load_config({config!r}, {sets!r})["hyperparameters"], 1)
 torch.manual_seed(0)
 before = status_bytes("VmRSS")
-network = memory.byol_network(hp)  # real tensors this time
+network = byol.build_network(hp)  # real tensors this time
 memory.two_training_steps(hp, network, 64, torch.bfloat16 if {bf16!r} else None)
 print(status_bytes("VmHWM") - before)
 """
