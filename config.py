@@ -177,6 +177,7 @@ def apply_override(config: Dict[str, Any], override: str) -> None:
 
 DATASETS = ("cifar10", "stl10", "image_folder")
 AUGMENT_PLACES = ("auto", "device", "loader")
+DECODE_PLACES = ("auto", "cpu", "gpu")
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("lars", "adamw")
 # Above this base LR (x batch / 256) AdamW diverges: it is a LARS learning rate. DINO's is 5e-4.
@@ -264,6 +265,9 @@ class DataConfig:
     num_workers: int
     strict_images: bool
     gcs_concurrency: int
+    # BYOL training's JPEGs: decoded by the loader workers (cpu) or on the training GPU (gpu;
+    # auto: for a shard set on a GPU), see data.decodes_on_device.
+    decode_on: str
 
 
 def _yaml_number(value: Any) -> Any:
@@ -733,6 +737,7 @@ def parse_experiment_config(
     data = parse_data_config(raw.get("data"))
     if hp.dataset_name == "image_folder":
         check_image_folders(data)
+    check_decode_on(hp, data)
     if not has_labels(hp.dataset_name, data):
         hp = dataclasses.replace(hp, validate_with_classifier=False)
         if local and follows_the_data(run.searcher, hp, data):
@@ -771,9 +776,27 @@ def parse_data_config(raw: Optional[Dict[str, Any]]) -> DataConfig:
         num_workers=r.integer("num_workers", 4, minimum=0),
         strict_images=r.boolean("strict_images", False),
         gcs_concurrency=r.integer("gcs_concurrency", 16),
+        decode_on=r.choice("decode_on", DECODE_PLACES, "auto"),
     )
     r.refuse_unknown()
     return config
+
+
+def check_decode_on(hp: HParams, data: DataConfig) -> None:
+    """data.decode_on=gpu needs encoded images (an image folder or shard set) and the views
+    made on the device, where the decoded crops are."""
+    if data.decode_on != "gpu":
+        return
+    if hp.dataset_name != "image_folder":
+        raise ConfigError(
+            f"data.decode_on=gpu: hyperparameters.dataset_name={hp.dataset_name} comes decoded "
+            f"(arrays); only image_folder images are decoded. Leave data.decode_on at auto"
+        )
+    if hp.augment_on == "loader":
+        raise ConfigError(
+            "data.decode_on=gpu decodes on the training device, so the views are made there: "
+            "hyperparameters.augment_on=loader cannot be; set it to auto or device"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -904,6 +927,11 @@ def parse_finetune_config(raw: Dict[str, Any], slots: int = 1) -> FineTuneConfig
     run = parse_run_config(raw)
     check_searcher_of(run.searcher, FINETUNE_HELD_OUT_METRICS, "fine-tuning", hp.epochs)
     data = parse_data_config(raw.get("data"))
+    if data.decode_on == "gpu":
+        raise ConfigError(
+            "data.decode_on=gpu is for BYOL pretraining; fine-tuning decodes its labeled images "
+            "in the loader: leave data.decode_on at auto"
+        )
     if hp.dataset_name == "image_folder" and (data.train_dir is None or data.test_dir is None):
         raise ConfigError(
             "fine-tuning on dataset_name=image_folder needs labeled images: data.train_dir and "

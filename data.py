@@ -25,6 +25,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import images as images_module
 import shards
 from augment import TwoViewAugmentation, epoch_permutation, item_keys
 from config import ConfigError, DataConfig, check_image_folders
@@ -297,6 +298,32 @@ def loader_workers(requested: int, announce: bool = True) -> int:
     return cores
 
 
+# The batch entries of images the training process decodes (data.decode_on: gpu) that stay in
+# host memory: torchvision's decode_jpeg reads the bytes from there, the rest is bookkeeping.
+HOST_ONLY = ("jpeg", "jpeg_sizes", "jpeg_rows", "jpeg_boxes", "jpeg_index")
+
+
+def decodes_on_device(setting: str, device: torch.device, source) -> bool:
+    """data.decode_on: whether the training process decodes BYOL's training JPEGs on `device`
+    (nvJPEG on a GPU, batched), the loader workers only reading their bytes and headers. cpu:
+    never; gpu: yes (on a GPU only); auto: for a shard set on a GPU (ImageNet's layout, where
+    decoding is what the loader cores spend their time on)."""
+    if setting == "gpu":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"data.decode_on=gpu decodes on the training GPU (nvJPEG), and this trial "
+                f"trains on {device.type}: set data.decode_on=auto or cpu"
+            )
+        if images_module.decode_jpeg is None:
+            raise ConfigError(
+                "data.decode_on=gpu needs torchvision.io.decode_jpeg, which this torchvision "
+                "lacks: set data.decode_on=auto or cpu"
+            )
+        return True
+    on_gpu = device.type == "cuda" and images_module.decode_jpeg is not None
+    return setting == "auto" and on_gpu and isinstance(source, shards.ShardSource)
+
+
 class TrainImages(torch.utils.data.Dataset):
     """BYOL training items: {"image": uint8, "key": int64, "corrupt": 0/1}.
 
@@ -306,7 +333,8 @@ class TrainImages(torch.utils.data.Dataset):
     only the crops travel to the device: both views' boxes come from `augment` and the image's
     size in its header, then the image is decoded once, only as far as its two crops need
     (images.EncodedImage.crops). With `augment_in_loader` the collated batch also gets its two
-    views here."""
+    views here. With `decode_on_device` (data.decode_on: gpu) a JPEG that the device can decode
+    (images.device_decodable) ships as its bytes and both boxes instead, for device_decode.py."""
 
     def __init__(
         self,
@@ -315,10 +343,12 @@ class TrainImages(torch.utils.data.Dataset):
         seed: int,
         corrupt_log: CorruptImageLog,
         augment_in_loader: bool = False,
+        decode_on_device: bool = False,
     ):
         self.source, self.augment, self.seed, self.corrupt_log = source, augment, seed, corrupt_log
         self.crop_in_loader = source.fixed_size is None
         self.augment_in_loader = augment_in_loader
+        self.decode_on_device = decode_on_device and self.crop_in_loader
 
     def __len__(self) -> int:
         return len(self.source)
@@ -339,6 +369,11 @@ class TrainImages(torch.utils.data.Dataset):
         boxes = self.view_boxes(keys, images)
         out = []
         for j, (index, image) in enumerate(zip(indices, images)):
+            if self.decode_on_device and images_module.device_decodable(image):
+                blob = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
+                item = {"jpeg": blob, "boxes": boxes[j], "index": torch.tensor(index)}
+                out.append(dict(item, key=keys[j], corrupt=torch.tensor(0)))
+                continue
             views = crops_or_error(image, boxes[j], self.augment.size)
             corrupt = isinstance(views, CorruptImageError)
             if corrupt:
@@ -370,10 +405,42 @@ class TrainImages(torch.utils.data.Dataset):
         raise ConfigError("every image of the training set is corrupt")
 
     def collate(self, items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        if self.decode_on_device:
+            return self.collate_for_device(items)
         batch = torch.utils.data.default_collate(items)
         if self.augment_in_loader:
             batch["views"] = self.augment(batch.pop("image"), batch["key"])
         return batch
+
+    def collate_for_device(self, items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """A batch of which the rows in jpeg_rows are the bytes of JPEGs (concatenated, their
+        sizes in jpeg_sizes) with both views' boxes, to decode on the device, and the rows in
+        image_rows the loader's crops, as without it (other formats, corrupt images' stand-ins)."""
+        on_device = [j for j, item in enumerate(items) if "jpeg" in item]
+        here = [j for j, item in enumerate(items) if "jpeg" not in item]
+        size = self.augment.size
+        crops = [items[j]["image"] for j in here]
+        return {
+            "key": torch.stack([item["key"] for item in items]),
+            "corrupt": torch.stack([item["corrupt"] for item in items]),
+            "image": torch.stack(crops)
+            if crops
+            else torch.empty(0, 2, 3, size, size, dtype=torch.uint8),
+            "image_rows": torch.tensor(here, dtype=torch.int64),
+            "jpeg": torch.cat(
+                [items[j]["jpeg"] for j in on_device] or [torch.empty(0, dtype=torch.uint8)]
+            ),
+            "jpeg_sizes": torch.tensor(
+                [len(items[j]["jpeg"]) for j in on_device], dtype=torch.int64
+            ),
+            "jpeg_rows": torch.tensor(on_device, dtype=torch.int64),
+            "jpeg_boxes": torch.stack([items[j]["boxes"] for j in on_device])
+            if on_device
+            else torch.empty(0, 2, 4),
+            "jpeg_index": torch.tensor(
+                [int(items[j]["index"]) for j in on_device], dtype=torch.int64
+            ),
+        }
 
 
 # Decoded centre crops that validation keeps in memory, in all (the loader workers each keep

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Linear evaluation of a trained BYOL backbone, and export of that backbone.
 
 Local (a checkpoint directory on this machine):
@@ -12,7 +13,7 @@ Cluster (the best checkpoint of a finished experiment, evaluated as a new experi
 
 The protocol is linear_eval.py's (the paper's linear evaluation); reading checkpoints is
 checkpoint.py's, the export export.py's, submitting to a cluster cluster_eval.py's, the
-pictures pictures.py's.
+pictures pictures.py's and the curves curves.py's.
 """
 
 import argparse
@@ -23,6 +24,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional
 
 import checkpoint
+import curves
 import pictures
 import utils
 from cluster_eval import ClusterError, launch_cluster_evaluation, master_errors
@@ -140,7 +142,7 @@ def evaluate_in_cluster(
             write_json(args.output, result)
     if args.pictures:
         # No curves: the task has no TensorBoard files; --experiment-id drew them from the master.
-        pictures.draw_evaluation(evaluation, args.pictures, curves=False)
+        pictures.draw_evaluation(evaluation, args.pictures, with_curves=False)
         uuid = core_context.checkpoint.upload(args.pictures, metadata={"steps_completed": steps})
         print(f"pictures stored as checkpoint {uuid}: det checkpoint download {uuid}", flush=True)
     return result
@@ -248,7 +250,7 @@ def run_local(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         print(format_report(result))
         print(f"wrote {output} ({result['wall_time_s']:.0f} s)")
     if args.pictures:
-        pictures.draw_evaluation(evaluation, args.pictures, curves=True)
+        pictures.draw_evaluation(evaluation, args.pictures, with_curves=True)
     return result
 
 
@@ -289,7 +291,7 @@ def run_launch(args: argparse.Namespace, sdk=None) -> None:
     )
     if args.pictures:
         with master_errors(master_url):
-            pictures.draw_trial_curves(sdk, args.experiment_id, best, args.pictures)
+            curves.draw_trial_curves(sdk, args.experiment_id, best, args.pictures)
         print(
             f"the evaluation stores neighbours.png, confusion.png, per_class.csv and "
             f"embedding.png as its checkpoint; when it finishes: "

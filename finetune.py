@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fine-tuning a backbone with a new linear classifier, end to end, on labeled images: a Determined
 PyTorchTrial and the command that runs it (locally, or on a cluster through launcher.py, as the
 BYOL trial runs).

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Write the list of image objects under a GCS prefix, one full object name per line.
 
     python generate_blob_list.py --bucket-name BUCKET --bucket-path imagenet/train \

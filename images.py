@@ -155,6 +155,18 @@ class DecodedImage:
         return crop_resize(torch.from_numpy(self.pixels).permute(2, 0, 1), boxes, size)
 
 
+def device_decodable(image) -> bool:
+    """Whether torchvision's decode_jpeg can take this image on the training device (nvJPEG on
+    a GPU): a baseline JPEG stream in RGB or grey, its header read. Anything else the loader
+    decodes (data.decode_on: gpu falls back to it)."""
+    return (
+        decode_jpeg is not None
+        and isinstance(image, EncodedImage)
+        and image.format == "JPEG"
+        and image.mode in ("RGB", "L")
+    )
+
+
 def crops_or_error(image, boxes: torch.Tensor, size: int):
     """`image.crops(boxes, size)`, or the CorruptImageError the image is (a source hands one out
     in place of an unreadable image) or raises when decoded: what a loader reports and
@@ -172,8 +184,9 @@ def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Te
     (x0, y0, x1, y1) [N, 4], each resized by torch's antialiased bilinear resize (PIL's triangle
     filter; the box's own pixels only, as torchvision's resized_crop). Each crop is copied to
     channels-last first and the result is a view of N x size x size x 3 pixels: torch's uint8
-    resize is fastest on interleaved channels (about 40% less time than on planar ones)."""
-    out = torch.empty(len(boxes), size, size, 3, dtype=torch.uint8)
+    resize is fastest on interleaved channels (about 40% less time than on planar ones). On the
+    image's device: a GPU's decode (data.decode_on: gpu) is cropped there the same way."""
+    out = torch.empty(len(boxes), size, size, 3, dtype=torch.uint8, device=image.device)
     for i, (x0, y0, x1, y1) in enumerate(boxes.round().to(torch.int64).tolist()):
         crop = image[None, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
         resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)

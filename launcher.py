@@ -143,7 +143,11 @@ class Trial(pytorch.PyTorchTrial):
         }
 
     def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+        """The batch on the device, but for the JPEG bytes decoded from host memory."""
+        return {
+            name: t if name in data.HOST_ONLY else t.to(self.device, non_blocking=True)
+            for name, t in batch.items()
+        }
 
     def batch_loader(self, dataset, batches) -> pytorch.DataLoader:
         """A loader of `dataset` in `batches` (a sampler or a list of index batches), with the
@@ -441,9 +445,9 @@ def run_locally(kind: TrialKind, args: argparse.Namespace) -> None:
             )
         fit_locally(trial, context, lengths, resume)
     if args.plot and (distributed is None or distributed.rank == 0):
-        import pictures  # matplotlib: only when asked
+        import curves  # matplotlib: only when asked
 
-        pictures.draw_tensorboard_curves(tensorboard_dir)
+        curves.draw_tensorboard_curves(tensorboard_dir)
     if distributed is not None:
         dist.destroy_process_group()
 

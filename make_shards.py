@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Write a training set as tar shards plus an index, for data.train_dir / data.test_dir.
 
     python make_shards.py SOURCE DEST [--blob-list LIST] [--shard-size-mb 256] [--seed 0]
@@ -131,7 +132,7 @@ def bounded(content: bytes, name: str, max_side: Optional[int]) -> bytes:
 
 
 def open_source(args: argparse.Namespace) -> Tuple[List[str], List[int], List[str], object]:
-    """(names, labels, classes, store with read_many) of SOURCE, with data.py's rules."""
+    """(names, labels, classes, store with read_many) of SOURCE, with sources.py's rules."""
     if not args.source.startswith("gs://"):
         if args.blob_list:
             raise Failure(f"--blob-list is for a gs:// SOURCE; {args.source!r} is a local folder")

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """BYOL as a Determined PyTorchTrial, and the command that trains it (locally or on a cluster).
 
     python model_def.py const-cifar10.yaml [--set hyperparameters.epochs=3] [--resume CKPT]
@@ -19,6 +20,7 @@ import byol
 import checkpoint
 import data
 import device
+import device_decode
 import launcher
 import optim
 import preflight
@@ -58,29 +60,28 @@ class BYOLTrial(launcher.Trial):
                 "hyperparameters.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does "
                 "not run on CPU processes; set it to false for CPU multi-process training"
             )
-        splits = data.build_splits(
+        self.splits = splits = data.build_splits(
             hp.dataset_name, self.data_config, startup.share, startup.first_on_machine
         )
-        self.splits = splits
         if hp.validate_with_classifier:  # labeled images exist (config.has_labels)
-            self.num_classes = len(self.splits.labeled_train.classes)
-            data.check_probe_classes(self.splits.labeled_train.classes, True)
-        byol_train = self.splits.byol_train
-        self.build_sampler(len(byol_train), data.epoch_order(byol_train, self.hp.global_batch_size))
+            self.num_classes = len(splits.labeled_train.classes)
+            data.check_probe_classes(splits.labeled_train.classes, True)
+        byol_train = splits.byol_train
+        self.build_sampler(len(byol_train), data.epoch_order(byol_train, hp.global_batch_size))
         if self.data_config.strict_images:
-            for source in (byol_train, self.splits.test):
+            for source in (byol_train, splits.test):
                 sources.verify_local_images(source)
         # One augmentation for the run: it plans the crops in the loader and makes the views
-        # there (augment_on: loader) or on the device.
-        self.augment = TwoViewAugmentation(self.hp.augmentation, *self.splits.normalization)
-        self.augment_in_loader = device.augments_in_loader(self.hp.augment_on, self.device)
-        self.compiles = device.compiles(self.hp.compile, self.device)
+        # there (augment_on: loader) or on the device, where the JPEGs may be decoded too.
+        self.augment = TwoViewAugmentation(hp.augmentation, *splits.normalization)
+        self.augment_in_loader = device.augments_in_loader(hp.augment_on, self.device)
+        decode_on = self.data_config.decode_on
+        self.decode_on_device = data.decodes_on_device(decode_on, self.device, byol_train)
+        self.compiles = device.compiles(hp.compile, self.device)
         self.augment_here = device.compiled_if(self.compiles, self.augment, "the augmentation")
-        self.channels_last = device.uses_channels_last(self.device, self.hp.backbone_name)
-        self.normalize = device.Normalize(
-            *self.splits.normalization, self.device, self.channels_last
-        )
-        self.autocast_dtype = device.autocast_dtype(self.hp.precision, self.device)
+        self.channels_last = device.uses_channels_last(self.device, hp.backbone_name)
+        self.normalize = device.Normalize(*splits.normalization, self.device, self.channels_last)
+        self.autocast_dtype = device.autocast_dtype(hp.precision, self.device)
 
     def _build_network(self) -> None:
         """Online and target networks in one module: `self.network` is the plain module (its
@@ -123,9 +124,9 @@ class BYOLTrial(launcher.Trial):
     # ---- data ------------------------------------------------------------------------------
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
-        images, seed = self.splits.byol_train, self.run.seed
+        images, in_loader = self.splits.byol_train, self.augment_in_loader
         dataset = data.TrainImages(
-            images, self.augment, seed, self.corrupt_log, self.augment_in_loader
+            images, self.augment, self.run.seed, self.corrupt_log, in_loader, self.decode_on_device
         )
         return self.batch_loader(dataset, self.train_sampler)
 
@@ -147,10 +148,14 @@ class BYOLTrial(launcher.Trial):
         """[2B, 3, S, S]: view 1 of every image, then view 2 (made in the loader or here)."""
         if "views" in batch:
             return device.memory_format(batch["views"], self.channels_last)
+        images = batch["image"]
+        if "jpeg" in batch:  # the loader read JPEG bytes: decoded here (data.decode_on)
+            where, size = self.splits.byol_train.location, self.augment.size
+            images = device_decode.crops(batch, size, self.device, where, self.corrupt_log)
         # Without gradients in training as in validation: no gradient flows into the views, and
         # the compiled augmentation keeps one graph for both (grad mode is part of its guard).
         with torch.no_grad():
-            views = self.augment_here(batch["image"], batch["key"])
+            views = self.augment_here(images, batch["key"])
         return device.memory_format(views, self.channels_last)
 
     def forward_loss(self, views: torch.Tensor):

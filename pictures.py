@@ -1,7 +1,5 @@
-"""Pictures of what a backbone learned and of how its run went, for `evaluate_result.py
---pictures DIR` and `model_def.py --plot`. Drawn with matplotlib's Agg renderer on Figure
-objects (no pyplot, no display, no global state); only this module imports matplotlib, so
-training never pays for it.
+"""Pictures of what a backbone learned, for `evaluate_result.py --pictures DIR` (drawn by
+figures.py; the run's curves.png: curves.py).
 
   neighbours.png  QUERIES test images chosen with the run's seed, each followed by its NEIGHBOURS
                   most cosine-similar labelled training images, on the features and with the
@@ -11,35 +9,24 @@ training never pays for it.
                   accuracy the evaluation reports (its LR chosen on held-out images),
                   row-normalised; per_class.csv holds each class's accuracy.
   embedding.png   the test features on their first two principal components, coloured by class.
-  curves.png      loss, learning rate, tau, representation spread, kNN and held-out accuracy
-                  against the step: from a local run's TensorBoard files, or from the master's
-                  metrics of a trial on a cluster.
 
 Small images (CIFAR's 32 px) are magnified by a whole factor without smoothing, so every pixel
 shown is one the backbone saw. Data without labels (fewer than 2 classes: a label-free run's)
 gets the neighbours and the embedding without classes, and no confusion matrix.
 """
 
-import csv
-import logging
 import math
 import os
-import textwrap
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import checkpoint
+import curves
 import data
-import sources
-import utils
+from figures import checkpoint_line, new_figure, save, suptitle, wrapped, write_csv
 from linear_eval import Evaluation, SplitFeatures, knn_bank
 from probe import SPLIT_TEST, cosine_neighbours
 
@@ -52,47 +39,6 @@ SAME_CLASS = (0, 114, 178)
 OTHER_CLASS = (213, 94, 0)
 NO_CLASS = (160, 160, 160)
 QUERY_FRAME = (40, 40, 40)
-
-Series = Dict[str, List[Tuple[int, float]]]  # metric name -> [(step, value)], by step
-
-
-def _new_figure(width_px: int, height_px: int, dpi: int, layout: Optional[str] = None) -> Figure:
-    """A Figure of exactly width x height pixels, drawn by Agg."""
-    figure = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi, layout=layout)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure: Figure, path: str) -> str:
-    """The PNG written whole or not at all (utils.atomic_write), at the figure's own size."""
-    with utils.atomic_write(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=figure.dpi, facecolor="white")
-    return path
-
-
-def _wrapped(lines: Sequence[str], width_px: int, fontsize: float, dpi: int) -> List[str]:
-    """Title lines broken to fit `width_px` (DejaVu Sans is about 0.6 em wide a character)."""
-    characters = int(width_px / (0.6 * fontsize * dpi / 72))
-    return [part for line in lines for part in textwrap.wrap(line, characters)]
-
-
-def _suptitle(figure: Figure, lines: Sequence[str], fontsize: float) -> None:
-    figure.suptitle(
-        "\n".join(_wrapped(lines, figure.bbox.width, fontsize, figure.dpi)), fontsize=fontsize
-    )
-
-
-def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A CSV file written whole or not at all, one line per row."""
-    with utils.atomic_write(path) as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def _checkpoint_line(ckpt: checkpoint.Checkpoint) -> str:
-    return f"checkpoint {ckpt.uuid} (step {ckpt.steps_completed})"
 
 
 # ------------------------------------------------------------------------------------------
@@ -191,11 +137,11 @@ def draw_neighbours(
     images are pasted pixel for pixel (figimage, no resampling); the text is matplotlib's."""
     image_px, columns = shown(queries[0]).shape[0], 1 + neighbours.shape[1]
     width = NeighbourGrid(image_px, len(queries), columns, 0).size()[0]
-    title = _wrapped(title, width - 2 * NeighbourGrid.MARGIN, 8, 128)
+    title = wrapped(title, width - 2 * NeighbourGrid.MARGIN, 8, 128)
     grid = NeighbourGrid(image_px, len(queries), columns, len(title))
     width, height = grid.size()
     canvas = np.full((height, width, 3), 255, np.uint8)
-    figure = _new_figure(width, height, dpi=128)  # a power of two: pixel sizes stay exact
+    figure = new_figure(width, height, dpi=128)  # a power of two: pixel sizes stay exact
 
     def paste(row: int, column: int, image: np.ndarray, frame, lines: Sequence[str], colour):
         x, y = grid.frame_origin(row, column)
@@ -233,22 +179,17 @@ def draw_neighbours(
             va="top",
             fontsize=8,
         )
-    return _save(figure, path)
+    return save(figure, path)
 
 
 def image_name(parts: Sequence[Tuple[object, int]], index: int) -> str:
     """Where a user finds image `index` of data.EvalImages(parts): its file (a shard's member),
-    or its number in the dataset's array (CIFAR-10, STL-10)."""
+    or its row in the dataset's array (CIFAR-10, STL-10): sources' location."""
     for source, _ in parts:
         if index < len(source):
             break
         index -= len(source)
-    while isinstance(source, sources.Subset):
-        source, index = source.source, int(source.indices[index])
-    if hasattr(source, "member_name"):  # a shard set: shard:member
-        return source.member_name(index)
-    names = getattr(source, "names", None)  # a folder, local or gs://
-    return f"{source.where.rstrip('/')}/{names[index]}" if names is not None else f"#{index}"
+    return source.location(index)
 
 
 def _crops(images: data.EvalImages, indices: Sequence[int]) -> np.ndarray:
@@ -286,7 +227,7 @@ def draw_neighbour_files(evaluation: Evaluation, directory: str) -> List[str]:
     title = [
         f"Nearest training images of {len(table.queries)} test images, by cosine similarity "
         f"of the backbone's features (as the kNN accuracy)",
-        f"{_checkpoint_line(evaluation.checkpoint)}; queries: test split, chosen with seed "
+        f"{checkpoint_line(evaluation.checkpoint)}; queries: test split, chosen with seed "
         f"{evaluation.seed}; neighbours: the {len(train.labels)} labelled training images",
         f"{knn}; {frames}",
     ]
@@ -316,7 +257,7 @@ def draw_neighbour_files(evaluation: Evaluation, directory: str) -> List[str]:
         for q, query in enumerate(query_images)
         for k, neighbour in enumerate(neighbour_images[q])
     ]
-    neighbours_csv = _write_csv(
+    neighbours_csv = write_csv(
         os.path.join(directory, "neighbours.csv"),
         header + (["same_class"] if labelled else []),
         rows,
@@ -340,7 +281,7 @@ def draw_confusion(path: str, counts: np.ndarray, classes: Sequence[str], title:
     written in the cells up to 20 classes, class names on the axes up to 50."""
     n = len(classes)
     side = int(min(20, max(7, 3 + n // 2)))
-    figure = _new_figure(100 * (side + 1), 100 * side, dpi=100, layout="constrained")
+    figure = new_figure(100 * (side + 1), 100 * side, dpi=100, layout="constrained")
     ax = figure.add_subplot()
     with np.errstate(invalid="ignore", divide="ignore"):
         shares = counts / counts.sum(axis=1, keepdims=True)
@@ -364,8 +305,8 @@ def draw_confusion(path: str, counts: np.ndarray, classes: Sequence[str], title:
         ax.set_yticks(range(n), labels=list(classes), fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    _suptitle(figure, title.split("\n"), 10)
-    return _save(figure, path)
+    suptitle(figure, title.split("\n"), 10)
+    return save(figure, path)
 
 
 def write_per_class(path: str, counts: np.ndarray, classes: Sequence[str]) -> str:
@@ -375,7 +316,7 @@ def write_per_class(path: str, counts: np.ndarray, classes: Sequence[str]) -> st
     for c, name in enumerate(classes):
         images, correct = int(counts[c].sum()), int(counts[c, c])
         rows.append([name, images, correct, f"{correct / images:.6f}" if images else ""])
-    return _write_csv(path, ["class", "test_images", "correct", "accuracy"], rows)
+    return write_csv(path, ["class", "test_images", "correct", "accuracy"], rows)
 
 
 def draw_confusion_files(evaluation: Evaluation, directory: str) -> List[str]:
@@ -389,7 +330,7 @@ def draw_confusion_files(evaluation: Evaluation, directory: str) -> List[str]:
     title = (
         f"Linear classifier (LR {result['chosen_lr']:g}, chosen on held-out images) on the "
         f"{int(counts.sum())} test images: top-1 {100 * result['test_accuracy']:.2f}%\n"
-        f"{_checkpoint_line(evaluation.checkpoint)}; rows: true class, normalised to 100"
+        f"{checkpoint_line(evaluation.checkpoint)}; rows: true class, normalised to 100"
     )
     return [
         draw_confusion(os.path.join(directory, "confusion.png"), counts, evaluation.classes, title),
@@ -431,7 +372,7 @@ def draw_embedding(
 ) -> str:
     """A scatter of [N, 2] coordinates coloured by class (one colour when `labels` is None),
     with a legend up to 20 classes."""
-    figure = _new_figure(1000, 800, dpi=100, layout="constrained")
+    figure = new_figure(1000, 800, dpi=100, layout="constrained")
     ax = figure.add_subplot()
     size = float(np.clip(20000 / max(1, len(coordinates)), 6, 40))  # points², fewer: larger
     if labels is None:
@@ -455,8 +396,8 @@ def draw_embedding(
     ax.set_ylabel("second principal component")
     ax.set_aspect("equal", adjustable="datalim")  # distances as the features have them
     ax.grid(alpha=0.3)
-    _suptitle(figure, title.split("\n"), 10)
-    return _save(figure, path)
+    suptitle(figure, title.split("\n"), 10)
+    return save(figure, path)
 
 
 def draw_embedding_file(evaluation: Evaluation, directory: str) -> str:
@@ -473,7 +414,7 @@ def draw_embedding_file(evaluation: Evaluation, directory: str) -> str:
         f"Backbone features of {chosen} test images (L2-normalised, as the kNN compares them) "
         f"on their first two principal components: {100 * shares[0]:.1f}% and "
         f"{100 * shares[1]:.1f}% of the variance\n"
-        f"{_checkpoint_line(evaluation.checkpoint)}; "
+        f"{checkpoint_line(evaluation.checkpoint)}; "
         + ("colour: the image's class" if labelled else "no labels: one colour")
     )
     return draw_embedding(
@@ -485,9 +426,9 @@ def draw_embedding_file(evaluation: Evaluation, directory: str) -> str:
     )
 
 
-def draw_evaluation(evaluation: Evaluation, directory: str, curves: bool) -> List[str]:
+def draw_evaluation(evaluation: Evaluation, directory: str, with_curves: bool) -> List[str]:
     """Every picture of an evaluation into `directory` (an existing, writable folder), and
-    with `curves` the curves of the checkpoint's local run; each path printed. What cannot be
+    with `with_curves` the curves of the checkpoint's local run; each path printed. What cannot be
     drawn is said in one line (data without labels: a label-free run's), and the rest drawn."""
     labelled = evaluation.result is not None
     written: List[str] = []
@@ -500,7 +441,7 @@ def draw_evaluation(evaluation: Evaluation, directory: str, curves: bool) -> Lis
                 f"({', '.join(evaluation.classes)}), so there is no linear evaluation, "
                 f"confusion.png or per_class.csv; neighbours.png and embedding.png show the "
                 f"images without classes"
-                + (", curves.png the run's validation loss" if curves else "")
+                + (", curves.png the run's validation loss" if with_curves else "")
             )
         written += draw_neighbour_files(evaluation, directory)
         if labelled:
@@ -508,182 +449,9 @@ def draw_evaluation(evaluation: Evaluation, directory: str, curves: bool) -> Lis
         written.append(draw_embedding_file(evaluation, directory))
         for path in written:
             print(f"wrote {path}")
-    if curves:
-        curves_png = draw_checkpoint_curves(evaluation.checkpoint, directory, say_why=labelled)
+    if with_curves:
+        curves_png = curves.draw_checkpoint_curves(
+            evaluation.checkpoint, directory, say_why=labelled
+        )
         written += [curves_png] if curves_png else []
     return written
-
-
-# ------------------------------------------------------------------------------------------
-# A run's curves: curves.png, from TensorBoard files or from the master
-# ------------------------------------------------------------------------------------------
-
-# Panels: (title, [(metric, legend label)]), metrics named as the trial reports them.
-CURVES = [
-    ("BYOL loss", [("loss", None)]),
-    ("learning rate", [("learning_rate", None)]),
-    ("EMA tau of the target network", [("tau", None)]),
-    (
-        "representation spread (std of the normalised projections; ~0 is collapse)",
-        [("representation_std", None)],
-    ),
-]
-ACCURACY = [
-    ("holdout_accuracy", "linear probe, held-out images"),
-    ("knn_accuracy", "kNN, test images"),
-]
-LABEL_FREE = [("validation_loss", "BYOL loss of fixed views of the validation images")]
-# What BYOLTrial.train_batch returns: Determined's TensorBoard writer logs these per batch at the
-# batch's index (steps_completed - len(batch_metrics) + i: 0 for the first step), the reducer's
-# metrics at steps completed. One is added to the former so that both count steps completed.
-BATCH_METRICS = ("learning_rate", "tau")
-
-
-def tensorboard_series(folder: str) -> Series:
-    """The scalars Determined's TensorBoard writer left in `folder` (its event files, all of
-    them), named as the trial reports them: `Determined/loss` is loss, a validation's
-    `Determined/val_knn_accuracy` is knn_accuracy. A step logged twice (a resumed run) keeps
-    the later value, by the events' wall time: file names order files by the second they were
-    opened and then by a counter, which does not sort as a number."""
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # a line per event file at INFO
-    events = EventAccumulator(folder, size_guidance={"scalars": 0}).Reload()  # 0: keep all
-    series: Series = {}
-    for tag in events.Tags()["scalars"]:
-        if not tag.startswith("Determined/"):
-            continue
-        name = tag[len("Determined/") :]
-        name = name[len("val_") :] if name.startswith("val_") else name
-        shift = 1 if name in BATCH_METRICS else 0
-        latest = {
-            e.step + shift: e.value for e in sorted(events.Scalars(tag), key=lambda e: e.wall_time)
-        }
-        series[name] = sorted(latest.items())
-    return series
-
-
-def master_series(sdk, trial_id: int) -> Series:
-    """A trial's training and validation metrics as the master keeps them (the SDK's
-    iter_trials_metrics; numbers only), by steps completed."""
-    series: Series = {}
-    for group in ("training", "validation"):
-        for report in sdk.iter_trials_metrics([trial_id], group=group):
-            for name, value in report.metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    series.setdefault(name, []).append((report.steps_completed, float(value)))
-    return {name: sorted(points) for name, points in series.items()}
-
-
-def validated_without_labels(series: Series) -> bool:
-    """Whether the run's validations report the BYOL loss rather than the probe's accuracy."""
-    return "validation_loss" in series and not any(name in series for name, _ in ACCURACY)
-
-
-def draw_curves(path: str, series: Series, title: str, mark: Optional[Tuple[int, str]] = None):
-    """curves.png: one panel per CURVES entry and one of the probe's accuracies (or, for a run
-    that validated without labels, its validation loss); `mark` = (step, label) draws a dashed
-    line at that step in every panel."""
-    figure = _new_figure(1200, 1000, dpi=100, layout="constrained")
-    grid = figure.add_gridspec(3, 2)
-    last = (
-        ("validation loss (the run validated without labels)", LABEL_FREE)
-        if validated_without_labels(series)
-        else ("probe accuracy (validation)", ACCURACY)
-    )
-    axes = [figure.add_subplot(grid[0, 0])]
-    axes += [figure.add_subplot(grid[i // 2, i % 2], sharex=axes[0]) for i in range(1, 4)]
-    axes.append(figure.add_subplot(grid[2, :], sharex=axes[0]))
-    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps (shared by all panels)
-    if last[1] is ACCURACY:
-        axes[-1].set_ylim(-0.02, 1.04)  # 100% stays inside the frame
-        axes[-1].yaxis.set_major_formatter(PercentFormatter(xmax=1))
-    for ax, (panel, metrics) in zip(axes, CURVES + [last]):
-        drawn = False
-        for name, label in metrics:
-            points = [(s, v) for s, v in series.get(name, []) if math.isfinite(v)]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, marker="." if len(points) <= 30 else None, label=label)
-                drawn = True
-        if not drawn:
-            ax.text(0.5, 0.5, "not reported", ha="center", va="center", transform=ax.transAxes)
-        if mark is not None:
-            ax.axvline(mark[0], linestyle="--", color="0.4", linewidth=1)
-        if drawn and any(label for _, label in metrics):
-            ax.legend(fontsize=8)
-        ax.set_title(panel, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    _suptitle(figure, [title] + ([f"dashed line: {mark[1]}"] if mark is not None else []), 11)
-    return _save(figure, path)
-
-
-def _draw_run_curves(
-    path: str,
-    series: Series,
-    title: str,
-    mark: Optional[Tuple[int, str]] = None,
-    say_why: bool = True,
-) -> str:
-    """curves.png, its path printed; a run that validated without labels says so first
-    (unless `say_why` is false: the caller said it)."""
-    if say_why and validated_without_labels(series):
-        print(
-            "no labelled test split in this run (it validated without labels, "
-            "hyperparameters.validate_with_classifier=false): curves.png shows its validation "
-            "loss instead of the kNN and held-out accuracy"
-        )
-    draw_curves(path, series, title, mark)
-    print(f"wrote {path}")
-    return path
-
-
-def _run_title(folder: str) -> str:
-    return f"Training curves of run {os.path.basename(folder)} (its TensorBoard files)"
-
-
-def draw_tensorboard_curves(folder: str) -> str:
-    """curves.png of a local run, into its TensorBoard folder (model_def.py --plot)."""
-    path = os.path.join(folder, "curves.png")
-    return _draw_run_curves(path, tensorboard_series(folder), _run_title(folder))
-
-
-def draw_checkpoint_curves(
-    ckpt: checkpoint.Checkpoint, directory: str, say_why: bool = True
-) -> Optional[str]:
-    """curves.png of the local run a checkpoint belongs to, its step marked; a checkpoint
-    whose run's TensorBoard folder is unknown or gone gets one line saying so."""
-    folder = checkpoint.run_tensorboard_folder(ckpt)
-    if folder is None or not os.path.isdir(folder):
-        where = (
-            f"its run's TensorBoard folder {folder} is not there"
-            if folder
-            else "it names no TensorBoard folder of its run (a cluster's checkpoint: use "
-            "--experiment-id; or one written before runs had their own folders)"
-        )
-        print(f"no curves.png for checkpoint {ckpt.uuid}: {where}")
-        return None
-    mark = (ckpt.steps_completed, _checkpoint_line(ckpt))
-    return _draw_run_curves(
-        os.path.join(directory, "curves.png"),
-        tensorboard_series(folder),
-        _run_title(folder),
-        mark,
-        say_why,
-    )
-
-
-def draw_trial_curves(sdk, experiment_id: int, best, directory: str) -> str:
-    """curves.png of the trial that wrote checkpoint `best` (an SDK Checkpoint), from the
-    master's metrics, the checkpoint's step marked."""
-    trial_id = best.training.trial_id
-    title = (
-        f"Training curves of experiment {experiment_id}, trial {trial_id} (the master's metrics)"
-    )
-    steps = best.metadata.get("steps_completed")
-    mark = (steps, f"checkpoint {best.uuid} (step {steps})") if steps is not None else None
-    return _draw_run_curves(
-        os.path.join(directory, "curves.png"),
-        master_series(sdk, trial_id),
-        title,
-        mark,
-    )

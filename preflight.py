@@ -5,7 +5,7 @@ On a cluster a config error inside a trial ends that trial as invalid hyperparam
 it, so an error that every trial hits ends the whole search after max_concurrent_trials trials.
 The check runs the trial's own parsing (config.parse_experiment_config, over
 resources.slots_per_trial slots) at every corner point of the searcher's space (hpspace.py), and
-opens the data locations it can reach from here with data.py's own functions. Nothing is
+opens the data locations it can reach from here with sources.py's own functions. Nothing is
 trained or downloaded: a dataset that is not here, a local folder that may exist only on the
 agents and a gs:// location without credentials are notes, not problems.
 

@@ -317,7 +317,7 @@ class ShardSource:
     def epoch_order(self, seed: int, epoch: int, global_batch: int) -> List[int]:
         return shard_epoch_order(seed, epoch, self.shard_counts, global_batch)
 
-    def member_name(self, index: int) -> str:
+    def location(self, index: int) -> str:
         return f"{self.store.where(self.shard_names[self.shard_of[index]])}:{self.names[index]}"
 
     def load_many(self, indices: Sequence[int]) -> List[object]:
@@ -344,19 +344,17 @@ class ShardSource:
         name = self.shard_names[shard]
         if name in failed:
             for j in positions:
-                out[j] = CorruptImageError(
-                    self.member_name(indices[j]), f"unreadable: {failed[name]}"
-                )
+                out[j] = CorruptImageError(self.location(indices[j]), f"unreadable: {failed[name]}")
             return
         ranges = [(int(self.offsets[indices[j]]), int(self.lengths[indices[j]])) for j in positions]
         for j, blob in zip(
             positions, self.store.read_members(name, self.shard_sizes[shard], ranges)
         ):
             if isinstance(blob, gcs.GCSError):
-                out[j] = CorruptImageError(self.member_name(indices[j]), f"unreadable: {blob}")
+                out[j] = CorruptImageError(self.location(indices[j]), f"unreadable: {blob}")
                 continue
             try:
-                out[j] = EncodedImage(blob, self.member_name(indices[j]))
+                out[j] = EncodedImage(blob, self.location(indices[j]))
             except CorruptImageError as e:
                 out[j] = e
 

@@ -12,7 +12,8 @@ Every source has
     concurrently), as images.EncodedImage with the size from the header and the pixels not yet
     decoded (DecodedImage for arrays);
   where a corrupt image came from: in load_many's result a CorruptImageError takes its place,
-    named by its full path (folder/name, gs://bucket/prefix/name, shard:member);
+    named by its full path (folder/name, gs://bucket/prefix/name, shard:member), which
+    source.location(index) also gives;
   source.fixed_size: the side of every image when all have one (arrays, whose
     source.tensor(indices) gives them batched), else None.
 
@@ -63,6 +64,9 @@ class ArraySource:
     def load_many(self, indices: Sequence[int]) -> List[DecodedImage]:
         return [DecodedImage(self.images[i]) for i in indices]
 
+    def location(self, index: int) -> str:
+        return f"row {int(index)}"
+
     def tensor(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.from_numpy(self.images[np.asarray(indices)]).permute(0, 3, 1, 2)
 
@@ -107,15 +111,15 @@ class FileSource:
         out: List[object] = []
         for i, data in zip(indices, blobs):
             if isinstance(data, gcs.GCSError):  # still unreadable at the retry deadline
-                out.append(CorruptImageError(self._full(i), f"unreadable: {data}"))
+                out.append(CorruptImageError(self.location(i), f"unreadable: {data}"))
                 continue
             try:
-                out.append(EncodedImage(data, self._full(i)))
+                out.append(EncodedImage(data, self.location(i)))
             except CorruptImageError as e:
                 out.append(e)
         return out
 
-    def _full(self, index: int) -> str:
+    def location(self, index: int) -> str:
         return f"{self.where.rstrip('/')}/{self.names[index]}"
 
 
@@ -155,6 +159,10 @@ class ConcatSource:
     def tensor(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([part.tensor([local])[0] for part, local in map(self._locate, indices)])
 
+    def location(self, index: int) -> str:
+        part, local = self._locate(index)
+        return part.location(local)
+
 
 class Subset:
     def __init__(self, source, indices: Sequence[int]):
@@ -170,6 +178,9 @@ class Subset:
 
     def tensor(self, indices: Sequence[int]) -> torch.Tensor:
         return self.source.tensor([int(self.indices[i]) for i in indices])
+
+    def location(self, index: int) -> str:
+        return self.source.location(int(self.indices[index]))
 
 
 def without_labels(source):

@@ -1,56 +1,109 @@
-"""The GPU figures of issue 19's goals, in one run, ready as it is for one GPU (an H200):
+"""The GPU figures of issue 33's goals, in one run on one GPU (about 5 minutes on an H100-class
+card), printed as a table and written to one JSON file:
 
-    python benchmarks/gpu.py                           # ResNet-18, 512 CIFAR-size images, bf16
-    python benchmarks/gpu.py --device cpu --smoke      # every code path, tiny: is it broken?
+    python benchmarks/gpu.py --json gpu.json          # on a GPU: ResNet-18 CIFAR + ResNet-50 224 px
+    python benchmarks/gpu.py --device cpu --smoke     # every code path, tiny (the suite runs it)
 
-With compile off and on (hyperparameters.compile), on the trial built from const-cifar10.yaml:
-1. augmentation: ms per two-view call on 512 uint8 CIFAR arrays (goal on an H200: <= 1 ms);
+The goals: augmentation <= 1 ms a call (512 CIFAR images), the compiled train_batch <= 1.0x a
+bare eager loop, GPU JPEG decoding >= 5,000 images/s.
+
+With compile off and on (hyperparameters.compile), on the trial built from const-cifar10.yaml
+(ResNet-18, CIFAR stem, 512 images of 32 px, bf16 on a GPU):
+1. augmentation: ms per two-view call on the uint8 arrays;
 2. training step: BYOLTrial.train_batch (augmentation on the device, non-finite guard, LARS,
-   EMA) against a bare eager loop over the same networks and LARS with the views given
-   (goal: <= 1.0x with compile); also train_batch with the views given, to separate the two;
+   EMA) against a bare eager loop over the same networks and LARS with the views given (both
+   views in one forward, the EMA one fused multi-tensor op: speed.bare_step_fn); also
+   train_batch with the views given, to separate the two;
 3. a CIFAR-10-size epoch: 50,000 images through train_batch from pinned uint8 batches (the
    loader's decoding is not in it);
-4. validation: images/s of evaluate_batch (features + probe update) against training's.
+4. validation: images/s of evaluate_batch (features + probe update);
+5. peak memory of two training steps, measured (torch.cuda.max_memory_allocated; the CPU has no
+   such counter) against memory.py's estimate made without a GPU;
+6. with compile on: dynamo's graphs, graph breaks and recompiles (its own counters).
+Then at ImageNet size, on the trial built from distributed-imagenet.yaml (ResNet-50, 224 px, its
+per-GPU batch of 64):
+7. train_batch images/s with the loader's uint8 crops given (what CPU decoding ships);
+8. JPEG decoding of 300x400 photograph-like JPEGs (quality 90): PIL on one CPU core (what each
+   loader core does today, crops aside) and torchvision.io.decode_jpeg on the device, batched
+   (nvJPEG on a GPU).
 Timings wait for the device (torch.cuda.synchronize) and report medians.
 """
 
 import argparse
+import io
+import json
 import os
 import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
+import torchvision
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import device  # noqa: E402
+import memory  # noqa: E402
 import utils  # noqa: E402
 from benchmarks import speed  # noqa: E402
 
 CIFAR10_IMAGES = 50_000
+GOALS = {
+    "augmentation ms": "<= 1 ms",
+    "train_batch / bare": "<= 1.0x compiled",
+    "GPU JPEG decode images/s": ">= 5000",
+}
 
 
 def median_ms(fn, repeats, sync, warmup=2):
     return speed.interleaved({"fn": fn}, repeats, warmup, sync)["fn"] * 1000
 
 
-def measure(trial, size, batch_size, epoch_images, repeats, sync):
-    """{measure: value} for one trial (one compile setting)."""
-    to_device = lambda b: {k: v.to(trial.device, non_blocking=True) for k, v in b.items()}
-    pinned = lambda b: {k: v.pin_memory() if trial.on_cuda else v for k, v in b.items()}
-    batch = pinned(speed.device_batch(batch_size, size))
-    on_device = to_device(batch)
+def pinned(trial, batch):
+    on_gpu = trial.device.type == "cuda"
+    return {k: v.pin_memory() if on_gpu else v for k, v in batch.items()}
+
+
+def stepper(trial):
+    """train_batch at consecutive steps, as Determined's training loop calls it."""
     step = [0]
 
-    def train_step(b):
+    def train_step(batch):
         trial.context._current_batch_idx = step[0]  # what Determined's training loop sets
-        trial.train_batch(b, 0, step[0])
+        trial.train_batch(batch, 0, step[0])
         step[0] += 1
 
+    return train_step
+
+
+def peak_memory(trial, batch, train_step, sync):
+    """(measured peak bytes of two steps, or None off a GPU; memory.py's estimate)."""
+    estimate = memory.step_peak_bytes(trial.hp, len(batch["key"]), trial.autocast_dtype)
+    if trial.device.type != "cuda":
+        return None, estimate
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        train_step(batch)
+    sync()
+    return torch.cuda.max_memory_allocated(), estimate
+
+
+def measure_cifar(trial, batch_size, epoch_images, repeats, sync):
+    """{measure: value} of the CIFAR-size trial (one compile setting)."""
+    batch = pinned(trial, speed.device_batch(batch_size, 32))
+    on_device = {k: v.to(trial.device, non_blocking=True) for k, v in batch.items()}
+    train_step = stepper(trial)
+
     out = {}
-    augment = lambda: trial.augment_here(on_device["image"], on_device["key"])
+
+    def augment():
+        with torch.no_grad():  # as two_views makes them: one compiled graph for both
+            return trial.augment_here(on_device["image"], on_device["key"])
+
     out["augmentation ms"] = median_ms(augment, repeats, sync)
 
     views = device.memory_format(augment(), trial.channels_last)
@@ -73,6 +126,10 @@ def measure(trial, size, batch_size, epoch_images, repeats, sync):
     out[f"epoch of {steps * batch_size} images, s"] = time.perf_counter() - start
     trial.divergence.check_finite()
 
+    measured, estimate = peak_memory(trial, batch, train_step, sync)
+    out["peak memory measured, GiB"] = None if measured is None else measured / 2**30
+    out["peak memory estimated, GiB"] = estimate / 2**30
+
     labeled = {
         "image": batch["image"],
         "label": torch.arange(batch_size) % 10,
@@ -89,6 +146,101 @@ def measure(trial, size, batch_size, epoch_images, repeats, sync):
     return out
 
 
+def measure_imagenet(trial, batch_size, repeats, sync):
+    """train_batch images/s at 224 px with the loader's crops given ([B, 2, 3, S, S] uint8)."""
+    size = trial.augment.size
+    batch = speed.device_batch(batch_size, size)
+    views = torch.stack([batch["image"], batch["image"].flip(-1)], dim=1)
+    batch = pinned(trial, dict(batch, image=views))
+    train_step = stepper(trial)
+    step_ms = median_ms(lambda: train_step(batch), repeats, sync)
+    trial.divergence.check_finite()
+    measured, estimate = peak_memory(trial, batch, train_step, sync)
+    return {
+        "ImageNet-size train_batch images/s": batch_size / step_ms * 1000,
+        "ImageNet-size peak memory measured, GiB": None if measured is None else measured / 2**30,
+        "ImageNet-size peak memory estimated, GiB": estimate / 2**30,
+    }
+
+
+def photograph_like_jpegs(count, height=300, width=400, seed=0):
+    """JPEG bytes (quality 90) of smooth random images with some texture: their size and
+    entropy are a photograph's, unlike noise (which JPEG cannot compress) or flat colour."""
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for _ in range(count):
+        coarse = rng.integers(0, 255, (height // 20, width // 20, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        pixels = np.asarray(image, np.int16) + rng.integers(-12, 12, (height, width, 3))
+        out = io.BytesIO()
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+        blobs.append(out.getvalue())
+    return blobs
+
+
+def measure_decoding(blobs, target, repeats, sync):
+    """{measure: images/s} of PIL on one core and of torchvision's decode_jpeg on `target`
+    (batched where this torchvision takes a list; one call per image before 0.19)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def pil():
+        for blob in blobs:
+            with Image.open(io.BytesIO(blob)) as image:
+                image.convert("RGB").load()
+
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+
+    def batched():
+        torchvision.io.decode_jpeg(tensors, device=target)
+
+    def one_by_one():
+        for t in tensors:
+            torchvision.io.decode_jpeg(t, device=target)
+
+    try:
+        batched()
+        on_device, how = batched, "batched"
+    except (TypeError, RuntimeError):  # no list input in this torchvision
+        on_device, how = one_by_one, "one call per image"
+    medians = speed.interleaved({"pil": pil, "device": on_device}, repeats, sync=sync)
+    torch.set_num_threads(threads)
+    label = "GPU" if target.type == "cuda" else "CPU"
+    return {
+        "PIL JPEG decode images/s, 1 core": len(blobs) / medians["pil"],
+        f"{label} JPEG decode images/s": len(blobs) / medians["device"],
+        f"{label} JPEG decode calls": how,
+    }
+
+
+def dynamo_counts():
+    counters = torch._dynamo.utils.counters
+    return {
+        "dynamo graphs": counters["stats"].get("unique_graphs", 0),
+        "dynamo graph breaks": sum(counters["graph_break"].values()),
+        "dynamo recompiles": sum(counters["recompiles"].values()),
+    }
+
+
+def trial_overrides(tmp, batch_size, compile_setting, smoke):
+    overrides = [
+        "hyperparameters.dataset_name=image_folder",
+        f"data.train_dir={tmp}/train",
+        f"data.test_dir={tmp}/test",
+        f"hyperparameters.global_batch_size={batch_size}",
+        "hyperparameters.augment_on=device",
+        f"hyperparameters.compile={compile_setting}",
+        "data.num_workers=0",
+        "resources.slots_per_trial=1",
+    ]
+    if smoke:  # small heads: the code paths, not the sizes
+        overrides += [
+            "hyperparameters.projector_hidden_dim=64",
+            "hyperparameters.projection_dim=32",
+        ]
+    return overrides
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,44 +250,72 @@ def main():
         "--smoke", action="store_true", help="tiny sizes: check that every code path runs"
     )
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="torch.compile's backend (default inductor; --smoke: eager, since dynamo alone "
+        "decides graphs, breaks and recompiles)",
+    )
+    parser.add_argument("--json", default="gpu.json", help="where the results go")
     args = parser.parse_args()
     on_gpu, sync = speed.use_device(parser, args.device)
-    batch_size, epoch_images, repeats = (8, 16, 2) if args.smoke else (512, CIFAR10_IMAGES, 20)
+    backend = args.backend or ("eager" if args.smoke else "inductor")
+    if backend != "inductor":
+        real_compile = torch.compile
+        torch.compile = lambda fn, **kw: real_compile(fn, **dict(kw, backend=backend))
+    sizes = (8, 16, 2, 4, 8) if args.smoke else (512, CIFAR10_IMAGES, 20, 64, 256)
+    batch_size, epoch_images, repeats, imagenet_batch, jpegs = sizes
     settings = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.compile]
     where = torch.cuda.get_device_name() if on_gpu else "CPU"
-    print(f"torch {torch.__version__}, {where}, batch {batch_size} x 32 px")
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {where}")
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        # The trial needs a dataset to build: enough 32-px images for one batch.
-        speed.write_folder(tmp, per_class=max(2, batch_size // 4 + 1), test_per_class=2)
+        # The trials need a dataset to build: enough 32-px images for one batch.
+        speed.write_folder(tmp, per_class=max(2, max(batch_size, imagenet_batch) // 4 + 1))
         for setting in settings:
             os.environ["XDG_DATA_HOME"] = os.path.join(tmp, f"ckpt-{setting}")
-            overrides = [
-                "hyperparameters.dataset_name=image_folder",
-                f"data.train_dir={tmp}/train",
-                f"data.test_dir={tmp}/test",
-                f"hyperparameters.global_batch_size={batch_size}",
-                "hyperparameters.augment_on=device",
-                f"hyperparameters.compile={setting}",
-                "data.num_workers=0",
-            ]
-            if args.smoke:  # small heads: the code paths, not the sizes
-                overrides += [
-                    "hyperparameters.projector_hidden_dim=64",
-                    "hyperparameters.projection_dim=32",
-                ]
-            config = os.path.join(ROOT, "const-cifar10.yaml")
-            with speed.local_trial(config, overrides) as trial:
-                start = time.perf_counter()
-                results[f"compile {setting}"] = measure(
-                    trial, 32, batch_size, epoch_images, repeats, sync
-                )
-                print(f"compile {setting}: measured in {time.perf_counter() - start:.0f} s")
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            column = results.setdefault(f"compile {setting}", {})
+            start = time.perf_counter()
+            cifar = os.path.join(ROOT, "const-cifar10.yaml")
+            overrides = trial_overrides(tmp, batch_size, setting, args.smoke)
+            with speed.local_trial(cifar, overrides) as trial:
+                column.update(measure_cifar(trial, batch_size, epoch_images, repeats, sync))
+            imagenet = os.path.join(ROOT, "distributed-imagenet.yaml")
+            overrides = trial_overrides(tmp, imagenet_batch, setting, args.smoke)
+            if args.smoke:
+                overrides += ["hyperparameters.augmentation.image_size=64"]
+            with speed.local_trial(imagenet, overrides) as trial:
+                column.update(measure_imagenet(trial, imagenet_batch, repeats, sync))
+            if setting == "true":
+                column.update(dynamo_counts())
+            print(f"compile {setting}: measured in {time.perf_counter() - start:.0f} s")
+        decoding = measure_decoding(
+            photograph_like_jpegs(jpegs), torch.device(args.device), repeats, sync
+        )
 
-    names = list(next(iter(results.values())))
-    rows = [[name] + [f"{r[name]:.3f}" for r in results.values()] for name in names]
+    names = list(dict.fromkeys(name for column in results.values() for name in column))
+    show = lambda v: "" if v is None else v if isinstance(v, str) else f"{v:.3f}"
+    rows = [[name] + [show(c.get(name)) for c in results.values()] for name in names]
     print(utils.format_table(rows, ["measure"] + list(results)))
+    for name, value in decoding.items():
+        print(f"{name}: {show(value)}")
+    record = {
+        "device": where,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "smoke": args.smoke,
+        "compile backend": backend,
+        "goals": GOALS,
+        "results": results,
+        "decoding": decoding,
+    }
+    with utils.atomic_write(args.json) as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
+import curves  # noqa: E402
+import figures  # noqa: E402
 import finetune  # noqa: E402
-import pictures  # noqa: E402
 import utils  # noqa: E402
 from config import (  # noqa: E402
     add_set_option,
@@ -100,12 +101,12 @@ def fine_tune(
     argv = [os.path.join(ROOT, "finetune-cifar10.yaml"), "--checkpoint-dir", directory]
     finetune.main(argv + [a for o in overrides for a in ("--set", o)])
     (run,) = os.listdir(os.path.join(directory, "tensorboard"))
-    series = pictures.tensorboard_series(os.path.join(directory, "tensorboard", run))
+    series = curves.tensorboard_series(os.path.join(directory, "tensorboard", run))
     return {name: series[name][-1][1] for name in ("holdout_accuracy", "test_accuracy")}
 
 
 def draw(path: str, chosen: List[Run], title: List[str]) -> str:
-    figure = pictures._new_figure(900, 560, 100)
+    figure = figures.new_figure(900, 560, 100)
     axes = figure.add_subplot(1, 1, 1)
     for method in METHODS:
         runs = sorted((r for r in chosen if r.method == method), key=lambda r: r.fraction)
@@ -120,8 +121,8 @@ def draw(path: str, chosen: List[Run], title: List[str]) -> str:
     axes.set_ylabel("test accuracy (%)")
     axes.grid(True, alpha=0.3)
     axes.legend()
-    pictures._suptitle(figure, title, 10)
-    return pictures._save(figure, path)
+    figures.suptitle(figure, title, 10)
+    return figures.save(figure, path)
 
 
 def main(argv=None) -> None:
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
                 cells.setdefault((fraction, method), []).append(run)
 
     chosen = [choose_by_holdout(runs) for runs in cells.values()]
-    pictures._write_csv(
+    figures.write_csv(
         os.path.join(output, "label_fractions.csv"),
         list(Run._fields) + ["chosen"],
         [list(r) + [r in chosen] for runs in cells.values() for r in runs],

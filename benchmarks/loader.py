@@ -14,6 +14,8 @@ crop boxes and crops, collate.
     every image decoded whole in load_many, each view cut by PIL's bilinear resize with a box;
   - "new": data.TrainImages as it is (images.EncodedImage.crops);
   - "PIL decode": read and PIL's whole decode, nothing else.
+  - "bytes only (decode_on: gpu)": data.TrainImages when the training GPU decodes: read, the
+    header, both views' boxes, collate (the JPEG bytes travel, device_decode.py decodes them).
 The passes interleave (today, new, decode, today, ...): a shared machine's drift hits all alike;
 the ratio new / today is taken within each repetition. The load average is printed.
 
@@ -85,16 +87,17 @@ def pil_crop(image: Image.Image, box, size: int) -> torch.Tensor:
 @contextlib.contextmanager
 def todays_pipeline():
     """Sources hand out TodaysImage where they hand out images.EncodedImage."""
-    with mock.patch.object(data, "EncodedImage", TodaysImage):
+    with mock.patch.object(sources, "EncodedImage", TodaysImage):
         with mock.patch.object(shards, "EncodedImage", TodaysImage):
             yield
 
 
-def train_dataset(path: str, image_size: int):
+def train_dataset(path: str, image_size: int, decode_on_device: bool = False):
     source = sources.open_folder(path, None, parse_data_config({}), sources.run_here)
     aug = _parse_augmentation(_Reader({"image_size": image_size}, "augmentation"))
     augment = TwoViewAugmentation(aug, (0, 0, 0), (1, 1, 1))
-    return data.TrainImages(source, augment, seed=0, corrupt_log=data.CorruptImageLog(False))
+    log = data.CorruptImageLog(False)
+    return data.TrainImages(source, augment, 0, log, decode_on_device=decode_on_device)
 
 
 def batches(dataset, batch: int):
@@ -342,12 +345,15 @@ def main() -> None:
         print_difference(new, paper, "new vs the paper's")
         print_difference(today, paper, "today vs the paper's")
         return
+    # What a worker does when the training GPU decodes: read, header, boxes, collate.
+    bytes_only = train_dataset(args.source, args.image_size, decode_on_device=True)
     start_load = os.getloadavg()[0]
     rates = interleaved(
         {
             "today": lambda: todays_pass(dataset, args.batch),
             "new": lambda: loader_pass(dataset, args.batch),
             "PIL decode alone": lambda: decode_pass(dataset, args.batch),
+            "bytes only (decode_on: gpu)": lambda: loader_pass(bytes_only, args.batch),
         },
         args.repeats,
     )

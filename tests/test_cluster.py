@@ -443,6 +443,40 @@ def test_a_search_trial_that_asha_stops_trains_no_further_batch(tmp_path, image_
     assert "the searcher stopped this trial after step 3" in result.stdout
 
 
+@pytest.mark.multiprocess
+def test_a_fine_tuning_search_trial_that_asha_stops_trains_no_further_batch(tmp_path, image_folder):
+    """search-finetune-cifar10.yaml shrunk: ASHA stops a fine-tuning trial at its first
+    validation as a 0.38.1 master does (the state only, no preemption), and the trial ends
+    before its next batch with a checkpoint of the validated step, not at max_length."""
+    from conftest import tiny_finetune_config
+
+    shipped = yaml.safe_load(open(os.path.join(ROOT, "search-finetune-cifar10.yaml")))
+    assert shipped["searcher"]["name"] == "adaptive_asha"
+    config = tiny_finetune_config(tmp_path, image_folder, epochs=2)
+    config["searcher"] = dict(shipped["searcher"], max_time=2)
+    config["hyperparameters"]["learning_rate"] = shipped["hyperparameters"]["learning_rate"]
+    config["checkpoint_policy"] = "none"
+    config["min_checkpoint_period"] = {"epochs": 0}
+    assert validation_errors(config) == []
+
+    def asha_stops_at_first_rung(cluster, call):
+        if call.route == "post_ReportTrialMetrics" and call.body.group == "validation":
+            cluster.searcher_stops(cluster.trials[call.body.metrics.trialId])
+
+    with Cluster(tmp_path) as cluster:
+        cluster.on_call = asha_stops_at_first_rung
+        trial = cluster.add_trial(cluster.create_experiment(config), {"learning_rate": 0.05})
+        result = run(cluster, trial)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert not cluster.master.called("post_AckAllocationPreemptionSignal")
+    # 18 labeled images trained on (6 held out), batch 8: 2 steps an epoch; max_length 2 epochs.
+    assert sorted(trial.reported("training")) == [1, 2]
+    assert sorted(trial.reported("validation")) == [2]
+    assert [c.metadata["steps_completed"] for c in trial.checkpoints] == [2]
+    assert trial.outcomes == ["COMPLETED"]
+    assert "the searcher stopped this trial after step 2" in result.stdout
+
+
 def test_a_config_error_on_a_cluster_fails_once_as_invalid_hyperparameters(tmp_path, image_folder):
     """A legacy searcher.max_length (which the master still accepts) is refused in the trial:
     Determined's InvalidHP path reports the early exit and exits 0, so the master completes the
@@ -518,7 +552,7 @@ def test_evaluate_result_pictures_come_from_the_master_and_the_evaluations_check
     from determined.experimental import client
     from PIL import Image
 
-    import pictures
+    import curves
 
     cluster, _, experiment_id, trial, _, _ = uninterrupted
     printed = io.StringIO()
@@ -529,12 +563,12 @@ def test_evaluate_result_pictures_come_from_the_master_and_the_evaluations_check
     assert validation_errors(submitted) == []
     at = submitted["entrypoint"].index("--pictures")
     assert submitted["entrypoint"][at + 1] == "pictures"
-    curves = tmp_path / "pictures" / "curves.png"
-    assert f"wrote {curves}\n" in printed.getvalue()
-    with Image.open(curves) as image:
+    curves_png = tmp_path / "pictures" / "curves.png"
+    assert f"wrote {curves_png}\n" in printed.getvalue()
+    with Image.open(curves_png) as image:
         assert (image.format, image.size) == ("PNG", (1200, 1000))
     sdk = client.Determined(master=cluster.master.url, user="determined", password="")
-    series = pictures.master_series(sdk, trial.id)
+    series = curves.master_series(sdk, trial.id)
     for group, names in (
         ("training", ("loss", "learning_rate", "tau", "representation_std")),
         ("validation", ("holdout_accuracy", "knn_accuracy")),

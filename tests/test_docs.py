@@ -172,6 +172,34 @@ def test_readme_is_at_most_300_lines():
     assert count <= 300, f"README.md has {count} lines"
 
 
+def test_the_commands_are_the_executable_files_the_readme_lists():
+    """At a glance in a listing (`ls -F`, a file browser): the top-level files a user runs are
+    executable and start with a shebang; every other module is a library one. They are the
+    files with a __main__ block, and the commands the README's layout names."""
+    modules = sorted(f for f in os.listdir(ROOT) if f.endswith(".py"))
+    executable = [f for f in modules if os.access(os.path.join(ROOT, f), os.X_OK)]
+    with_main = [
+        f
+        for f in modules
+        if 'if __name__ == "__main__":' in open(os.path.join(ROOT, f), encoding="utf-8").read()
+    ]
+    shebang = [
+        f
+        for f in modules
+        if open(os.path.join(ROOT, f), encoding="utf-8").readline() == "#!/usr/bin/env python3\n"
+    ]
+    table = section(open(README, encoding="utf-8").read(), "Layout").split("\n\n")[1]
+    listed = sorted(re.findall(r"^\| `([a-z_]+\.py)` \|", table, re.M))
+    assert executable == with_main == shebang == listed
+    assert listed == [
+        "evaluate_result.py",
+        "finetune.py",
+        "generate_blob_list.py",
+        "make_shards.py",
+        "model_def.py",
+    ]
+
+
 def test_the_two_commands_are_the_readmes_code_in_its_section():
     with open(README, encoding="utf-8") as f:
         text = f.read()

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
+import curves
 import data
 import finetune
-import pictures
 from benchmarks.label_fractions import choose_by_holdout, fine_tune
 from config import ConfigError
 from conftest import (
@@ -109,7 +109,7 @@ def test_the_run_lists_the_balanced_subset_it_trained_on_and_never_a_held_out_im
     assert len({r["image"] for r in half}) == len(half)
     # Validation scored the held-out part and the test folder: 5 + 4 images a class.
     (run,) = os.listdir(tmp_path / "half" / "tensorboard")
-    series = pictures.tensorboard_series(str(tmp_path / "half" / "tensorboard" / run))
+    series = curves.tensorboard_series(str(tmp_path / "half" / "tensorboard" / run))
     assert series["holdout_images"] == [(3, 15.0)] and series["test_images"] == [(3, 12.0)]
     run_finetune(finetune_config(tmp_path, planted, label_fraction=1.0), tmp_path / "all")
     everything = {r["image"] for r in subset_rows(tmp_path / "all")}

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import checkpoint
 import cluster_eval
+import curves
 import evaluate_result
 import pictures
 from conftest import CLASSES, data_dirs, synthetic_image, train_tiny_run, write_planted_folder
@@ -382,7 +383,7 @@ def test_tensorboard_series_name_the_metrics_as_reported_and_keep_the_later_of_a
     # second file first.
     (later,) = [f for f in os.listdir(tmp_path) if f.endswith(".2")]
     os.rename(tmp_path / later, tmp_path / "events.out.tfevents.0000000001.host.1.0")
-    series = pictures.tensorboard_series(str(tmp_path))
+    series = curves.tensorboard_series(str(tmp_path))
     assert series == {
         "loss": [(1, 3.0), (2, 2.0), (3, 1.25), (4, 1.0)],
         "learning_rate": [(1, 0.125), (2, 0.25), (3, 0.3125), (4, 0.4375)],
@@ -397,7 +398,7 @@ def test_a_run_before_its_first_validation_gets_its_curves_and_no_note(tmp_path,
     for step in (1, 2, 3):
         writer.add_scalar("Determined/loss", 4.0 - step, step)
     writer.close()
-    path = pictures.draw_tensorboard_curves(str(tmp_path / "run"))
+    path = curves.draw_tensorboard_curves(str(tmp_path / "run"))
     assert capsys.readouterr().out == f"wrote {path}\n"  # no word of labels: none are known yet
     with Image.open(path) as image:
         assert image.size == PNG_SIZES["curves.png"]
@@ -409,7 +410,7 @@ def test_plot_draws_the_runs_curves_from_what_it_reported(run):
     assert f"wrote {os.path.join(folder, 'curves.png')}\n" in run.printed
     with Image.open(os.path.join(folder, "curves.png")) as image:
         assert (image.format, image.size) == ("PNG", PNG_SIZES["curves.png"])
-    series = pictures.tensorboard_series(folder)
+    series = curves.tensorboard_series(folder)
     training = {s: m for (group, s), m in run.reports.items() if group == "training"}
     assert sorted(training) == [1, 2, 3]
     # scheduling_unit 1: a report per step, so a batch metric is that step's report.

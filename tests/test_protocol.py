@@ -27,6 +27,7 @@ import yaml
 from determined.common.api import bindings
 from PIL import Image
 
+import byol
 import checkpoint
 import data
 import evaluate_result
@@ -222,7 +223,7 @@ def seen(planted):
     )
     out = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(model_def, "build_backbone", pixel_backbone)
+        patch.setattr(byol, "build_backbone", pixel_backbone)
         patch.setattr(checkpoint, "build_backbone", pixel_backbone)
         patch.chdir(ROOT)  # as a user runs it: Determined copies the working dir into checkpoints
         with watching(files) as out["validation"]:
@@ -404,7 +405,7 @@ def pretrain(config, download_dir, checkpoint_dir):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model_def.BYOLTrial, "train_batch", recorded)
-        patch.setattr(model_def, "build_backbone", pixel_backbone)
+        patch.setattr(byol, "build_backbone", pixel_backbone)
         patch.chdir(ROOT)
         model_def.main(
             [
