@@ -26,11 +26,18 @@ import torchvision
 from PIL import Image
 
 import images as images_module
-import shards
 from augment import TwoViewAugmentation, epoch_permutation, item_keys
 from config import ConfigError, DataConfig, check_image_folders
 from images import CorruptImageError, crops_or_error
-from sources import ArraySource, ConcatSource, Subset, open_folder, open_unlabeled, run_here
+from sources import (
+    ArraySource,
+    ConcatSource,
+    Subset,
+    is_shard_set,
+    open_folder,
+    open_unlabeled,
+    run_here,
+)
 
 logger = logging.getLogger("byol.data")
 
@@ -140,7 +147,7 @@ def loss_holdout(source) -> Tuple[object, object]:
     of the set), so that training keeps reading whole shards (data.epoch_order) and a
     validation reads few."""
     count = min(LOSS_HOLDOUT_IMAGES, max(1, int(round(len(source) * LOSS_HOLDOUT_FRACTION))))
-    if isinstance(source, shards.ShardSource):
+    if is_shard_set(source):
         held_shards = int(np.searchsorted(np.cumsum(source.shard_counts), count)) + 1
         if held_shards < len(source.shard_counts):
             return source.shard_range(held_shards, len(source.shard_counts)), source.shard_range(
@@ -321,7 +328,7 @@ def decodes_on_device(setting: str, device: torch.device, source) -> bool:
             )
         return True
     on_gpu = device.type == "cuda" and images_module.decode_jpeg is not None
-    return setting == "auto" and on_gpu and isinstance(source, shards.ShardSource)
+    return setting == "auto" and on_gpu and is_shard_set(source)
 
 
 class TrainImages(torch.utils.data.Dataset):
@@ -598,6 +605,6 @@ def fixed_view_batches(num_samples: int, batch: int) -> List[List[Tuple[int, int
 def epoch_order(source, global_batch: int) -> Optional[Callable[[int, int], Sequence[int]]]:
     """The sampler's epoch order for `source`: a shard set's keeps each slot on a few whole
     shards (shards.shard_epoch_order); None (a plain permutation) for every other source."""
-    if isinstance(source, shards.ShardSource):
+    if is_shard_set(source):
         return functools.partial(source.epoch_order, global_batch=global_batch)
     return None

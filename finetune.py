@@ -247,16 +247,12 @@ class FineTuneTrial(launcher.Trial):
         with device.autocast(self.device, self.autocast_dtype):
             return model(self.normalize(images)).float()
 
-    def train_batch(
-        self, batch: Dict[str, torch.Tensor], epoch_idx: int, batch_idx: int
-    ) -> Dict[str, Any]:
+    def train_batch(self, batch: launcher.Batch, epoch_idx: int, batch_idx: int) -> Dict[str, Any]:
         step = batch_idx  # optimizer steps completed before this one
         self.searcher_stop.exit_if_stopped(step)
 
         # Learning rate of this step: linear warmup, then half a cosine; the backbone's scaled.
-        lr = self.learning_rate_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        lr = self.set_learning_rate(step)
 
         # Augmented labeled images -> backbone -> classifier -> cross-entropy (corrupt images,
         # blank in the batch, count for nothing).

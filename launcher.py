@@ -47,6 +47,9 @@ from startup import Startup, StartupFailed
 logger = logging.getLogger("byol")
 
 
+Batch = Dict[str, torch.Tensor]  # a batch as the trials' loaders give it
+
+
 class Trial(pytorch.PyTorchTrial):
     """What every trial of this package keeps of its context and typed config; then its own
     build steps (`build`: data, network, optimizer, metrics).
@@ -125,6 +128,14 @@ class Trial(pytorch.PyTorchTrial):
         return optim.learning_rate_at(
             step, self.total_steps, self.warmup_steps, self.hp.peak_learning_rate
         )
+
+    def set_learning_rate(self, step: int) -> float:
+        """Sets the LR of `step` in every parameter group (times the group's lr_scale, if it
+        has one) and returns it."""
+        lr = self.learning_rate_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
 
     def network_record(
         self, backbone_name: str, cifar_stem: bool, image_size: int, normalization

@@ -164,17 +164,12 @@ class BYOLTrial(launcher.Trial):
             prediction, target_projection, online_projection = self.forward_network(views)
         return byol.byol_loss(prediction, target_projection), online_projection
 
-    def train_batch(
-        self, batch: Dict[str, torch.Tensor], epoch_idx: int, batch_idx: int
-    ) -> Dict[str, Any]:
+    def train_batch(self, batch: launcher.Batch, epoch_idx: int, batch_idx: int) -> Dict[str, Any]:
         step = batch_idx  # optimizer steps completed before this one
-
         self.searcher_stop.exit_if_stopped(step)
 
         # Learning rate of this step: linear warmup, then half a cosine (optim.py).
-        lr = self.learning_rate_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_learning_rate(step)
 
         # Two augmented views of each image; online and target networks; the BYOL loss.
         batch = self.to_device(batch)
@@ -184,7 +179,7 @@ class BYOLTrial(launcher.Trial):
 
         # No host sync in the step: a non-finite step's update is skipped on the device (its
         # BatchNorm statistics put back) and the host stops the run at its next wait
-        # (check_finite, stop_if_diverged), before any report or checkpoint.
+        # (divergence.py), before any report or checkpoint.
         grads = self.optimizer.gradients()
         finite = self.non_finite.screen(loss, grads, step, self.float_buffers, saved_buffers)
 

@@ -191,6 +191,12 @@ def without_labels(source):
     return unlabeled
 
 
+def is_shard_set(source) -> bool:
+    """A shard set (shards.ShardSource), whose whole shards the epoch order and the held-out
+    split keep together."""
+    return isinstance(source, shards.ShardSource)
+
+
 def image_names(source, indices: Sequence[int]) -> List[str]:
     """How a file list names images of a source: their path under the folder or shard set, or
     their row in the array of a torchvision dataset's training split (CIFAR-10, STL-10)."""

@@ -4,6 +4,8 @@ a whole short run compiles each region once. Dynamo makes the graphs and decides
 recompiles, whatever backend then compiles them, so the tests give dynamo the `eager` backend:
 inductor's C++ and Triton compilation (minutes on a CPU) is not what is checked."""
 
+import json
+
 import pytest
 import torch
 
@@ -115,3 +117,47 @@ def test_the_loss_validation_compiles_once_per_mode_and_shape(
     _, compiled, counters = compiled_run(tmp_path / "run", image_folder, monkeypatch, caplog, *sets)
     assert len(compiled) == 2
     assert counters["stats"]["unique_graphs"] == 5 and counters["frames"]["ok"] == 5
+
+
+RESUMED = """
+import json, sys
+import torch
+sys.path.insert(0, {root!r})
+real_compile = torch.compile
+torch.compile = lambda fn, **kwargs: real_compile(fn, **dict(kwargs, backend="eager"))
+import model_def
+model_def.main({args!r})
+print("COUNTERS " + json.dumps({{k: dict(v) for k, v in torch._dynamo.utils.counters.items()}}))
+"""
+
+
+def test_a_compiled_run_resumed_in_a_new_process_compiles_each_region_once_and_continues_exactly(
+    tmp_path, image_folder, monkeypatch, caplog
+):
+    """A resume is a new process, as on a cluster: it compiles the augmentation and the network
+    once each (2 graphs, no recompile), and its training losses are the uninterrupted compiled
+    run's from the checkpoint on."""
+    from conftest import ROOT, checkpoints_by_step, run_python
+
+    losses, _, _ = compiled_run(
+        tmp_path / "whole", image_folder, monkeypatch, caplog, "hyperparameters.compile=true"
+    )
+    (after_epoch_1,) = checkpoints_by_step(tmp_path / "whole" / "ckpt")[3]
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    args = [str(tiny_config(run_dir)), "--checkpoint-dir", str(run_dir / "ckpt")]
+    sets = [*folder_overrides(image_folder)[1::2], "hyperparameters.augment_on=device"]
+    for s in sets + ["hyperparameters.compile=true"]:
+        args += ["--set", s]
+    args += ["--resume", str(after_epoch_1)]
+    script = RESUMED.format(root=ROOT, args=args)
+    result = run_python("-c", script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counters = json.loads(result.stdout.split("COUNTERS ")[1])
+    assert counters["stats"]["unique_graphs"] == 2 and "recompiles" not in counters
+    resumed = [
+        line.split("'loss': ")[1].split(",")[0]
+        for line in result.stderr.splitlines() + result.stdout.splitlines()
+        if "report_training_metrics" in line
+    ]
+    assert resumed == losses[3:]

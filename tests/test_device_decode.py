@@ -245,3 +245,17 @@ def test_auto_decodes_on_a_gpu_for_shard_sets_only_and_gpu_needs_one(tmp_path):
         "data.decode_on=gpu decodes on the training GPU (nvJPEG), and this trial trains on "
         "cpu: set data.decode_on=auto or cpu"
     )
+
+
+def test_fine_tuning_refuses_gpu_decoding_in_one_line(tmp_path, image_folder):
+    from config import parse_finetune_config
+    from conftest import tiny_finetune_config
+
+    config = tiny_finetune_config(tmp_path, image_folder)
+    config["data"]["decode_on"] = "gpu"
+    with pytest.raises(ConfigError) as refused:
+        parse_finetune_config(config)
+    assert str(refused.value) == (
+        "data.decode_on=gpu is for BYOL pretraining; fine-tuning decodes its labeled images in "
+        "the loader: leave data.decode_on at auto"
+    )
