@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from optim import flat_view, where_each
+from optim import flat_view, per_tensor, where_each
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,6 +121,30 @@ def non_finite_metrics(metrics: Dict[str, Any]) -> List[str]:
     return sorted(name for name, value in metrics.items() if non_finite(value))
 
 
+def all_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """Whether every element of every tensor is finite, as a 0-dim bool on their device: from
+    one concatenation and its sum (in float64, which no sum of float32 values overflows; it is
+    NaN or infinite exactly when an element is, inf - inf being NaN), a few kernels however many
+    tensors; or, where passes over memory cost more than ops (optim.PER_TENSOR_DEVICES), from
+    each tensor's largest |element| (NaN where one is NaN), without the copy."""
+    if per_tensor(tensors):
+        return torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all()
+    flat = torch.cat([flat_view(t) for t in tensors])
+    return torch.isfinite(flat.sum(dtype=torch.float64))
+
+
+def zero_unless(flag: torch.Tensor, tensors: List[torch.Tensor]) -> None:
+    """Zeroes every tensor where the 0-dim bool `flag` is false, without reading it on the
+    host: one select over their concatenation, or one fill per tensor (PER_TENSOR_DEVICES)."""
+    if per_tensor(tensors):
+        for t in tensors:
+            t.masked_fill_(~flag, 0.0)
+        return
+    views = [flat_view(t) for t in tensors]
+    flat = torch.cat(views)
+    torch._foreach_copy_(views, torch.where(flag, flat, 0.0).split([v.numel() for v in views]))
+
+
 class NonFiniteGuard:
     def __init__(self, device: torch.device):
         full = lambda value, dtype=torch.float32: torch.full((), value, dtype=dtype, device=device)
@@ -152,16 +176,12 @@ class NonFiniteGuard:
         on the device. A non-finite step's gradients are zeroed, so the skipped update stays
         finite, its buffers are put back as `saved` (before_step) held them, and the first such
         step is recorded."""
-        views = [flat_view(g) for g in grads]
-        flat = torch.cat(views)
         loss = loss.detach()
-        finite = torch.isfinite(loss) & torch.isfinite(flat).all()
+        finite = torch.isfinite(loss) & all_finite(grads)
         if buffers:
-            finite = finite & torch.isfinite(torch.cat([flat_view(b) for b in buffers])).all()
+            finite = finite & all_finite(list(buffers))
             torch._foreach_copy_(list(buffers), where_each(finite, list(buffers), list(saved)))
-        torch._foreach_copy_(
-            views, torch.where(finite, flat, 0.0).split([v.numel() for v in views])
-        )
+        zero_unless(finite, grads)
         first = ~finite & (self.first_step < 0)
         self.first_step = torch.where(first, step, self.first_step)
         self.first_loss = torch.where(first, loss, self.first_loss)

@@ -47,6 +47,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     ]
 
 
+# Where the device-side skip's selects run one tensor at a time: a CPU pays for every pass over
+# memory and nothing for an op. Elsewhere (a GPU) they run over one concatenation, a few kernel
+# launches however many tensors, for two more passes over memory.
+PER_TENSOR_DEVICES = ("cpu",)
+
+
+def per_tensor(tensors: List[torch.Tensor]) -> bool:
+    return bool(tensors) and tensors[0].device.type in PER_TENSOR_DEVICES
+
+
 def flat_view(t: torch.Tensor) -> torch.Tensor:
     """A 1-D view of a dense tensor's elements in memory order (contiguous or channels_last
     alike), so a list of tensors can be concatenated without one copy per tensor."""
@@ -57,8 +67,10 @@ def where_each(
     condition: torch.Tensor, tensors: List[torch.Tensor], others: List[torch.Tensor]
 ) -> List[torch.Tensor]:
     """[torch.where(condition, t, o)] for two lists of same-layout dense tensors and a 0-dim
-    bool `condition` on the device: two concatenations and one select, instead of a kernel
-    launch per tensor."""
+    bool `condition` on the device: two concatenations and one select instead of a kernel
+    launch per tensor, or a select per tensor where that is cheaper (PER_TENSOR_DEVICES)."""
+    if per_tensor(tensors):
+        return [torch.where(condition, t, o) for t, o in zip(tensors, others)]
     selected = torch.where(
         condition,
         torch.cat([flat_view(t) for t in tensors]),

@@ -22,10 +22,12 @@ With compile off and on (hyperparameters.compile), on the trial built from const
 6. with compile on: dynamo's graphs, graph breaks and recompiles (its own counters).
 Then at ImageNet size, on the trial built from distributed-imagenet.yaml (ResNet-50, 224 px, its
 per-GPU batch of 64):
-7. train_batch images/s with the loader's uint8 crops given (what CPU decoding ships);
-8. JPEG decoding of 300x400 photograph-like JPEGs (quality 90): PIL on one CPU core (what each
-   loader core does today, crops aside) and torchvision.io.decode_jpeg on the device, batched
-   (nvJPEG on a GPU).
+7. train_batch images/s from the loader's CPU-decoded uint8 crops, and from JPEG bytes that the
+   step decodes on the device (data.decode_on: gpu; the loader's own batch of 300x400
+   photograph-like JPEGs), and the peak memory of two steps against the estimate;
+8. JPEG decoding of those JPEGs (quality 90): PIL on one CPU core (what each loader core does
+   today, crops aside) and the package's batched decode on the device (device_decode.decode_all:
+   nvJPEG on a GPU), and how its pixels differ from libjpeg-turbo's on the CPU.
 Timings wait for the device (torch.cuda.synchronize) and report medians.
 """
 
@@ -41,14 +43,19 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from torchvision.io import ImageReadMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import data  # noqa: E402
 import device  # noqa: E402
+import device_decode  # noqa: E402
 import memory  # noqa: E402
+import sources  # noqa: E402
 import utils  # noqa: E402
 from benchmarks import speed  # noqa: E402
+from config import parse_data_config  # noqa: E402
 
 CIFAR10_IMAGES = 50_000
 GOALS = {
@@ -146,8 +153,10 @@ def measure_cifar(trial, batch_size, epoch_images, repeats, sync):
     return out
 
 
-def measure_imagenet(trial, batch_size, repeats, sync):
-    """train_batch images/s at 224 px with the loader's crops given ([B, 2, 3, S, S] uint8)."""
+def measure_imagenet(trial, batch_size, jpeg_folder, repeats, sync):
+    """train_batch images/s at 224 px from what the loader ships: the CPU-decoded crops
+    ([B, 2, 3, S, S] uint8), or the JPEG bytes and boxes that the step decodes on the device
+    (data.decode_on: gpu; the loader's own batch of the JPEGs in `jpeg_folder`)."""
     size = trial.augment.size
     batch = speed.device_batch(batch_size, size)
     views = torch.stack([batch["image"], batch["image"].flip(-1)], dim=1)
@@ -156,11 +165,30 @@ def measure_imagenet(trial, batch_size, repeats, sync):
     step_ms = median_ms(lambda: train_step(batch), repeats, sync)
     trial.divergence.check_finite()
     measured, estimate = peak_memory(trial, batch, train_step, sync)
+
+    config = parse_data_config({})
+    jpegs = sources.open_folder(jpeg_folder, None, config, sources.run_here)
+    log = data.CorruptImageLog(strict=True)
+    loader = data.TrainImages(jpegs, trial.augment, 0, log, decode_on_device=True)
+    jpeg_batch = loader.collate(loader.__getitems__([(i, 0) for i in range(batch_size)]))
+    assert len(jpeg_batch["jpeg_rows"]) == batch_size  # every image decoded in the step
+    decoding_ms = median_ms(lambda: train_step(jpeg_batch), repeats, sync)
+    trial.divergence.check_finite()
+    rate = lambda ms: batch_size / ms * 1000
     return {
-        "ImageNet-size train_batch images/s": batch_size / step_ms * 1000,
+        "ImageNet-size train_batch images/s, CPU-decoded crops given": rate(step_ms),
+        "ImageNet-size train_batch images/s, JPEGs decoded in the step": rate(decoding_ms),
         "ImageNet-size peak memory measured, GiB": None if measured is None else measured / 2**30,
         "ImageNet-size peak memory estimated, GiB": estimate / 2**30,
     }
+
+
+def write_jpegs(folder, blobs):
+    os.makedirs(os.path.join(folder, "c0"))
+    for i, blob in enumerate(blobs):
+        with open(os.path.join(folder, "c0", f"{i:04d}.jpg"), "wb") as f:
+            f.write(blob)
+    return folder
 
 
 def photograph_like_jpegs(count, height=300, width=400, seed=0):
@@ -179,8 +207,10 @@ def photograph_like_jpegs(count, height=300, width=400, seed=0):
 
 
 def measure_decoding(blobs, target, repeats, sync):
-    """{measure: images/s} of PIL on one core and of torchvision's decode_jpeg on `target`
-    (batched where this torchvision takes a list; one call per image before 0.19)."""
+    """{measure: value}: images/s of PIL's decode on one core and of the package's batched
+    decode on `target` (device_decode.decode_all: one decode_jpeg call where this torchvision
+    takes a list, one a image before 0.19), and how its pixels differ from libjpeg-turbo's on
+    the CPU (nvJPEG's IDCT against it, on a GPU)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
@@ -190,26 +220,33 @@ def measure_decoding(blobs, target, repeats, sync):
                 image.convert("RGB").load()
 
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-
-    def batched():
-        torchvision.io.decode_jpeg(tensors, device=target)
-
-    def one_by_one():
-        for t in tensors:
-            torchvision.io.decode_jpeg(t, device=target)
-
     try:
-        batched()
-        on_device, how = batched, "batched"
+        torchvision.io.decode_jpeg(tensors[:2], device=target)
+        how = "batched"
     except (TypeError, RuntimeError):  # no list input in this torchvision
-        on_device, how = one_by_one, "one call per image"
-    medians = speed.interleaved({"pil": pil, "device": on_device}, repeats, sync=sync)
+        how = "one call per image"
+    medians = speed.interleaved(
+        {"pil": pil, "device": lambda: device_decode.decode_all(tensors, target)},
+        repeats,
+        sync=sync,
+    )
     torch.set_num_threads(threads)
+    on_device = device_decode.decode_all(tensors, target)
+    differences = [
+        (image.cpu().int() - torchvision.io.decode_jpeg(t, mode=ImageReadMode.RGB).int()).abs()
+        for image, t in zip(on_device, tensors)
+    ]
     label = "GPU" if target.type == "cuda" else "CPU"
     return {
         "PIL JPEG decode images/s, 1 core": len(blobs) / medians["pil"],
         f"{label} JPEG decode images/s": len(blobs) / medians["device"],
         f"{label} JPEG decode calls": how,
+        f"{label} decode vs CPU libjpeg-turbo, mean |difference|": float(
+            torch.cat([d.flatten() for d in differences]).float().mean()
+        ),
+        f"{label} decode vs CPU libjpeg-turbo, largest |difference|": int(
+            max(int(d.max()) for d in differences)
+        ),
     }
 
 
@@ -273,6 +310,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         # The trials need a dataset to build: enough 32-px images for one batch.
         speed.write_folder(tmp, per_class=max(2, max(batch_size, imagenet_batch) // 4 + 1))
+        blobs = photograph_like_jpegs(max(jpegs, imagenet_batch))
+        jpeg_folder = write_jpegs(os.path.join(tmp, "jpegs"), blobs[:imagenet_batch])
         for setting in settings:
             os.environ["XDG_DATA_HOME"] = os.path.join(tmp, f"ckpt-{setting}")
             torch._dynamo.reset()
@@ -288,13 +327,11 @@ def main():
             if args.smoke:
                 overrides += ["hyperparameters.augmentation.image_size=64"]
             with speed.local_trial(imagenet, overrides) as trial:
-                column.update(measure_imagenet(trial, imagenet_batch, repeats, sync))
+                column.update(measure_imagenet(trial, imagenet_batch, jpeg_folder, repeats, sync))
             if setting == "true":
                 column.update(dynamo_counts())
             print(f"compile {setting}: measured in {time.perf_counter() - start:.0f} s")
-        decoding = measure_decoding(
-            photograph_like_jpegs(jpegs), torch.device(args.device), repeats, sync
-        )
+        decoding = measure_decoding(blobs[:jpegs], torch.device(args.device), repeats, sync)
 
     names = list(dict.fromkeys(name for column in results.values() for name in column))
     show = lambda v: "" if v is None else v if isinstance(v, str) else f"{v:.3f}"
