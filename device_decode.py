@@ -59,7 +59,8 @@ def crops(
             refused.append(j)
         else:
             out[row] = crop_resize(image, batch["jpeg_boxes"][j], size)
-    good = [r for r in range(len(out)) if r not in {int(batch["jpeg_rows"][j]) for j in refused}]
+    refused_rows = {int(batch["jpeg_rows"][j]) for j in refused}
+    good = [row for row in range(len(out)) if row not in refused_rows]
     for j in refused:
         row = int(batch["jpeg_rows"][j])
         index = int(batch["jpeg_index"][j])

@@ -296,8 +296,9 @@ def run_on_cluster(kind: TrialKind, info) -> None:
     (the expanded config holds them in the master's {type: const, val: ...} form), the rest
     of the experiment config as the user wrote it, and the trial's own seed.
 
-    A diverged trial (divergence.Divergence.stop) reports its worst validation and exits 0 on every
-    process, which ends it COMPLETED, not restarted (nonfinite.py says why not det.InvalidHP).
+    A diverged trial (divergence.Divergence.stop) reports its worst validation and exits 0 on
+    every process, which ends it COMPLETED, not restarted (nonfinite.py says why not
+    det.InvalidHP).
 
     A config error, or a start-up problem on any process (startup.py), ends the trial as
     Determined's invalid hyperparameters: every process logs the same line, reports the early
