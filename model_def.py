@@ -26,10 +26,7 @@ import optim
 import preflight
 import sources
 from augment import TwoViewAugmentation
-from config import (
-    ConfigError,
-    parse_experiment_config,
-)
+from config import ConfigError, parse_experiment_config
 from divergence import Divergence, FiniteCheck, ValidationGuard
 from nonfinite import NonFiniteGuard
 from probe import labeled_parts
@@ -183,7 +180,8 @@ class BYOLTrial(launcher.Trial):
         grads = self.optimizer.gradients()
         finite = self.non_finite.screen(loss, grads, step, self.float_buffers, saved_buffers)
 
-        # LARS step on the online network (backbone, projector, predictor).
+        # LARS step (AdamW for transformers) on the online network: backbone, projector,
+        # predictor.
         self.optimizer.apply_only_if(finite)
         self.context.step_optimizer(self.optimizer)
 
