@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -377,8 +377,8 @@ class TrainImages(torch.utils.data.Dataset):
         out = []
         for j, (index, image) in enumerate(zip(indices, images)):
             if self.decode_on_device and images_module.device_decodable(image):
-                blob = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
-                item = {"jpeg": blob, "boxes": boxes[j], "index": torch.tensor(index)}
+                # Its bytes as read and its boxes: collate_for_device joins the batch's bytes.
+                item = {"jpeg": image.data, "boxes": boxes[j], "index": index}
                 out.append(dict(item, key=keys[j], corrupt=torch.tensor(0)))
                 continue
             views = crops_or_error(image, boxes[j], self.augment.size)
@@ -419,34 +419,27 @@ class TrainImages(torch.utils.data.Dataset):
             batch["views"] = self.augment(batch.pop("image"), batch["key"])
         return batch
 
-    def collate_for_device(self, items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def collate_for_device(self, items: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         """A batch of which the rows in jpeg_rows are the bytes of JPEGs (concatenated, their
         sizes in jpeg_sizes) with both views' boxes, to decode on the device, and the rows in
         image_rows the loader's crops, as without it (other formats, corrupt images' stand-ins)."""
         on_device = [j for j, item in enumerate(items) if "jpeg" in item]
         here = [j for j, item in enumerate(items) if "jpeg" not in item]
+        jpegs, crops = [items[j] for j in on_device], [items[j]["image"] for j in here]
         size = self.augment.size
-        crops = [items[j]["image"] for j in here]
+        blob = bytearray(b"".join(item["jpeg"] for item in jpegs))  # the one copy of the bytes
         return {
             "key": torch.stack([item["key"] for item in items]),
             "corrupt": torch.stack([item["corrupt"] for item in items]),
-            "image": torch.stack(crops)
-            if crops
-            else torch.empty(0, 2, 3, size, size, dtype=torch.uint8),
+            "image": torch.stack(crops) if crops else torch.empty(0, 2, 3, size, size).byte(),
             "image_rows": torch.tensor(here, dtype=torch.int64),
-            "jpeg": torch.cat(
-                [items[j]["jpeg"] for j in on_device] or [torch.empty(0, dtype=torch.uint8)]
-            ),
-            "jpeg_sizes": torch.tensor(
-                [len(items[j]["jpeg"]) for j in on_device], dtype=torch.int64
-            ),
+            "jpeg": torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.empty(0).byte(),
+            "jpeg_sizes": torch.tensor([len(item["jpeg"]) for item in jpegs], dtype=torch.int64),
             "jpeg_rows": torch.tensor(on_device, dtype=torch.int64),
-            "jpeg_boxes": torch.stack([items[j]["boxes"] for j in on_device])
-            if on_device
+            "jpeg_boxes": torch.stack([item["boxes"] for item in jpegs])
+            if jpegs
             else torch.empty(0, 2, 4),
-            "jpeg_index": torch.tensor(
-                [int(items[j]["index"]) for j in on_device], dtype=torch.int64
-            ),
+            "jpeg_index": torch.tensor([item["index"] for item in jpegs], dtype=torch.int64),
         }
 
 

@@ -53,19 +53,18 @@ def crops(
     out = torch.empty(len(batch["key"]), 2, 3, size, size, dtype=torch.uint8, device=device)
     out[batch["image_rows"]] = batch["image"]
     blobs = list(torch.split(batch["jpeg"], batch["jpeg_sizes"].tolist()))
+    rows, boxes = batch["jpeg_rows"].tolist(), batch["jpeg_boxes"]
     refused = []
-    for j, (image, row) in enumerate(zip(decode_all(blobs, device), batch["jpeg_rows"].tolist())):
+    for j, (image, row) in enumerate(zip(decode_all(blobs, device), rows)):
         if image is None:
             refused.append(j)
         else:
-            out[row] = crop_resize(image, batch["jpeg_boxes"][j], size)
-    refused_rows = {int(batch["jpeg_rows"][j]) for j in refused}
-    good = [row for row in range(len(out)) if row not in refused_rows]
+            out[row] = crop_resize(image, boxes[j], size)
+    good = [row for row in range(len(out)) if row not in {rows[j] for j in refused}]
     for j in refused:
-        row = int(batch["jpeg_rows"][j])
-        index = int(batch["jpeg_index"][j])
+        row, index = rows[j], int(batch["jpeg_index"][j])
         image = EncodedImage(blobs[j].numpy().tobytes(), location(index))
-        views = crops_or_error(image, batch["jpeg_boxes"][j], size)
+        views = crops_or_error(image, boxes[j], size)
         if not isinstance(views, CorruptImageError):
             out[row] = views.to(device)
             continue

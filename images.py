@@ -159,12 +159,7 @@ def device_decodable(image) -> bool:
     """Whether torchvision's decode_jpeg can take this image on the training device (nvJPEG on
     a GPU): a baseline JPEG stream in RGB or grey, its header read. Anything else the loader
     decodes (data.decode_on: gpu falls back to it)."""
-    return (
-        decode_jpeg is not None
-        and isinstance(image, EncodedImage)
-        and image.format == "JPEG"
-        and image.mode in ("RGB", "L")
-    )
+    return isinstance(image, EncodedImage) and image.format == "JPEG" and image.mode in ("RGB", "L")
 
 
 def crops_or_error(image, boxes: torch.Tensor, size: int):

@@ -24,7 +24,6 @@ import torch
 
 import checkpoint
 import data
-import sources
 from augment import (
     CROP_ATTEMPTS,
     crop_resize_batch,
@@ -42,6 +41,7 @@ from probe import (
     SPLIT_TEST,
     LinearHeads,
     knn_accuracy,
+    labeled_parts,
     score_heads,
     standardization,
     standardize,
@@ -313,11 +313,8 @@ def run_evaluation(
             f"the labeled training images have {len(classes)} class(es) ({classes}); "
             f"linear evaluation needs at least 2"
         )
-    fit_idx, held_idx = data.holdout_split(
-        splits.labeled_train.labels, hp.probe.holdout_fraction, seed
-    )
-    fit_source = sources.Subset(splits.labeled_train, fit_idx)
-    held_source = sources.Subset(splits.labeled_train, held_idx)
+    parts = labeled_parts(splits.labeled_train, splits.test, hp.probe.holdout_fraction, seed)
+    (fit_source, _), (held_source, _), _ = parts
     size = hp.augmentation.image_size
     corrupt_log = data.CorruptImageLog(data_config.strict_images)
     workers = data.loader_workers(data_config.num_workers)
@@ -331,7 +328,6 @@ def run_evaluation(
         len(held_source),
         len(splits.test),
     )
-    parts = [(fit_source, SPLIT_FIT), (held_source, SPLIT_HOLDOUT), (splits.test, SPLIT_TEST)]
     feats = extract_features(features_of, parts, size, batch_size, workers, corrupt_log)
     evaluation = Evaluation(None, ckpt, hp, seed, list(classes), parts, feats, None)
     if not labelled:

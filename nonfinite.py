@@ -137,8 +137,9 @@ def zero_unless(flag: torch.Tensor, tensors: List[torch.Tensor]) -> None:
     """Zeroes every tensor where the 0-dim bool `flag` is false, without reading it on the
     host: one select over their concatenation, or one fill per tensor (PER_TENSOR_DEVICES)."""
     if per_tensor(tensors):
+        zero = ~flag
         for t in tensors:
-            t.masked_fill_(~flag, 0.0)
+            t.masked_fill_(zero, 0.0)
         return
     views = [flat_view(t) for t in tensors]
     flat = torch.cat(views)

@@ -188,14 +188,14 @@ def check_gpu_memory(experiments: List[Tuple[int, Any, int]], gpu_bytes: int, re
     per distinct step (backbone, size, per-GPU batch, widths, optimizer)."""
     import torch
 
+    import device
     import memory
 
     steps: Dict[Tuple, List[Tuple[int, Any, int]]] = {}
     for index, experiment, slots in experiments:
         hp = experiment.hparams
         per_gpu = hp.global_batch_size // slots
-        # precision auto is bf16 autocast on a GPU (device.autocast_dtype)
-        autocast = None if hp.precision == "fp32" else torch.bfloat16
+        autocast = device.autocast_dtype(hp.precision, torch.device("cuda"))  # as on a GPU
         key = (hp.backbone_name, hp.cifar_stem, hp.augmentation.image_size, per_gpu,
                hp.projector_hidden_dim, hp.projection_dim, hp.optimizer, autocast)  # fmt: skip
         steps.setdefault(key, []).append((index, experiment, slots))

@@ -74,18 +74,6 @@ def pinned(trial, batch):
     return {k: v.pin_memory() if on_gpu else v for k, v in batch.items()}
 
 
-def stepper(trial):
-    """train_batch at consecutive steps, as Determined's training loop calls it."""
-    step = [0]
-
-    def train_step(batch):
-        trial.context._current_batch_idx = step[0]  # what Determined's training loop sets
-        trial.train_batch(batch, 0, step[0])
-        step[0] += 1
-
-    return train_step
-
-
 def peak_memory(trial, batch, train_step, sync):
     """(measured peak bytes of two steps, or None off a GPU; memory.py's estimate)."""
     estimate = memory.step_peak_bytes(trial.hp, len(batch["key"]), trial.autocast_dtype)
@@ -103,7 +91,7 @@ def measure_cifar(trial, batch_size, epoch_images, repeats, sync):
     """{measure: value} of the CIFAR-size trial (one compile setting)."""
     batch = pinned(trial, speed.device_batch(batch_size, 32))
     on_device = {k: v.to(trial.device, non_blocking=True) for k, v in batch.items()}
-    train_step = stepper(trial)
+    train_step = speed.train_steps(trial)
 
     out = {}
 
@@ -161,7 +149,7 @@ def measure_imagenet(trial, batch_size, jpeg_folder, repeats, sync):
     batch = speed.device_batch(batch_size, size)
     views = torch.stack([batch["image"], batch["image"].flip(-1)], dim=1)
     batch = pinned(trial, dict(batch, image=views))
-    train_step = stepper(trial)
+    train_step = speed.train_steps(trial)
     step_ms = median_ms(lambda: train_step(batch), repeats, sync)
     trial.divergence.check_finite()
     measured, estimate = peak_memory(trial, batch, train_step, sync)

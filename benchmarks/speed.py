@@ -113,6 +113,19 @@ STEP_PARTS = (  # (part, owner attribute path under the trial, method)
 )
 
 
+def train_steps(trial, first=0):
+    """train_batch at consecutive steps from `first`, as Determined's training loop calls it:
+    a function of the batch."""
+    step = [first]
+
+    def train_step(batch):
+        trial.context._current_batch_idx = step[0]  # what Determined's training loop sets
+        trial.train_batch(batch, 0, step[0])
+        step[0] += 1
+
+    return train_step
+
+
 def count_step(trial, batch, step):
     """An OpCounter of one trial.train_batch, its ops counted by STEP_PARTS; the rest (learning
     rate, metrics, progress) is counted as `other`."""
@@ -313,12 +326,8 @@ def main():
             "corrupt": torch.zeros(BATCH, dtype=torch.long),
             "key": torch.zeros(BATCH),
         }
-        step = [2]
-
-        def ours():
-            trial.context._current_batch_idx = step[0]  # what Determined's training loop sets
-            trial.train_batch(batch, 0, step[0])
-            step[0] += 1
+        train_step = train_steps(trial, first=2)
+        ours = lambda: train_step(batch)
 
         bare = bare_step_fn(trial)
         contenders = {"ours": ours, "bare": lambda: bare(views[:BATCH], views[BATCH:])}

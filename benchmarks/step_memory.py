@@ -5,7 +5,7 @@ GPU (memory.py: fake tensors, live storages counted through two steps).
         [--configs const-cifar10.yaml distributed-stl10.yaml distributed-imagenet.yaml]
 
 Each config at its per-GPU batch (global_batch_size / resources.slots_per_trial), image size,
-stem and precision (bf16 autocast, as `precision: auto` gives on a GPU), with the backbone
+stem and precision (as on a GPU: `precision: auto` is bf16 autocast there), with the backbone
 swapped in and the optimizer its family gets. CUDA's context (about 0.5 GiB) and the caching
 allocator's slack come on top.
 """
@@ -19,6 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import device  # noqa: E402
 import memory  # noqa: E402
 from config import ConfigError, load_config, parse_hparams  # noqa: E402
 
@@ -59,7 +60,8 @@ def main():
             except ConfigError as e:
                 cells.append(f"refused: {str(e).split(': ')[-1]}")
                 continue
-            peak = memory.step_peak_bytes(hp, per_gpu, torch.bfloat16)
+            autocast = device.autocast_dtype(hp.precision, torch.device("cuda"))
+            peak = memory.step_peak_bytes(hp, per_gpu, autocast)
             cells.append(f"{peak / 2**30:.1f} GiB ({hp.optimizer})")
         print("| " + " | ".join(cells) + " |")
 

@@ -14,16 +14,11 @@ import backbone
 import byol
 import model_def
 from conftest import folder_overrides, tiny_config
+from test_backbones import FAMILY_MEMBERS
 
-# (name, cifar_stem, size): a member of each family, at the size of the configs that use it.
-MEMBERS = [
-    ("resnet18", True, 32),
-    ("regnet_x_400mf", True, 32),
-    ("efficientnet_b0", True, 32),
-    ("convnext_tiny", True, 32),
-    ("vit_ti_16", True, 32),
-    ("swin_t", True, 32),
-]
+# (name, cifar_stem, size): ResNet-18 and the member of each other family that
+# tests/test_backbones.py trains, at the configs' 32 px with the small-image stem.
+MEMBERS = [(name, True, 32) for name in ["resnet18", *(m[0] for m in FAMILY_MEMBERS)]]
 
 
 @pytest.mark.parametrize("name,cifar_stem,size", MEMBERS)
